@@ -1,0 +1,123 @@
+"""The unmerged LoRA path, `x @ W + dropout(x) @ A @ B · scale`, and the LoRA-aware `Dense`.
+
+`lora_delta` computes the low-rank term without ever forming ΔW = A @ B (in·out values). Its
+backward is written by hand (`jax.custom_vjp`): the small weight gradients dA = xᵀ(g Bᵀ)·s and
+dB = (x A)ᵀ g·s contract over the flattened token axis of activations kept in their natural
+[tokens, features] layout, which spares XLA the transposes of the large output gradient it
+otherwise inserts before the two tiny matmuls (measured in benchmarks/bench_forward.py).
+
+`Dense` is a drop-in for `flax.linen.Dense` whose params may hold LoRA leaves:
+
+    {'kernel': W[in, out], 'bias'?: b[out]}                       # plain: y = x W + b
+    {'kernel': W, 'bias'?: b, 'lora_a': A[in, r], 'lora_b': B[r, out]}  # y += dropout(x) A B · scale
+
+It never creates the LoRA leaves itself — `lora_jax.inject` adds them to the param tree — so one
+module definition serves the base model, the adapted model and the merged model. The scale comes
+from the `LoraConfig` the model was built with (`lora=`), per module key, exactly as PEFT scales.
+Dropout on the adapter input is active only when the caller passes a `'dropout'` rng.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lora_jax.config import LoraConfig
+from lora_jax.targeting import LORA_A, LORA_B
+
+
+@jax.custom_vjp
+def _low_rank(x2d: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
+    return ((x2d @ a) @ b) * scale
+
+
+def _low_rank_fwd(x2d, a, b, scale):
+    h = x2d @ a  # [T, r]: the only activation the backward keeps beyond x
+    return (h @ b) * scale, (x2d, h, a, b, scale)
+
+
+def _low_rank_bwd(res, g):
+    x2d, h, a, b, scale = res
+    g = g * scale.astype(g.dtype)
+    # Contract over tokens T with both operands in [T, feature] layout.
+    db = jnp.einsum("tr,to->ro", h, g, preferred_element_type=jnp.float32)
+    dh = g @ b.T.astype(g.dtype)  # [T, r]
+    da = jnp.einsum("ti,tr->ir", x2d, dh, preferred_element_type=jnp.float32)
+    dx = dh @ a.T.astype(dh.dtype)
+    return dx.astype(x2d.dtype), da.astype(a.dtype), db.astype(b.dtype), jnp.zeros_like(scale)
+
+
+_low_rank.defvjp(_low_rank_fwd, _low_rank_bwd)
+
+
+def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: float, n_in: int = 1) -> jax.Array:
+    """The LoRA term `x @ A @ B · scale` for x [..., *in], A [prod(in), r], B [r, prod(out)].
+
+    Returns [..., prod(out)] in x's dtype (A and B are cast to it: fp32 master adapters over a
+    bf16 compute dtype). Differentiable in x, A and B.
+
+    >>> x = jnp.ones((2, 3)); a = jnp.ones((3, 2)); b = jnp.ones((2, 4))
+    >>> lora_delta(x, a, b, 0.5).shape
+    (2, 4)
+    """
+    lead = x.shape[: x.ndim - n_in]
+    x2d = x.reshape((-1, a.shape[0]))
+    out = _low_rank(x2d, a.astype(x.dtype), b.astype(x.dtype), jnp.asarray(scale, x.dtype))
+    return out.reshape(lead + (b.shape[-1],))
+
+
+def adapter_delta(module: nn.Module, x: jax.Array, lora: LoraConfig | None, n_in: int = 1) -> jax.Array | None:
+    """The LoRA term for `module` if its params hold `lora_a`/`lora_b`, else None.
+
+    Applies the config's dropout to the adapter input when the caller supplied a 'dropout' rng.
+    Used by `Dense` and by `lora_jax.apply`'s interceptor, so both scale identically.
+    """
+    if not (module.has_variable("params", LORA_A) and module.has_variable("params", LORA_B)):
+        return None
+    a = module.get_variable("params", LORA_A)
+    b = module.get_variable("params", LORA_B)
+    key = ".".join(module.path)
+    if lora is None:
+        raise ValueError(
+            f"params at {key!r} hold LoRA leaves but the model has no LoraConfig to scale them; "
+            "build it with lora=config (our models) or call through lora_jax.apply(model.apply, config)"
+        )
+    if lora.dropout > 0 and module.has_rng("dropout"):
+        keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - lora.dropout, x.shape)
+        x = jnp.where(keep, x / (1.0 - lora.dropout), 0).astype(x.dtype)
+    return lora_delta(x, a, b, lora.scale_for(key, a.shape[-1]), n_in=n_in)
+
+
+class Dense(nn.Module):
+    """`nn.Dense` with a native unmerged LoRA path (see the module docstring).
+
+    >>> import jax, lora_jax
+    >>> layer = Dense(4, name="q_proj", lora=lora_jax.LoraConfig(r=2, target_modules=["q_proj"]))
+    >>> params = layer.init(jax.random.key(0), jnp.ones((1, 3)))["params"]
+    >>> sorted(params)
+    ['bias', 'kernel']
+    """
+
+    features: int
+    use_bias: bool = True
+    dtype: Any = None  # compute dtype; None = the input's
+    param_dtype: Any = jnp.float32
+    kernel_init: Any = nn.initializers.lecun_normal()
+    bias_init: Any = nn.initializers.zeros
+    lora: LoraConfig | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+        dtype = self.dtype or x.dtype
+        x = x.astype(dtype)
+        y = jnp.dot(x, kernel.astype(dtype))
+        delta = adapter_delta(self, x, self.lora)
+        if delta is not None:
+            y = y + delta
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(dtype)
+        return y

@@ -1,0 +1,41 @@
+"""Parameter counts and PEFT's `print_trainable_parameters` line."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from lora_jax.targeting import LORA_LEAVES, iter_leaves
+
+
+def count_parameters(params: Any) -> tuple[int, int]:
+    """(trainable, total) element counts; trainable = the LoRA leaves.
+
+    >>> import jax.numpy as jnp
+    >>> count_parameters({"q": {"kernel": jnp.zeros((4, 4)), "lora_a": jnp.zeros((4, 1))}})
+    (4, 20)
+    """
+    trainable = total = 0
+    for path, leaf in iter_leaves(params):
+        n = math.prod(getattr(leaf, "shape", ()))
+        total += n
+        if path[-1] in LORA_LEAVES:
+            trainable += n
+    return trainable, total
+
+
+def trainable_parameters_line(params: Any) -> str:
+    """PEFT's summary line, e.g. 'trainable params: 8 || all params: 24 || trainable%: 33.3333'."""
+    trainable, total = count_parameters(params)
+    pct = 100 * trainable / total if total else 0.0
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}"
+
+
+def print_trainable_parameters(params: Any) -> None:
+    """Print PEFT's `print_trainable_parameters` line for a param tree.
+
+    >>> import jax.numpy as jnp
+    >>> print_trainable_parameters({"q": {"kernel": jnp.zeros((4, 4)), "lora_a": jnp.zeros((4, 1))}})
+    trainable params: 4 || all params: 20 || trainable%: 20.0000
+    """
+    print(trainable_parameters_line(params))
