@@ -34,7 +34,7 @@ def _as_tuple(value: Any, field: str) -> str | tuple[str, ...] | None:
         raise ValueError(f"LoraConfig.{field} must be a string, a list of strings or None, got {value!r}") from None
     if not all(isinstance(v, str) and v for v in items):
         raise ValueError(f"LoraConfig.{field} must hold non-empty strings, got {value!r}")
-    return items
+    return tuple(sorted(set(items)))  # a set of names, as in PEFT: order carries no meaning
 
 
 def _check_regex(pattern: str, field: str) -> None:
@@ -153,8 +153,8 @@ class LoraConfig:
             "r": self.r,
             "lora_alpha": float(self.alpha),
             "lora_dropout": float(self.dropout),
-            "target_modules": targets if isinstance(targets, str) else sorted(targets),
-            "exclude_modules": excludes if excludes is None or isinstance(excludes, str) else sorted(excludes),
+            "target_modules": targets if isinstance(targets, str) else list(targets),
+            "exclude_modules": excludes if excludes is None or isinstance(excludes, str) else list(excludes),
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
             "use_rslora": self.use_rslora,

@@ -1,0 +1,21 @@
+"""The examples run and do what they say."""
+
+import importlib.util
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quickstart_trains_and_merges(capsys):
+    result = load("quickstart").main(steps=100)
+    assert result["last_loss"] < 0.5 * result["first_loss"]
+    assert result["merge_gap"] < 1e-4
+    out = capsys.readouterr().out
+    assert "trainable params: 2,304 || all params: 6,544 || trainable%: 35.2078" in out

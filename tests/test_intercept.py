@@ -1,0 +1,108 @@
+"""lora_jax.apply on a linen transformer written in plain Flax style (nothing in it knows about LoRA)."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lora_jax
+from lora_jax import LoraConfig
+
+
+class Attention(nn.Module):  # plain Flax style: DenseGeneral over (heads, head_dim), as flax's own attention
+    heads: int = 2
+    head_dim: int = 8
+
+    @nn.compact
+    def __call__(self, x):
+        proj = lambda name: nn.DenseGeneral((self.heads, self.head_dim), name=name)(x)  # noqa: E731
+        q, k, v = proj("query"), proj("key"), proj("value")
+        w = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / self.head_dim**0.5, axis=-1)
+        o = jnp.einsum("bhqk,bkhd->bqhd", w, v)
+        return nn.DenseGeneral(x.shape[-1], axis=(-2, -1), name="out")(o)
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = x + Attention(name="attn")(nn.LayerNorm(name="ln1")(x))
+        h = nn.Dense(32, name="fc1")(nn.LayerNorm(name="ln2")(x))
+        return x + nn.Dense(x.shape[-1], name="fc2")(nn.gelu(h))
+
+
+class TinyLM(nn.Module):
+    vocab: int = 40
+
+    @nn.compact
+    def __call__(self, ids):
+        x = nn.Embed(self.vocab, 16, name="embed")(ids)
+        for i in range(2):
+            x = Block(name=f"block_{i}")(x)
+        proj = nn.Einsum((16, self.vocab), "btd,dv->btv", name="head")  # an nn.Einsum, to cover the third kind
+        return proj(nn.LayerNorm(name="ln_f")(x))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = TinyLM()
+    ids = jax.random.randint(jax.random.key(0), (2, 5), 0, 40)
+    params = model.init(jax.random.key(1), ids)["params"]
+    return model, ids, params
+
+
+def randomize_lora(params, seed=7):
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    out = [jax.random.normal(k, x.shape) * 0.1 if str(p[-1].key).startswith("lora_") else x for (p, x), k in zip(leaves, keys)]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def test_kernel_layouts_read_dense_general_axes(setup):
+    model, ids, _ = setup
+    layouts = lora_jax.kernel_layouts(model, ids)
+    assert layouts["block_0.attn.query"] == lora_jax.KernelLayout(stack=0, n_in=1)
+    assert layouts["block_0.attn.out"] == lora_jax.KernelLayout(stack=0, n_in=2)
+    assert layouts["head"] == lora_jax.KernelLayout(stack=0, n_in=1)
+
+
+def test_inject_keeps_outputs_then_adapters_change_them_and_merge_agrees(setup):
+    model, ids, params = setup
+    cfg = LoraConfig(r=3, alpha=6, target_modules=["query", "value", "out", "fc1", "fc2", "head"])
+    lp = lora_jax.inject(params, cfg, jax.random.key(2), layouts=lora_jax.kernel_layouts(model, ids))
+    assert lp["block_0"]["attn"]["out"]["lora_a"].shape == (16, 3)  # (heads*head_dim, r)
+    assert lp["block_0"]["attn"]["query"]["lora_b"].shape == (3, 16)
+    f = jax.jit(lora_jax.apply(model.apply, cfg))
+    base = jax.jit(model.apply)({"params": params}, ids)
+    np.testing.assert_array_equal(f({"params": lp}, ids), base)  # B = 0: exactly the base model
+
+    lp = randomize_lora(lp)
+    unmerged = f({"params": lp}, ids)
+    merged = model.apply({"params": lora_jax.merge(lp, cfg)}, ids)
+    assert float(jnp.abs(unmerged - base).max()) > 1e-2  # the adapters really act
+    np.testing.assert_allclose(unmerged, merged, rtol=1e-5, atol=1e-5 * float(jnp.abs(merged).max()))
+
+
+def test_every_adapted_module_contributes(setup):
+    """Removing any single adapter changes the output: none is silently ignored by the interceptor."""
+    model, ids, params = setup
+    cfg = LoraConfig(r=2, target_modules="all-linear")
+    lp = randomize_lora(lora_jax.inject(params, cfg, jax.random.key(3), layouts=lora_jax.kernel_layouts(model, ids)))
+    full = lora_jax.apply(model.apply, cfg)({"params": lp}, ids)
+    lora, frozen = lora_jax.split(lp)
+    for block in ("block_0", "block_1"):
+        for name in ("query", "key", "value", "out"):
+            ablated = jax.tree_util.tree_map(lambda x: x, lora)
+            ablated[block]["attn"][name]["lora_b"] = jnp.zeros_like(ablated[block]["attn"][name]["lora_b"])
+            out = lora_jax.apply(model.apply, cfg)({"params": lora_jax.combine(ablated, frozen)}, ids)
+            assert float(jnp.abs(out - full).max()) > 1e-6, f"{block}.attn.{name} had no effect"
+
+
+def test_merge_on_the_fly_fallback_matches(setup):
+    model, ids, params = setup
+    cfg = LoraConfig(r=2, target_modules=["fc1", "fc2"])
+    lp = randomize_lora(lora_jax.inject(params, cfg, jax.random.key(4)))
+    lora, frozen = lora_jax.split(lp)
+    on_the_fly = model.apply({"params": lora_jax.merge(lora_jax.combine(lora, frozen), cfg)}, ids)
+    unmerged = lora_jax.apply(model.apply, cfg)({"params": lp}, ids)
+    np.testing.assert_allclose(on_the_fly, unmerged, rtol=1e-5, atol=1e-5)
