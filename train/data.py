@@ -1,0 +1,243 @@
+"""Data: load rows, format prompt/response, tokenize with a response-only loss, pack, batch.
+
+Pipeline (all numpy, all deterministic from the seed):
+
+1. `load_rows` — `datasets.load_dataset` on a local .json/.jsonl/.csv/.parquet file, a local
+   dataset directory or a hub name; checks the prompt/response columns exist and rows remain.
+2. `encode` — `prompt_text(template)` is tokenized (with the tokenizer's own BOS), the response
+   follows, then EOS. The loss mask is 1 only on response tokens and the EOS, so the model learns
+   the answer and where to stop, never the prompt. Examples longer than `max_length` are dropped.
+3. `pack` — examples are shuffled once (seed) and laid into rows of `max_length` tokens. With
+   packing, several examples share a row: `segment_ids` (1, 2, …; 0 = padding) keep attention
+   inside each example and `positions` restart at 0 for each one, so a packed row computes exactly
+   what the examples would alone. Without packing, one example per row.
+4. `Batches` — the rows in a fresh permutation per epoch (`default_rng([seed, epoch])`), taken
+   `batch_size` at a time, running on into the next epoch. Its whole state is `(epoch, index)`:
+   stored in every checkpoint, it makes a resumed run see exactly the batches it would have seen.
+
+A row is the dict {input_ids, targets, loss_mask, segment_ids, positions}, each [T]; `targets[t]`
+is the token at t + 1 within the same example (the loss at t predicts it) and `loss_mask[t]` says
+whether that prediction counts.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable
+
+import numpy as np
+
+SEEDS_PROMPT = "<human>: {prompt}\n<assistant>:"
+FIELDS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
+_LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+# -- loading --------------------------------------------------------------------------------------
+def load_rows(path: str, split: str = "train", name: str | None = None, columns: Iterable[str] = ()) -> list[dict]:
+    """Rows of a dataset as plain dicts, with one-line errors for a missing path/column/empty set.
+
+    >>> import tempfile, json, os
+    >>> f = os.path.join(tempfile.mkdtemp(), "d.jsonl")
+    >>> _ = open(f, "w").write(json.dumps({"prompt": "a", "response": "b"}) + "\\n")
+    >>> load_rows(f, columns=["prompt", "response"])
+    [{'prompt': 'a', 'response': 'b'}]
+    """
+    import datasets
+
+    datasets.disable_progress_bars()
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext in _LOCAL_BUILDERS:
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"dataset file {path!r} not found; check data.path")
+            ds = datasets.load_dataset(_LOCAL_BUILDERS[ext], data_files=path, split="train")
+        elif os.path.isdir(path):
+            ds = datasets.load_dataset(path, name, split=split)
+        elif path.startswith((".", "/", "~")) or os.sep in path and not _looks_like_hub_name(path):
+            raise FileNotFoundError(f"dataset {path!r} not found; check data.path")
+        else:
+            ds = datasets.load_dataset(path, name, split=split)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # datasets raises many types (DatasetNotFoundError, ConnectionError, ...)
+        msg = " ".join(str(e).split())[:200]
+        raise FileNotFoundError(f"could not load dataset {path!r} (split {split!r}): {type(e).__name__}: {msg}") from None
+    if hasattr(ds, "keys") and not hasattr(ds, "column_names"):  # a DatasetDict
+        raise ValueError(f"dataset {path!r} has splits {sorted(ds)}; set data.split")
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"dataset {path!r} has no column {missing[0]!r} (columns: {', '.join(ds.column_names)}); set data.prompt_column / data.response_column")
+    if len(ds) == 0:
+        raise ValueError(f"dataset {path!r} (split {split!r}) is empty")
+    return [dict(r) for r in ds]
+
+
+def _looks_like_hub_name(path: str) -> bool:
+    parts = path.split("/")
+    return len(parts) == 2 and all(p and not p.startswith(".") for p in parts)
+
+
+def split_eval(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, eval): a seeded random `fraction` of the rows held out (at least one each).
+
+    >>> tr, ev = split_eval([{"i": i} for i in range(10)], 0.2, 0)
+    >>> len(tr), len(ev)
+    (8, 2)
+    """
+    if fraction <= 0:
+        return rows, []
+    order = np.random.default_rng([seed, 7]).permutation(len(rows))
+    n_eval = min(max(1, int(round(fraction * len(rows)))), len(rows) - 1)
+    if n_eval < 1:
+        raise ValueError(f"data.eval_fraction={fraction} leaves no training rows out of {len(rows)}")
+    held = set(order[:n_eval].tolist())
+    return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
+
+
+# -- formatting and tokenizing --------------------------------------------------------------------
+def prompt_text(template: str, prompt: str, tokenizer: Any = None) -> str:
+    """The text the model sees before its answer.
+
+    >>> prompt_text("seeds", "2+2?")
+    '<human>: 2+2?\\n<assistant>:'
+    >>> prompt_text("Q: {prompt}\\nA:", "2+2?")
+    'Q: 2+2?\\nA:'
+    """
+    if template == "seeds":
+        return SEEDS_PROMPT.format(prompt=prompt)
+    if template == "chat":
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("data.template=chat but the tokenizer has no chat template; use template=seeds or a format string")
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return template.format(prompt=prompt)
+
+
+def response_text(template: str, response: str) -> str:
+    """The answer as appended after `prompt_text` (seeds/format strings: after one space)."""
+    return response if template == "chat" else " " + response.lstrip()
+
+
+def encode_prompt(tokenizer: Any, template: str, prompt: str) -> list[int]:
+    """Token ids of the prompt part, as used both for training and for generation."""
+    text = prompt_text(template, prompt, tokenizer)
+    return list(tokenizer(text, add_special_tokens=template != "chat")["input_ids"])
+
+
+def encode(tokenizer: Any, template: str, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    """(token ids, loss mask per token): prompt tokens 0, response tokens and the EOS 1."""
+    p = encode_prompt(tokenizer, template, prompt)
+    r = list(tokenizer(response_text(template, response), add_special_tokens=False)["input_ids"])
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer defines no EOS token; the model could not learn to stop")
+    r.append(int(tokenizer.eos_token_id))
+    return p + r, [0] * len(p) + [1] * len(r)
+
+
+def encode_all(rows: list[dict], tokenizer: Any, template: str, prompt_col: str, response_col: str,
+               max_length: int, what: str = "training") -> tuple[list[tuple[list[int], list[int]]], int]:
+    """Encode every row; drop the ones longer than max_length. Returns (examples, n_dropped)."""
+    out, lengths = [], []
+    for row in rows:
+        ids, mask = encode(tokenizer, template, str(row[prompt_col]), str(row[response_col]))
+        lengths.append(len(ids))
+        if len(ids) <= max_length:
+            out.append((ids, mask))
+    if not out:
+        raise ValueError(f"every {what} example is longer than data.max_length={max_length} tokens (shortest: {min(lengths)}); raise data.max_length")
+    return out, len(rows) - len(out)
+
+
+# -- packing --------------------------------------------------------------------------------------
+def pack(examples: list[tuple[list[int], list[int]]], max_length: int, packing: bool = True,
+         seed: int | None = 0, pad_id: int = 0) -> dict[str, np.ndarray]:
+    """Lay examples into rows of `max_length` tokens (see the module docstring for the fields).
+
+    `seed` shuffles the examples first (None keeps their order). Examples are appended to the
+    current row while they fit, else start a new one.
+
+    >>> rows = pack([([5, 6, 7], [0, 1, 1]), ([8, 9], [0, 1])], 6, seed=None)
+    >>> rows["segment_ids"].tolist(), rows["positions"].tolist()
+    ([[1, 1, 1, 2, 2, 0]], [[0, 1, 2, 0, 1, 0]])
+    >>> rows["targets"].tolist(), rows["loss_mask"].tolist()
+    ([[6, 7, 0, 9, 0, 0]], [[1, 1, 0, 1, 0, 0]])
+    """
+    order = range(len(examples)) if seed is None else np.random.default_rng([seed, 1]).permutation(len(examples))
+    groups: list[list[int]] = []
+    used = max_length + 1
+    for i in order:
+        n = len(examples[i][0])
+        if not packing or used + n > max_length:
+            groups.append([])
+            used = 0
+        groups[-1].append(int(i))
+        used += n
+    T = max_length
+    rows = {k: np.zeros((len(groups), T), np.int32) for k in FIELDS}
+    for r, group in enumerate(groups):
+        t = 0
+        for seg, i in enumerate(group, start=1):
+            ids, mask = examples[i]
+            n = len(ids)
+            rows["input_ids"][r, t:t + n] = ids
+            rows["targets"][r, t:t + n - 1] = ids[1:]
+            rows["loss_mask"][r, t:t + n - 1] = mask[1:]  # the loss at t predicts token t + 1
+            rows["segment_ids"][r, t:t + n] = seg
+            rows["positions"][r, t:t + n] = np.arange(n)
+            t += n
+        rows["input_ids"][r, t:] = pad_id
+    return rows
+
+
+# -- batching -------------------------------------------------------------------------------------
+class Batches:
+    """Rows in a seeded per-epoch order, `batch_size` at a time; state = (epoch, index).
+
+    >>> rows = {"input_ids": np.arange(5)[:, None]}
+    >>> b = Batches(rows, batch_size=2, seed=0)
+    >>> [b.next()["input_ids"].ravel().tolist() for _ in range(3)], b.position
+    ([[4, 2], [1, 0], [3, 1]], {'epoch': 1, 'index': 1})
+    """
+
+    def __init__(self, rows: dict[str, np.ndarray], batch_size: int, seed: int, epoch: int = 0, index: int = 0):
+        self.rows, self.batch_size, self.seed = rows, batch_size, seed
+        self.n = len(next(iter(rows.values())))
+        self.epoch, self.index = int(epoch), int(index)
+
+    @property
+    def position(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, 2, epoch]).permutation(self.n)
+
+    def next(self) -> dict[str, np.ndarray]:
+        picked = []
+        while len(picked) < self.batch_size:
+            if self.index >= self.n:
+                self.epoch, self.index = self.epoch + 1, 0
+            take = min(self.batch_size - len(picked), self.n - self.index)
+            picked.extend(self.order(self.epoch)[self.index:self.index + take].tolist())
+            self.index += take
+        return {k: v[picked] for k, v in self.rows.items()}
+
+
+def eval_batches(rows: dict[str, np.ndarray], batch_size: int) -> list[dict[str, np.ndarray]]:
+    """Rows in order, the last batch padded with all-padding rows (loss_mask 0): static shapes.
+
+    >>> len(eval_batches({"loss_mask": np.ones((5, 3))}, 2))
+    3
+    """
+    n = len(next(iter(rows.values())))
+    out = []
+    for s in range(0, n, batch_size):
+        b = {k: v[s:s + batch_size] for k, v in rows.items()}
+        short = batch_size - len(next(iter(b.values())))
+        if short:
+            b = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)]) for k, v in b.items()}
+        out.append(b)
+    return out
+
+
+def count_tokens(batch: dict[str, np.ndarray]) -> int:
+    """Non-padding tokens in a batch (for tokens/s)."""
+    return int((batch["segment_ids"] > 0).sum())
