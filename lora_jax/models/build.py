@@ -1,0 +1,65 @@
+"""`build_model`: the Flax module for a `ModelConfig`, and `param_shapes` (its param tree, no FLOPs).
+
+>>> from lora_jax.models.config import ModelConfig
+>>> model = build_model(ModelConfig("llama", 32, 16, 32, 2, 4, 2, 4), scan_layers=True)
+>>> param_shapes(model)["model"]["layers"]["self_attn"]["q_proj"]["kernel"].shape
+(2, 16, 16)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lora_jax.config import LoraConfig
+from lora_jax.models.config import ModelConfig
+from lora_jax.models.gpt2 import GPT2LMHeadModel
+from lora_jax.models.llama import LlamaForCausalLM
+from lora_jax.models.stack import remat_policy
+
+
+def as_dtype(dtype: Any) -> Any:
+    """'float32' / 'bfloat16' / 'float16' / a jnp dtype -> the jnp dtype.
+
+    >>> as_dtype("bfloat16")
+    dtype(bfloat16)
+    """
+    try:
+        return jnp.dtype(dtype)
+    except TypeError:
+        raise ValueError(f"unknown dtype {dtype!r}; use 'float32', 'bfloat16' or 'float16'") from None
+
+
+def build_model(
+    cfg: ModelConfig,
+    dtype: Any = "float32",
+    param_dtype: Any = None,
+    scan_layers: bool = False,
+    remat: str | Callable | None = None,
+    lora: LoraConfig | None = None,
+) -> nn.Module:
+    """The causal LM for `cfg`: compute `dtype`, params in `param_dtype` (None = `dtype`).
+
+    >>> from lora_jax.models.config import ModelConfig
+    >>> type(build_model(ModelConfig("llama", 32, 16, 32, 2, 4, 2, 4))).__name__
+    'LlamaForCausalLM'
+    """
+    remat_policy(remat)  # validate
+    dtype = as_dtype(dtype)
+    param_dtype = dtype if param_dtype is None else as_dtype(param_dtype)
+    cls = GPT2LMHeadModel if cfg.family == "gpt2" else LlamaForCausalLM
+    return cls(cfg, dtype=dtype, param_dtype=param_dtype, lora=lora, scan_layers=scan_layers, remat=remat)
+
+
+def param_shapes(model: nn.Module) -> Any:
+    """The model's param tree as `jax.ShapeDtypeStruct` leaves (traced, never materialised).
+
+    >>> from lora_jax.models.config import ModelConfig
+    >>> sorted(param_shapes(build_model(ModelConfig("llama", 32, 16, 32, 2, 4, 2, 4))))
+    ['lm_head', 'model']
+    """
+    ids = jnp.zeros((1, 1), jnp.int32)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), ids))["params"]

@@ -1,0 +1,139 @@
+"""`from_pretrained`: a Hugging Face checkpoint directory (or a .gguf file) -> (model, params, hf_config).
+
+What is read, in order:
+
+    <dir>/config.json                      transformers.AutoConfig (trust_remote_code is never set)
+    <dir>/model.safetensors                or the shards listed in model.safetensors.index.json
+    <dir>/pytorch_model.bin(.index.json)   only if torch is importable, via torch.load(weights_only=True)
+    <file>.gguf                            lora_jax.models.gguf.read_gguf -> (hf_config, HF-named tensors)
+
+No torch is needed for safetensors: tensors are read with safetensors' numpy backend (bfloat16 via
+ml_dtypes). Tensors are converted to our tree by `lora_jax.models.naming.from_hf_state_dict`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable
+
+import numpy as np
+
+from lora_jax.config import LoraConfig
+from lora_jax.models.build import build_model
+from lora_jax.models.config import ModelConfig
+from lora_jax.models.naming import from_hf_state_dict
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE = "pytorch_model.bin"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+
+
+def read_safetensors(files: list[str]) -> dict[str, np.ndarray]:
+    """All tensors of the given .safetensors files as numpy arrays (bf16 as ml_dtypes.bfloat16).
+
+    >>> read_safetensors([])
+    {}
+    """
+    from safetensors import safe_open
+
+    out: dict[str, np.ndarray] = {}
+    for f in files:
+        with safe_open(f, framework="numpy") as fh:
+            for name in fh.keys():
+                out[name] = fh.get_tensor(name)
+    return out
+
+
+def _shards(path: str, index_name: str) -> list[str]:
+    with open(os.path.join(path, index_name)) as f:
+        weight_map = json.load(f)["weight_map"]
+    files = sorted(set(weight_map.values()))
+    for name in files:
+        if not os.path.isfile(os.path.join(path, name)):
+            raise FileNotFoundError(f"{index_name} lists shard {name!r}, which is missing from {path}")
+    return [os.path.join(path, name) for name in files]
+
+
+def _read_pickles(files: list[str]) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise FileNotFoundError(
+            f"{files[0]} is a pickled PyTorch checkpoint and torch is not installed; convert it to "
+            "model.safetensors (or install torch, which is then used with weights_only=True)"
+        ) from None
+    out: dict[str, np.ndarray] = {}
+    for f in files:
+        for name, t in torch.load(f, map_location="cpu", weights_only=True).items():
+            t = t.float() if t.dtype == torch.bfloat16 else t
+            out[name] = t.numpy()
+    return out
+
+
+def read_checkpoint(path: str) -> tuple[Any, dict[str, np.ndarray]]:
+    """(transformers config, HF-named tensors) of a checkpoint directory or a .gguf file.
+
+    >>> read_checkpoint("/nonexistent")
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: checkpoint path /nonexistent does not exist
+    """
+    path = os.fspath(path)
+    if path.endswith(".gguf"):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"GGUF file {path} does not exist")
+        from lora_jax.models.gguf import read_gguf
+
+        return read_gguf(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint path {path} does not exist")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path} is not a checkpoint directory (expected config.json + model.safetensors) or a .gguf file")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path} has no config.json; pass a Hugging Face checkpoint directory")
+    import transformers
+
+    hf_config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
+    join = lambda name: os.path.join(path, name)  # noqa: E731
+    if os.path.isfile(join(SAFETENSORS)):
+        return hf_config, read_safetensors([join(SAFETENSORS)])
+    if os.path.isfile(join(SAFETENSORS_INDEX)):
+        return hf_config, read_safetensors(_shards(path, SAFETENSORS_INDEX))
+    if os.path.isfile(join(PICKLE)):
+        return hf_config, _read_pickles([join(PICKLE)])
+    if os.path.isfile(join(PICKLE_INDEX)):
+        return hf_config, _read_pickles(_shards(path, PICKLE_INDEX))
+    raise FileNotFoundError(f"{path} has config.json but no weights: expected {SAFETENSORS} or {SAFETENSORS_INDEX}")
+
+
+def from_pretrained(
+    path: str,
+    dtype: Any = "float32",
+    param_dtype: Any = None,
+    scan_layers: bool = False,
+    remat: str | Callable | None = None,
+    lora: LoraConfig | None = None,
+) -> tuple[Any, dict, Any]:
+    """Load an HF checkpoint: (flax model, params, transformers config).
+
+    dtype: compute dtype; param_dtype: storage dtype of the params (None = dtype); scan_layers:
+    stack the blocks under nn.scan (params gain a leading layer axis); remat: None / "full" /
+    a jax.checkpoint_policies name; lora: the LoraConfig the model scales adapters with
+    (`model.clone(lora=cfg)` later works too).
+
+    >>> import tempfile, transformers, torch
+    >>> d = tempfile.mkdtemp()
+    >>> hf = transformers.LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    ...                               num_attention_heads=2, vocab_size=32)
+    >>> transformers.LlamaForCausalLM(hf).save_pretrained(d)
+    >>> model, params, _ = from_pretrained(d)
+    >>> params["lm_head"]["kernel"].shape
+    (16, 32)
+    """
+    hf_config, tensors = read_checkpoint(path)
+    cfg = ModelConfig.from_hf(hf_config)
+    model = build_model(cfg, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat=remat, lora=lora)
+    params = from_hf_state_dict(tensors, cfg, scan_layers=scan_layers, param_dtype=model.param_dtype)
+    return model, params, hf_config
