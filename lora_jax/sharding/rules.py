@@ -1,0 +1,197 @@
+"""Partition rules: which `PartitionSpec` every parameter gets, LoRA specs derived from their kernel's.
+
+A rule list is ordered `[(regex, PartitionSpec)]`; the regex is `re.search`-ed against the dotted
+leaf path (`model.layers.0.self_attn.q_proj.kernel`, or `model.layers.self_attn.q_proj.kernel`
+when layers are stacked by `nn.scan`) and the first match wins. A rule's spec names the
+*trailing* axes of the leaf: a stacked kernel [L, in, out] matched by `P('fsdp', 'tensor')` gets
+`P(None, 'fsdp', 'tensor')` — the layer axis stays unsharded, so one rule serves scanned and
+unscanned models alike.
+
+LoRA leaves are never matched by rules: their specs are *derived* from the kernel they adapt,
+so the low-rank matmuls line up with the kernel's own sharding (no resharding between x @ W and
+x @ A @ B):
+
+    kernel  [*stack, in, out]  spec (*Nones, S_in, S_out)
+    lora_a  [*stack, in,  r ]  spec (*Nones, S_in, None)
+    lora_b  [*stack, r,  out]  spec (*Nones, None, S_out)
+
+Errors are loud and name the param, its shape and the spec: a leaf with more than `min_size`
+elements that no rule matches (small ones — norms, biases — are replicated), or a spec whose mesh
+axes do not divide the dimension they split.
+
+Default rules (`default_rules('llama' | 'gpt2')`): FSDP over each matrix's model-dim axis, Megatron
+tensor parallelism — q/k/v/gate/up (GPT-2 c_attn/c_fc) column-parallel (output axis over
+'tensor'), o/down (GPT-2 c_proj) row-parallel (input axis over 'tensor'), embeddings and the LM
+head split over the vocabulary by 'tensor' and the model dim by 'fsdp'.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Mapping, Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from lora_jax.targeting import KERNEL, LORA_A, LORA_B, LORA_LEAVES, KernelLayout, iter_leaves, resolve_layout
+from lora_jax.transform import _get, _set
+
+Rules = Sequence[tuple[str, P]]
+
+COLUMN = P("fsdp", "tensor")  # [in, out]: output features split by 'tensor'
+ROW = P("tensor", "fsdp")  # [in, out]: input features split by 'tensor'
+
+LLAMA_RULES: Rules = (
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.kernel$", COLUMN),
+    (r"(o_proj|down_proj)\.kernel$", ROW),
+    (r"embed_tokens\.embedding$", P("tensor", "fsdp")),  # [vocab, d]
+    (r"lm_head\.kernel$", P("fsdp", "tensor")),  # [d, vocab]
+    (r"(norm|layernorm)\.(scale|bias)$", P()),
+    (r"\.bias$", P()),
+)
+
+GPT2_RULES: Rules = (
+    (r"(c_attn|c_fc)\.kernel$", COLUMN),
+    (r"c_proj\.kernel$", ROW),
+    (r"wte\.embedding$", P("tensor", "fsdp")),  # [vocab, d]
+    (r"wpe\.embedding$", P(None, "fsdp")),  # [positions, d]
+    (r"lm_head\.kernel$", P("fsdp", "tensor")),
+    (r"ln_(1|2|f)\.(scale|bias)$", P()),
+    (r"\.bias$", P()),
+)
+
+_ARCHS = {
+    "llama": LLAMA_RULES, "mistral": LLAMA_RULES, "qwen2": LLAMA_RULES, "qwen3": LLAMA_RULES,
+    "smollm": LLAMA_RULES, "smollm2": LLAMA_RULES, "gpt2": GPT2_RULES,
+}
+DEFAULT_MIN_SIZE = 2**16  # leaves up to this many elements may go unmatched (replicated)
+
+
+def default_rules(arch: str) -> Rules:
+    """The default rules of a supported architecture ('llama' family: llama/mistral/qwen2/qwen3, 'gpt2').
+
+    >>> default_rules("llama")[0][1]
+    P('fsdp', 'tensor')
+    """
+    key = arch.lower().replace("-", "").replace("_", "")
+    if key not in _ARCHS:
+        raise ValueError(f"no default partition rules for architecture {arch!r}; supported: {sorted(_ARCHS)} (or pass rules=)")
+    return _ARCHS[key]
+
+
+def _axis_size(mesh_shape: Mapping[str, int], entry: Any) -> int:
+    names = entry if isinstance(entry, tuple) else (entry,)
+    return math.prod(mesh_shape[n] for n in names if n is not None)
+
+
+def check_spec(name: str, shape: tuple[int, ...], spec: P, mesh: Mesh | None) -> None:
+    """ValueError naming `name`, its shape and spec unless the spec fits the shape (and mesh).
+
+    >>> check_spec("w", (8, 4), P("fsdp", None), None)
+    """
+    if len(spec) > len(shape):
+        raise ValueError(f"partition spec {spec} for {name!r} has {len(spec)} entries but the param has shape {shape}")
+    if mesh is None:
+        return
+    mesh_shape = dict(mesh.shape)
+    for dim, entry in zip(shape, spec):
+        names = entry if isinstance(entry, tuple) else (entry,)
+        for n in names:
+            if n is not None and n not in mesh_shape:
+                raise ValueError(f"partition spec {spec} for {name!r} {shape} names mesh axis {n!r}; the mesh has {tuple(mesh_shape)}")
+        size = _axis_size(mesh_shape, entry)
+        if dim % size:
+            raise ValueError(
+                f"partition spec {spec} does not fit {name!r} of shape {shape}: axis {entry!r} has {size} devices on mesh "
+                f"{mesh_shape}, which does not divide dimension {dim}; change the rule for this param or the mesh shape"
+            )
+
+
+def _expand(spec: P, ndim: int) -> tuple:
+    """Right-align a rule's spec to the leaf's rank: leading (stack) axes unsharded."""
+    return (None,) * (ndim - len(spec)) + tuple(spec)
+
+
+def _match(rules: Rules, name: str) -> P | None:
+    for pattern, spec in rules:
+        if re.search(pattern, name):
+            return spec
+    return None
+
+
+def _joined(entries: Sequence[Any]) -> Any:
+    """One spec entry for a flattened group of axes (major-to-minor), e.g. DenseGeneral inputs."""
+    names: list[str] = []
+    for e in entries:
+        names += [n for n in (e if isinstance(e, tuple) else (e,)) if n is not None]
+    return None if not names else names[0] if len(names) == 1 else tuple(names)
+
+
+def param_specs(
+    params: Any,
+    rules: Rules,
+    mesh: Mesh | None = None,
+    *,
+    min_size: int = DEFAULT_MIN_SIZE,
+    layouts: Mapping[str, KernelLayout] | None = None,
+) -> Any:
+    """A tree of `PartitionSpec`s shaped like `params` (arrays or `jax.ShapeDtypeStruct`s).
+
+    With `mesh`, every spec is checked to divide its param's shape. LoRA leaves get specs derived
+    from their kernel's (module docstring); `layouts` as for `lora_jax.inject`.
+
+    >>> import jax.numpy as jnp
+    >>> p = {"layers": {"q_proj": {"kernel": jnp.zeros((2, 8, 16)), "lora_a": jnp.zeros((2, 8, 4)),
+    ...                            "lora_b": jnp.zeros((2, 4, 16))}}}
+    >>> specs = param_specs(p, default_rules("llama"))
+    >>> specs["layers"]["q_proj"]["lora_a"], specs["layers"]["q_proj"]["lora_b"]
+    (P(None, 'fsdp', None), P(None, None, 'tensor'))
+    """
+    out: dict = {}
+    leaves = list(iter_leaves(params))
+    for path, leaf in leaves:
+        if path[-1] in LORA_LEAVES:
+            continue
+        name, shape = ".".join(path), tuple(leaf.shape)
+        spec = _match(rules, name)
+        if spec is None:
+            if math.prod(shape) > min_size:
+                raise ValueError(
+                    f"no partition rule matches {name!r} of shape {shape} ({math.prod(shape):,} elements > min_size="
+                    f"{min_size:,}); add a (regex, PartitionSpec) rule for it (P() replicates it)"
+                )
+            spec = P()
+        check_spec(name, shape, spec, None)
+        full = P(*_expand(spec, len(shape)))
+        check_spec(name, shape, full, mesh)
+        _set(out, path, full)
+    for path, leaf in leaves:
+        if path[-1] not in LORA_LEAVES:
+            continue
+        name, shape = ".".join(path), tuple(leaf.shape)
+        kpath = path[:-1] + (KERNEL,)
+        try:
+            kernel, kspec = _get(params, kpath), tuple(_get(out, kpath))
+        except (KeyError, TypeError):
+            raise ValueError(f"LoRA leaf {name!r} has no sibling 'kernel'; compute specs on the combined (lora + frozen) tree") from None
+        stack, ins, _ = resolve_layout(kpath, tuple(kernel.shape), layouts).split(tuple(kernel.shape))
+        s, i = len(stack), len(stack) + len(ins)
+        if any(e is not None for e in kspec[:s]):
+            raise ValueError(f"kernel {'.'.join(kpath)!r} spec {P(*kspec)} shards its stacked layer axis; LoRA needs it unsharded")
+        lead = (None,) * s
+        spec = P(*lead, _joined(kspec[s:i]), None) if path[-1] == LORA_A else P(*lead, None, _joined(kspec[i:]))
+        check_spec(name, shape, spec, mesh)
+        _set(out, path, spec)
+    return out
+
+
+def named_shardings(specs: Any, mesh: Mesh) -> Any:
+    """`NamedSharding(mesh, spec)` for every spec in the tree.
+
+    >>> from lora_jax.sharding.mesh import make_mesh
+    >>> named_shardings({"w": P("fsdp")}, make_mesh(devices=jax.devices()[:1]))["w"].spec
+    P('fsdp',)
+    """
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
