@@ -3,6 +3,7 @@
 See `lora_jax.training.step` for the full example loop.
 """
 
+from lora_jax.training.checkpoint import Checkpointer, abstract_state
 from lora_jax.training.loss import IGNORE_INDEX, masked_ce, masked_ce_sum, targets_and_mask, token_losses
 from lora_jax.training.step import (
     TrainStep,
@@ -15,7 +16,7 @@ from lora_jax.training.step import (
 )
 
 __all__ = [
-    "IGNORE_INDEX", "TrainStep", "default_model_inputs", "default_optimizer", "init_train_state",
+    "Checkpointer", "IGNORE_INDEX", "TrainStep", "abstract_state", "default_model_inputs", "default_optimizer", "init_train_state",
     "make_eval_step", "make_train_step", "masked_ce", "masked_ce_sum", "state_specs", "targets_and_mask",
     "token_losses",
 ]
