@@ -1,0 +1,158 @@
+"""Autoregressive generation with a KV cache: one prefill, then a compiled decode loop.
+
+    out = lora_jax.generate(model, params, input_ids, attention_mask, max_new_tokens=64,
+                            eos_token_id=2, pad_token_id=2)          # greedy
+    out = lora_jax.generate(..., temperature=0.7, top_k=50, top_p=0.9, seed=0)  # sampled
+
+Design:
+
+* One `jax.jit` function does everything on device: `init_cache` of length prompt + new tokens,
+  the prefill over the (left-padded) prompt, then a `lax.while_loop` that feeds one token per
+  step and stops as soon as every row has produced an EOS (or after `max_new_tokens`). No Python
+  runs per token, so the loop costs one device dispatch per call.
+* Compilation happens once per (model, max_new_tokens, sampling mode) × (batch, prompt length,
+  params structure): the jitted functions are cached in `_COMPILED`, `jit` caches the shapes.
+  Temperature, top-k and top-p values are traced, so changing them does not recompile
+  (see `lora_jax.generation.sampling`).
+* Semantics follow `transformers.generate`: prompts are left-padded (positions count real tokens
+  only — the models' cache does this), finished rows are filled with `pad_token_id`, the result
+  is `[prompt | new tokens]` and is shorter than prompt + max_new_tokens when every row stopped
+  early. Sampling is seeded: token t of a call draws from `fold_in(key(seed), t)`.
+* LoRA: the params may hold unmerged `lora_a`/`lora_b` leaves (model built with `lora=config`)
+  or be merged (`lora_jax.merge`); generation is the same call either way.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax.generation.sampling import SamplingParams, select_next
+
+_COMPILED: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()
+_MAX_COMPILED = 32
+
+
+def _init_cache(model, batch: int, max_len: int):
+    from lora_jax.models import init_cache
+
+    return init_cache(model.cfg, batch, max_len, getattr(model, "dtype", None) or jnp.float32)
+
+
+def _generate_impl(model, max_new_tokens: int, mode, params, input_ids, attention_mask, eos, pad, values, key):
+    b, p = input_ids.shape
+    cache = _init_cache(model, b, p + max_new_tokens)
+    logits, cache = model.apply({"params": params}, input_ids, attention_mask=attention_mask, cache=cache)
+    is_eos = lambda tok: jnp.any(tok[:, None] == eos[None, :], axis=-1)  # noqa: E731
+    tok = select_next(logits[:, -1], jax.random.fold_in(key, 0), mode, values)
+    out = jnp.full((b, max_new_tokens), pad, jnp.int32).at[:, 0].set(tok)
+    ones = jnp.ones((b, 1), jnp.int32)
+
+    def cond(state):
+        step, _, done, _, _ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, tok, done, cache, out = state
+        logits, cache = model.apply({"params": params}, tok[:, None], attention_mask=ones, cache=cache)
+        nxt = select_next(logits[:, -1], jax.random.fold_in(key, step), mode, values)
+        nxt = jnp.where(done, pad, nxt)
+        out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, step))
+        return step + 1, nxt, done | is_eos(nxt), cache, out
+
+    state = (jnp.asarray(1, jnp.int32), tok, is_eos(tok), cache, out)
+    steps, _, _, _, out = jax.lax.while_loop(cond, body, state)
+    return out, steps
+
+
+def compiled_generate(model, max_new_tokens: int, mode: tuple[bool, bool, bool]):
+    """The cached jitted generation function for (model, max_new_tokens, sampling mode).
+
+    >>> from lora_jax.models import ModelConfig, build_model
+    >>> model = build_model(ModelConfig("llama", 32, 16, 32, 2, 4, 2, 4))
+    >>> compiled_generate(model, 4, (False, False, False)) is compiled_generate(model, 4, (False, False, False))
+    True
+    """
+    key = (model, int(max_new_tokens), tuple(mode))
+    fn = _COMPILED.get(key)
+    if fn is None:
+        fn = jax.jit(functools.partial(_generate_impl, model, int(max_new_tokens), tuple(mode)))
+        _COMPILED[key] = fn
+        while len(_COMPILED) > _MAX_COMPILED:
+            _COMPILED.popitem(last=False)
+    else:
+        _COMPILED.move_to_end(key)
+    return fn
+
+
+def _as_ids(input_ids, attention_mask):
+    ids = np.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be a non-empty integer array [batch, prompt_len], got shape {ids.shape} {ids.dtype}")
+    if attention_mask is None:
+        mask = np.ones(ids.shape, np.int32)
+    else:
+        mask = np.asarray(attention_mask).reshape(ids.shape).astype(np.int32)
+        if not mask[:, -1].all():
+            raise ValueError("attention_mask has padding at the end of a prompt; pad prompts on the left "
+                             "(tokenizer.padding_side = 'left') for generation")
+    return ids.astype(np.int32), mask
+
+
+def _eos_array(eos_token_id: int | Sequence[int] | None) -> np.ndarray:
+    if eos_token_id is None:
+        return np.full((1,), -1, np.int32)  # matches no token
+    ids = [eos_token_id] if np.ndim(eos_token_id) == 0 else list(eos_token_id)
+    return np.asarray(ids, np.int32)
+
+
+def generate(
+    model,
+    params,
+    input_ids,
+    attention_mask=None,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int = 0,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+) -> np.ndarray:
+    """Continue left-padded prompts: `[B, prompt_len + n]` int32 ids, n <= max_new_tokens.
+
+    Args:
+      model: one of our causal LMs (`lora_jax.models`), built with `lora=config` if `params`
+        hold unmerged LoRA leaves.
+      params: its 'params' collection (base, with LoRA leaves, or merged).
+      input_ids / attention_mask: [B, P] (or [P]); prompts left-padded, mask 1 on real tokens.
+      max_new_tokens: tokens to add per row (the loop stops early once every row hit EOS).
+      eos_token_id: an id or a list of ids that end a row; None = never stop early.
+      pad_token_id: written after a row's EOS.
+      temperature: 0 = greedy; > 0 samples after temperature, top_k, top_p (transformers' order).
+      seed: sampling seed (same seed, same tokens).
+
+    >>> import jax, numpy as np
+    >>> from lora_jax.models import ModelConfig, build_model
+    >>> model = build_model(ModelConfig("llama", 32, 16, 32, 2, 4, 2, 4))
+    >>> params = model.init(jax.random.key(0), np.zeros((1, 1), np.int32))["params"]
+    >>> generate(model, params, np.array([[5, 6, 7]]), max_new_tokens=4).shape
+    (1, 7)
+    """
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    ids, mask = _as_ids(input_ids, attention_mask)
+    sampling = SamplingParams.make(temperature, top_k, top_p)
+    fn = compiled_generate(model, int(max_new_tokens), sampling.mode)
+    out, steps = fn(params, ids, mask, _eos_array(eos_token_id), jnp.asarray(pad_token_id, jnp.int32),
+                    sampling.values(), jax.random.key(seed))
+    new = np.asarray(out)[:, : int(steps)]
+    return np.concatenate([ids, new], axis=1)

@@ -1,0 +1,174 @@
+"""Generation agrees with transformers' `generate`: greedy (single and batched left-padded prompts,
+EOS and padding), LoRA unmerged = merged, seeded sampling, and the warpers themselves.
+The slow tests run SmolLM2-135M from its GGUF against transformers loading the same file."""
+
+import numpy as np
+import pytest
+
+import lora_jax
+from lora_jax.generation import generate, sampling
+from lora_jax.generation.generate import compiled_generate
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lora_jax.models import from_pretrained
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      initializer_range=0.15, rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    hf = LlamaForCausalLM(cfg).eval()
+    d = tmp_path_factory.mktemp("tiny_llama")
+    hf.save_pretrained(d)
+    model, params, _ = from_pretrained(str(d))
+    return hf, model, params, str(d)
+
+
+def hf_generate(hf, ids, mask, n, **kw):
+    import torch
+
+    with torch.no_grad():
+        out = hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=n,
+                          do_sample=False, **kw)
+    return out.numpy()
+
+
+PROMPTS = [[5, 17, 33, 2, 9, 41, 7], [11, 3, 60], [70, 8, 8, 21, 5]]
+
+
+def left_pad(prompts, pad=0):
+    n = max(map(len, prompts))
+    ids = np.array([[pad] * (n - len(p)) + p for p in prompts], np.int64)
+    mask = np.array([[0] * (n - len(p)) + [1] * len(p) for p in prompts], np.int64)
+    return ids, mask
+
+
+def test_greedy_matches_transformers(tiny):
+    hf, model, params, _ = tiny
+    ids, mask = left_pad(PROMPTS[:1])
+    expected = hf_generate(hf, ids, mask, 12, pad_token_id=0, eos_token_id=None)
+    np.testing.assert_array_equal(generate(model, params, ids, mask, max_new_tokens=12), expected)
+
+
+def test_batched_left_padded_with_eos_matches_transformers(tiny):
+    hf, model, params, _ = tiny
+    ids, mask = left_pad(PROMPTS)
+    free = hf_generate(hf, ids, mask, 10, pad_token_id=0, eos_token_id=None)
+    np.testing.assert_array_equal(generate(model, params, ids, mask, max_new_tokens=10), free)
+    eos = int(free[0, ids.shape[1] + 2])  # row 0 stops after 3 tokens; the others later or never
+    expected = hf_generate(hf, ids, mask, 10, pad_token_id=1, eos_token_id=eos)
+    got = generate(model, params, ids, mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=1)
+    np.testing.assert_array_equal(got, expected)
+    assert (got[0, ids.shape[1] + 3:] == 1).all()
+    # every row stopping early ends the loop: the output is shorter than prompt + max_new_tokens
+    firsts = [int(t) for t in free[:, ids.shape[1]]]
+    got = generate(model, params, ids, mask, max_new_tokens=10, eos_token_id=firsts, pad_token_id=1)
+    np.testing.assert_array_equal(got, hf_generate(hf, ids, mask, 10, pad_token_id=1, eos_token_id=firsts))
+    assert got.shape == (3, ids.shape[1] + 1)
+
+
+def test_scanned_layers_generate_the_same(tiny):
+    from lora_jax.models import from_pretrained
+
+    hf, model, params, d = tiny
+    scanned, sparams, _ = from_pretrained(d, scan_layers=True)
+    ids, mask = left_pad(PROMPTS)
+    np.testing.assert_array_equal(generate(scanned, sparams, ids, mask, max_new_tokens=6),
+                                  generate(model, params, ids, mask, max_new_tokens=6))
+
+
+def test_lora_unmerged_equals_merged(tiny):
+    import jax
+
+    _, model, params, _ = tiny
+    cfg = lora_jax.LoraConfig(r=4, alpha=8, target_modules=lora_jax.ALL_LINEAR)
+    adapted = lora_jax.inject(params, cfg, jax.random.key(1))
+    lora, frozen = lora_jax.split(adapted)
+    lora = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(2), x.shape), lora)  # B != 0
+    adapted = lora_jax.combine(lora, frozen)
+    ids, mask = left_pad(PROMPTS)
+    unmerged = generate(model.clone(lora=cfg), adapted, ids, mask, max_new_tokens=8)
+    merged = generate(model, lora_jax.merge(adapted, cfg), ids, mask, max_new_tokens=8)
+    np.testing.assert_array_equal(unmerged, merged)
+    assert not np.array_equal(unmerged, generate(model, params, ids, mask, max_new_tokens=8))
+
+
+def test_sampling_is_seeded_and_degenerates_to_greedy(tiny):
+    _, model, params, _ = tiny
+    ids, mask = left_pad(PROMPTS)
+    kw = dict(max_new_tokens=10, temperature=1.5)
+    a = generate(model, params, ids, mask, seed=3, **kw)
+    np.testing.assert_array_equal(a, generate(model, params, ids, mask, seed=3, **kw))
+    assert not np.array_equal(a, generate(model, params, ids, mask, seed=4, **kw))
+    greedy = generate(model, params, ids, mask, max_new_tokens=10)
+    np.testing.assert_array_equal(generate(model, params, ids, mask, max_new_tokens=10, temperature=1.0, top_k=1), greedy)
+    np.testing.assert_array_equal(generate(model, params, ids, mask, max_new_tokens=10, temperature=0.8, top_p=1e-6), greedy)
+    # temperature / k / p are traced: one compilation per sampling mode and shape
+    fn = compiled_generate(model, 10, (True, True, False))
+    before = fn._cache_size()
+    generate(model, params, ids, mask, max_new_tokens=10, temperature=0.5, top_k=7)
+    generate(model, params, ids, mask, max_new_tokens=10, temperature=2.0, top_k=3, seed=9)
+    assert fn._cache_size() == max(before, 1)
+
+
+def test_warpers_match_transformers():
+    import jax.numpy as jnp
+    import torch
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    scores = np.random.default_rng(0).normal(size=(4, 50)).astype(np.float32) * 3
+    for k in (1, 5, 50, 80):
+        ours = np.asarray(sampling.top_k_filter(jnp.asarray(scores), jnp.asarray(k)))
+        theirs = TopKLogitsWarper(k)(None, torch.tensor(scores)).numpy()
+        np.testing.assert_array_equal(ours, theirs)
+    for p in (0.05, 0.5, 0.9, 0.999):
+        ours = np.asarray(sampling.top_p_filter(jnp.asarray(scores), jnp.asarray(p)))
+        theirs = TopPLogitsWarper(p)(None, torch.tensor(scores)).numpy()
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_argument_errors(tiny):
+    _, model, params, _ = tiny
+    with pytest.raises(ValueError, match="pad prompts on the left"):
+        generate(model, params, [[5, 6, 0]], [[1, 1, 0]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, params, [[5, 6]], max_new_tokens=0)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, params, [[5, 6]], max_new_tokens=2, temperature=-1)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, params, [[5, 6]], max_new_tokens=2, temperature=1, top_p=1.5)
+
+
+# -- SmolLM2-135M-Instruct from its GGUF vs transformers loading the same file -------------------
+
+
+@pytest.mark.slow
+def test_smollm2_logits_and_greedy_chat_match_transformers():
+    import torch
+
+    import _smollm2 as s
+
+    from lora_jax.generation import chat, chat_input_ids
+
+    model, params = s.ours()
+    hf, tok = s.hf_model(), s.tokenizer()
+    ids = chat_input_ids(tok, s.PROMPT)
+    logits, _ = model.apply({"params": params}, ids)
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    err = float(np.abs(np.asarray(logits) - ref).max())
+    print(f"SmolLM2 logits max-abs diff vs transformers: {err:.2e}")
+    assert err < 2e-3
+    n = 24
+    with torch.no_grad():
+        expected = hf.generate(torch.tensor(ids, dtype=torch.long), max_new_tokens=n, do_sample=False,
+                               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).numpy()
+    got = generate(model, params, ids, max_new_tokens=n, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    np.testing.assert_array_equal(got, expected)
+    reply = chat(model, params, tok, s.PROMPT, max_new_tokens=n)
+    assert reply == tok.decode(expected[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    assert reply
