@@ -1,0 +1,282 @@
+"""The training program, top to bottom: mesh, model + LoRA, data, restore, step, loop, export.
+
+`run(recipe, resume=..., overwrite=...)` is everything `lora-jax train` does after parsing. Each
+section below has a banner; state flows downward only. Invariants that make a killed-and-resumed
+run end bitwise equal to an uninterrupted one:
+
+* the only things that change during training are the train state {lora, opt_state, step, rng}
+  and the data position (epoch, index) — both go into every checkpoint (orbax, atomic rename);
+* the batch sequence is a pure function of (data seed, position) (`train.data.Batches`) and the
+  dropout key a pure function of (rng, step) (inside the compiled step);
+* the LoRA init depends on the seed only, and is overwritten by the restore anyway.
+
+Ctrl-C sets a flag; the loop finishes the current step, saves and exits (status 130). A non-finite
+loss stops the run *before* that step's state is saved, naming the step, so the newest checkpoint
+is the last good one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+
+import jax
+import numpy as np
+
+import lora_jax
+from train import data as D
+from train import runtime as R
+from train.config import Recipe, recipe_to_yaml
+from train.metrics import task_metric
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (non-finite loss); the message says at which step and why."""
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> int:
+    t_start = time.time()
+    lora_cfg = recipe.to_lora_config()
+    out = recipe.output_dir
+
+    # ================================================================ inputs (validated before any write)
+    model_path = R.resolve_model_path(recipe.model.path)
+    has_ckpt = R.prepare_output_dir(recipe, model_path, resume, overwrite)
+    dc = recipe.data
+    cols = (dc.prompt_column, dc.response_column)
+    train_rows = D.load_rows(dc.path, dc.split, dc.name, cols)
+    if dc.eval_path:
+        eval_rows = D.load_rows(dc.eval_path, dc.eval_split or "train", dc.name, cols)
+    elif dc.eval_split:
+        eval_rows = D.load_rows(dc.path, dc.eval_split, dc.name, cols)
+    else:
+        train_rows, eval_rows = D.split_eval(train_rows, dc.eval_fraction, recipe.seed)
+    if dc.max_eval_examples:
+        eval_rows = eval_rows[: dc.max_eval_examples]
+    if dc.metric == "sql_exec" and not os.path.isfile(dc.metric_db):
+        raise FileNotFoundError(f"data.metric_db {dc.metric_db!r} not found")
+    tokenizer = R.load_tokenizer(model_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    examples, dropped = D.encode_all(train_rows, tokenizer, dc.template, *cols, dc.max_length)
+    data_seed = recipe.seed if dc.shuffle_seed is None else dc.shuffle_seed
+    rows = D.pack(examples, dc.max_length, dc.packing, data_seed, pad_id)
+    eval_examples = D.encode_all(eval_rows, tokenizer, dc.template, *cols, dc.max_length, "eval")[0] if eval_rows else []
+    eval_packed = D.pack(eval_examples, dc.max_length, dc.packing, None, pad_id) if eval_examples else None
+    n_rows = len(rows["input_ids"])
+    total_steps = recipe.max_steps or max(1, math.ceil(recipe.epochs * n_rows / recipe.batch_size))
+    _say(f"data: {len(examples)} training examples ({dropped} longer than {dc.max_length} tokens dropped) "
+         f"-> {n_rows} rows of {dc.max_length}; {len(eval_examples)} eval examples; {total_steps} steps of {recipe.batch_size} rows")
+
+    # ================================================================ mesh
+    from lora_jax import sharding as shd
+    from lora_jax import training
+
+    mc = recipe.mesh
+    mesh = shd.make_mesh(shd.MeshConfig(data=mc.data, fsdp=mc.fsdp, tensor=mc.tensor))
+    micro = recipe.batch_size // recipe.grad_accum
+    n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if micro % n_batch_shards:
+        raise ValueError(f"micro-batch batch_size/grad_accum = {micro} must be divisible by mesh data*fsdp = {n_batch_shards}")
+
+    # ================================================================ model + LoRA init
+    from lora_jax.models import from_pretrained
+
+    compute = "bfloat16" if recipe.precision == "bf16" else "float32"
+    model, params, hf_config = from_pretrained(model_path, dtype=compute, param_dtype=recipe.model.dtype,
+                                               scan_layers=recipe.model.scan_layers,
+                                               remat="full" if recipe.model.remat else None, lora=lora_cfg)
+    rng = jax.random.key(recipe.seed)
+    abstract = jax.eval_shape(lambda p: lora_jax.inject(p, lora_cfg, rng), params)
+    specs = shd.param_specs(abstract, shd.default_rules(model.cfg.model_type if model.cfg.model_type != "gpt2" else "gpt2"), mesh)
+    lora_specs, frozen_specs = lora_jax.split(specs)
+    frozen = shd.load_sharded(params, shd.named_shardings(frozen_specs, mesh))
+    del params
+    lora = shd.inject_sharded(frozen, lora_cfg, jax.random.fold_in(rng, 1), shd.named_shardings(lora_specs, mesh))
+    n_lora = sum(x.size for x in jax.tree.leaves(lora))
+    n_all = n_lora + sum(x.size for x in jax.tree.leaves(frozen))
+    _say(f"model: {model_path} ({model.cfg.model_type}, {n_all / 1e6:.1f}M params); "
+         f"LoRA r={lora_cfg.r} on {lora_cfg.target_modules}: {n_lora:,} trainable ({100 * n_lora / n_all:.3f}%)")
+
+    # ================================================================ step
+    schedule = R.make_schedule(recipe.optim, total_steps)
+    o = recipe.optim
+    tx = training.default_optimizer(schedule, max_grad_norm=o.grad_clip or None, weight_decay=o.weight_decay,
+                                    b1=o.b1, b2=o.b2, eps=o.eps)
+    state = training.init_train_state(lora, tx, jax.random.fold_in(rng, 2), mesh=mesh, lora_specs=lora_specs)
+    train_step = training.make_train_step(model, tx, mesh, specs, schedule=schedule, dropout=lora_cfg.dropout > 0)
+    eval_step = training.make_eval_step(model, mesh, specs)
+    eval_batches = D.eval_batches(eval_packed, micro) if eval_packed is not None else []
+
+    def eval_loss(lora_tree) -> float | None:
+        if not eval_batches:
+            return None
+        s = n = 0.0
+        for b in eval_batches:
+            m = eval_step(lora_tree, frozen, shd.shard_batch(b, mesh))
+            s, n = s + float(m["loss_sum"]), n + float(m["n_tokens"])
+        return s / max(n, 1.0)
+
+    metric_rows = eval_rows[: dc.metric_examples] if dc.metric != "none" else []
+    sample_prompts = list(recipe.sample_prompts) or [str(r[dc.prompt_column]) for r in eval_rows[:3]]
+
+    def answers(lora_tree) -> tuple[list[str], list[str]]:
+        full = lora_jax.combine(lora_tree, frozen)
+        prompts = sample_prompts + [str(r[dc.prompt_column]) for r in metric_rows]
+        ids = [D.encode_prompt(tokenizer, dc.template, p) for p in prompts]
+        outs = R.generate_answers(model, full, tokenizer, ids, recipe.max_new_tokens) if ids else []
+        return outs[: len(sample_prompts)], outs[len(sample_prompts):]
+
+    def metric(preds: list[str]) -> float | None:
+        refs = [str(r[dc.response_column]) for r in metric_rows]
+        return task_metric(dc.metric, preds, refs, dc.metric_db)
+
+    # ================================================================ checkpoint restore
+    batches = D.Batches(rows, recipe.batch_size, data_seed)
+    ckpt_dir = os.path.abspath(os.path.join(out, "checkpoints"))
+    before = None
+    if has_ckpt:
+        ckpt = training.Checkpointer(ckpt_dir, max_to_keep=recipe.save_total_limit)
+        if ckpt.latest_step() is None:
+            has_ckpt = False
+        else:
+            target = training.abstract_state(state, mesh, lora_specs)
+            state, meta = ckpt.restore(target=target)
+            batches = D.Batches(rows, recipe.batch_size, data_seed, **meta["data"])
+            before = meta.get("before")
+            _say(f"resumed from step {int(state['step'])} (epoch {batches.epoch}, row {batches.index})")
+    if not has_ckpt:
+        R.create_output_dir(recipe, model_path, overwrite, recipe_to_yaml(recipe))
+        ckpt = training.Checkpointer(ckpt_dir, max_to_keep=recipe.save_total_limit)
+    if before is None:  # the baseline, once per run (kept in checkpoints so a resume reports it too)
+        t = time.time()
+        samples, preds = answers(state["lora"])
+        before = {"eval_loss": eval_loss(state["lora"]), "metric": metric(preds), "samples": samples}
+        _say(f"before training: eval loss {_fmt(before['eval_loss'])}, {dc.metric} {_fmt(before['metric'])} ({time.time() - t:.0f}s)")
+
+    def save(step: int) -> None:
+        ckpt.save(step, state, {"data": batches.position, "before": before}, force=True)
+
+    # ================================================================ loop
+    from tensorboardX import SummaryWriter
+    from tqdm import tqdm
+
+    step = int(state["step"])
+    history_path = os.path.join(out, "metrics.jsonl")
+    history = R.read_history(history_path, step)
+    R.write_atomic(history_path, "".join(json.dumps(h) + "\n" for h in history))
+    writer = SummaryWriter(os.path.join(out, "tb"), purge_step=step)
+    stop = {"sigint": False}
+    old_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(sigint=True))
+    bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
+    t_last, tok_last = time.time(), 0
+    try:
+        with open(history_path, "a") as hist:
+            while step < total_steps:
+                host = batches.next()
+                host = {k: v.reshape((recipe.grad_accum, micro) + v.shape[1:]) for k, v in host.items()}
+                state, m = train_step(state, frozen, shd.shard_batch(host, mesh, batch_axis=1))
+                loss = float(m["loss"])
+                if not math.isfinite(loss):
+                    raise TrainingStopped(f"loss is {loss} at step {step + 1}; stopped without saving it "
+                                          f"(last good checkpoint: step {ckpt.latest_step()}); lower optim.lr or check the data")
+                step += 1
+                tok_last += D.count_tokens(host)
+                bar.update(1)
+                if recipe.logging_steps and (step % recipe.logging_steps == 0 or step == total_steps):
+                    dt = time.time() - t_last
+                    rec = {"step": step, "loss": loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+                           "tokens_per_s": tok_last / max(dt, 1e-9)}
+                    t_last, tok_last = time.time(), 0
+                    for k, v in rec.items():
+                        if k != "step":
+                            writer.add_scalar(f"train/{k}", v, step)
+                    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                    hist.write(json.dumps(rec) + "\n")
+                    hist.flush()
+                if recipe.eval_steps and step % recipe.eval_steps == 0 and step < total_steps:
+                    el = eval_loss(state["lora"])
+                    if el is not None:
+                        writer.add_scalar("eval/loss", el, step)
+                        hist.write(json.dumps({"step": step, "eval_loss": el}) + "\n")
+                        hist.flush()
+                        bar.write(f"step {step}: eval loss {el:.4f}")
+                if (recipe.save_steps and step % recipe.save_steps == 0) or step == total_steps or stop["sigint"]:
+                    save(step)
+                if stop["sigint"] and step < total_steps:
+                    bar.close()
+                    _say(f"interrupted: checkpoint saved at step {step}; continue with --resume")
+                    return 130
+    finally:
+        signal.signal(signal.SIGINT, old_handler)
+        bar.close()
+        writer.flush()
+        ckpt.wait()
+
+    # ================================================================ export
+    after_loss = eval_loss(state["lora"])
+    samples, preds = answers(state["lora"])
+    after = {"eval_loss": after_loss, "metric": metric(preds), "samples": samples}
+    writer.add_scalar("eval/loss", after_loss, step) if after_loss is not None else None
+    writer.close()
+    history = R.read_history(history_path, step) + ([{"step": step, "eval_loss": after_loss}] if after_loss is not None else [])
+    if before["eval_loss"] is not None:
+        history.insert(0, {"step": 0, "eval_loss": before["eval_loss"]})
+    R.plot_losses(history, os.path.join(out, "loss.png"))
+    host_lora = jax.tree.map(np.asarray, state["lora"])
+    _export(recipe, lora_cfg, host_lora, frozen, model, hf_config, tokenizer, model_path)
+    results = {"steps": step, "before": before, "after": after, "sample_prompts": sample_prompts,
+               "metric": dc.metric, "seconds": time.time() - t_start}
+    R.write_atomic(os.path.join(out, "results.json"), json.dumps(results, indent=2))
+    _report(sample_prompts, before, after, dc.metric, out)
+    return 0
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def _export(recipe, lora_cfg, host_lora, frozen, model, hf_config, tokenizer, model_path) -> None:
+    """The PEFT adapter (always) and the merged HF checkpoint (export_merged), written atomically."""
+    try:
+        from lora_jax import interop
+        interop.save_peft_adapter  # noqa: B018
+    except (ImportError, AttributeError):
+        interop = R  # until lora_jax.interop lands: the minimal writers in train.runtime
+
+    out = recipe.output_dir
+    for name, merged in (("adapter", False), ("merged", True)):
+        if merged and not recipe.export_merged:
+            continue
+        final, tmp = os.path.join(out, name), os.path.join(out, f".{name}.tmp")
+        for d in (tmp,):
+            if os.path.isdir(d):
+                import shutil
+                shutil.rmtree(d)
+        if merged:
+            full = lora_jax.merge(lora_jax.combine(host_lora, jax.tree.map(np.asarray, frozen)), lora_cfg)
+            interop.save_merged(full, hf_config, tmp, scan_layers=recipe.model.scan_layers)
+            tokenizer.save_pretrained(tmp)
+        else:
+            interop.save_peft_adapter(host_lora, lora_cfg, tmp, base_model=model_path, scan_layers=recipe.model.scan_layers)
+        if os.path.isdir(final):
+            import shutil
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+
+
+def _report(prompts, before, after, metric_name, out) -> None:
+    _say("\n=== before / after ===")
+    for p, b, a in zip(prompts, before["samples"], after["samples"]):
+        _say(f"<human>: {p}\n<assistant> (before): {b}\n<assistant> (after):  {a}\n")
+    _say(f"eval loss: {_fmt(before['eval_loss'])} -> {_fmt(after['eval_loss'])}")
+    if metric_name != "none":
+        _say(f"{metric_name}: {_fmt(before['metric'])} -> {_fmt(after['metric'])}")
+    _say(f"adapter: {os.path.join(out, 'adapter')}  (loss curve: {os.path.join(out, 'loss.png')})")
