@@ -96,6 +96,7 @@ def read_checkpoint(path: str) -> tuple[Any, dict[str, np.ndarray]]:
     import transformers
 
     hf_config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
+    ModelConfig.from_hf(hf_config)  # an unsupported architecture fails before any weights are read
     join = lambda name: os.path.join(path, name)  # noqa: E731
     if os.path.isfile(join(SAFETENSORS)):
         return hf_config, read_safetensors([join(SAFETENSORS)])
