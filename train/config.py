@@ -261,6 +261,28 @@ def check_keys(tree: dict, where: str) -> None:
             raise ValueError(f"unknown recipe key {key!r} in {where}{_closest(key, known)}")
 
 
+def _is_text_field(key: str) -> bool:
+    f = schema_keys().get(key)
+    if f is None:
+        return False
+    owner = Recipe
+    for part in key.split(".")[:-1]:
+        owner = _hints(owner)[part]
+    return _hints(owner)[f.name] in (str, Optional[str])
+
+
+def _unquote(raw: str) -> str:
+    if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
+        raw = raw[1:-1]
+    return raw.encode().decode("unicode_escape") if "\\" in raw else raw
+
+
+def _nest(key: str, value: Any) -> dict:
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
 def load_recipe(path: str | os.PathLike | None, overrides: list[str] = ()) -> Recipe:
     """Recipe from a YAML file (None = defaults) with `key=value` overrides applied on top."""
     from omegaconf import OmegaConf
@@ -284,8 +306,12 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] = ()) -> Re
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ValueError(f"override {item!r} must look like key=value (e.g. lora.r=16)")
+        key, raw = item.split("=", 1)
         try:
-            layer = OmegaConf.from_dotlist([item])
+            if _is_text_field(key):  # taken verbatim: format strings hold braces and colons
+                layer = OmegaConf.create(_nest(key, _unquote(raw)))
+            else:
+                layer = OmegaConf.from_dotlist([item])
         except OmegaConfBaseException as e:
             raise ValueError(f"override {item!r}: {str(e).splitlines()[0]}") from None
         check_keys(OmegaConf.to_container(layer), "the overrides")
