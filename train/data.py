@@ -59,6 +59,10 @@ def load_rows(path: str, split: str = "train", name: str | None = None, columns:
             ds = datasets.load_dataset(path, name, split=split)
     except FileNotFoundError:
         raise
+    except ValueError as e:
+        if "no data" in str(e) or "empty" in str(e).lower():
+            raise ValueError(f"dataset {path!r} (split {split!r}) is empty") from None
+        raise FileNotFoundError(f"could not load dataset {path!r} (split {split!r}): {' '.join(str(e).split())[:200]}") from None
     except Exception as e:  # datasets raises many types (DatasetNotFoundError, ConnectionError, ...)
         msg = " ".join(str(e).split())[:200]
         raise FileNotFoundError(f"could not load dataset {path!r} (split {split!r}): {type(e).__name__}: {msg}") from None
