@@ -154,7 +154,7 @@ def test_smollm2_logits_and_greedy_chat_match_transformers():
 
     from lora_jax.generation import chat, chat_input_ids
 
-    model, params = s.ours()
+    model, params = s.ours()  # scanned layers (fast compile); unrolled = scanned is tested above
     hf, tok = s.hf_model(), s.tokenizer()
     ids = chat_input_ids(tok, s.PROMPT)
     logits, _ = model.apply({"params": params}, ids)

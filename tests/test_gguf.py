@@ -119,6 +119,20 @@ def test_quantized_tiny_llama_matches_transformers_loader(tmp_path):
             assert getattr(hf_config, key) == value, key
 
 
+def test_from_pretrained_gguf_logits_match_hf(tmp_path):
+    import torch
+
+    from lora_jax.models import from_pretrained
+
+    hf = tiny_hf_llama(tie=True)
+    model, params, _ = from_pretrained(str(write_gguf(hf, tmp_path / "tiny.gguf")))
+    ids = np.array([[3, 14, 15, 92, 65, 35]])
+    logits, _ = model.apply({"params": params}, ids)
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(logits), ref, atol=1e-5)
+
+
 def test_unsupported_architecture_and_missing_file(tmp_path):
     import gguf
 
@@ -142,24 +156,12 @@ def test_default_model_path_error_names_the_fix(monkeypatch):
 # -- SmolLM2-135M-Instruct Q4_1 (real file) ----------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    try:
-        path = lg.default_model_path()
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
-    return path
-
-
 @pytest.mark.slow
-def test_smollm2_tensors_match_transformers(smollm2):
-    import pathlib
+def test_smollm2_tensors_match_transformers():
+    import _smollm2 as s
 
-    from transformers import AutoModelForCausalLM
-
-    config, tensors = lg.read_gguf(smollm2)
-    p = pathlib.Path(smollm2)
-    hf = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype="float32")
+    config, tensors = s.read()
+    hf = s.hf_model()
     hf_state = {k: v.numpy() for k, v in hf.state_dict().items() if k != "lm_head.weight"}  # tied
     assert set(tensors) == set(hf_state)
     for k, v in hf_state.items():
