@@ -50,6 +50,8 @@ def load_rows(path: str, split: str = "train", name: str | None = None, columns:
         if ext in _LOCAL_BUILDERS:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"dataset file {path!r} not found; check data.path")
+            if os.path.getsize(path) == 0:
+                raise ValueError(f"dataset {path!r} is empty")
             ds = datasets.load_dataset(_LOCAL_BUILDERS[ext], data_files=path, split="train")
         elif os.path.isdir(path):
             ds = datasets.load_dataset(path, name, split=split)
@@ -60,6 +62,8 @@ def load_rows(path: str, split: str = "train", name: str | None = None, columns:
     except FileNotFoundError:
         raise
     except ValueError as e:
+        if "is empty" in str(e):
+            raise
         if "no data" in str(e) or "empty" in str(e).lower():
             raise ValueError(f"dataset {path!r} (split {split!r}) is empty") from None
         raise FileNotFoundError(f"could not load dataset {path!r} (split {split!r}): {' '.join(str(e).split())[:200]}") from None
