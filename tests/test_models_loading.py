@@ -115,3 +115,18 @@ def test_from_hf_config_reads_flags():
     assert m.sliding_window == 4096 and m.sliding_layers == (True,) * m.num_layers
     cfg = json.loads(transformers.LlamaConfig(rope_scaling={"rope_type": "linear", "factor": 2.0}).to_json_string())
     assert ModelConfig.from_hf(transformers.LlamaConfig(**cfg)).rope["factor"] == 2.0
+
+
+def test_gpt2_without_transformer_prefix_and_unused_tensor_warning(tmp_path, tiny_checkpoint):
+    """Original GPT-2 checkpoints name tensors 'h.0.attn.c_attn.weight' (no 'transformer.'); extras warn."""
+    src = tiny_checkpoint("gpt2")[0]
+    tensors = read_safetensors([os.path.join(src, "model.safetensors")])
+    renamed = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    renamed["h.0.attn.bias"] = np.ones((1, 1, 64, 64), np.float32)  # an old causal-mask buffer: ignored
+    renamed["extra.weight"] = np.ones(3, np.float32)
+    _copy_with(src, tmp_path / "old", renamed)
+    with pytest.warns(UserWarning, match=r"1 checkpoint tensors are not used by the model: extra.weight"):
+        _, params, _ = from_pretrained(tmp_path / "old")
+    _, ref, _ = _loaded(src, False)
+    np.testing.assert_array_equal(params["transformer"]["h"]["1"]["attn"]["c_attn"]["kernel"],
+                                  ref["transformer"]["h"]["1"]["attn"]["c_attn"]["kernel"])

@@ -32,7 +32,7 @@ LAYER_CONTAINERS = (("model", "layers"), ("transformer", "h"))
 CONV1D_MODULES = ("c_attn", "c_proj", "c_fc")  # GPT-2's Conv1D: weight already [in, out]
 _LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 # Buffers and tied copies some checkpoints carry that have no param of their own.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias")
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
 
 
 def is_conv1d(module_key: str, cfg: ModelConfig) -> bool:
