@@ -30,6 +30,9 @@ def _tiny_configs():
         "mistral": lambda: tf.MistralConfig(**common, num_key_value_heads=2, sliding_window=4, tie_word_embeddings=False),
         # Qwen2: q/k/v bias, tied head
         "qwen2": lambda: tf.Qwen2Config(**common, num_key_value_heads=2, tie_word_embeddings=True),
+        # Qwen2 with sliding-window attention on layer 1 only (layer_types: full, sliding)
+        "qwen2_swa": lambda: tf.Qwen2Config(**common, num_key_value_heads=2, tie_word_embeddings=False,
+                                            use_sliding_window=True, sliding_window=3, max_window_layers=1),
         # Qwen3: per-head q/k RMSNorm, head_dim != hidden / heads, biases everywhere in attention, untied
         "qwen3": lambda: tf.Qwen3Config(**common, num_key_value_heads=2, head_dim=24, attention_bias=True,
                                         tie_word_embeddings=False),

@@ -12,7 +12,7 @@ import torch
 import lora_jax
 from lora_jax.models import ModelConfig, build_model, from_pretrained, init_cache, param_shapes
 
-LLAMA_FAMILY = ["llama", "llama3", "mistral", "qwen2", "qwen3"]
+LLAMA_FAMILY = ["llama", "llama3", "mistral", "qwen2", "qwen2_swa", "qwen3"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -59,6 +59,11 @@ def test_param_paths_are_hf_module_names(tiny_checkpoint):
     assert params["model"]["layers"]["1"]["self_attn"]["k_norm"]["scale"].shape == (24,)
     _, stacked, _ = _loaded(path, True)
     assert stacked["model"]["layers"]["self_attn"]["q_proj"]["kernel"].shape == (2, 64, 96)
+
+
+def test_per_layer_sliding_window_flags(tiny_checkpoint):
+    model = _loaded(tiny_checkpoint("qwen2_swa")[0], False)[0]
+    assert model.cfg.sliding_window == 3 and model.cfg.sliding_layers == (False, True)
 
 
 def test_tied_head_has_no_lm_head(tiny_checkpoint):
