@@ -37,6 +37,7 @@ def hf_generate(hf, ids, mask, n, **kw):
     return out.numpy()
 
 
+N = 8  # one max_new_tokens throughout: one compilation per model and sampling mode
 PROMPTS = [[5, 17, 33, 2, 9, 41, 7], [11, 3, 60], [70, 8, 8, 21, 5]]
 
 
@@ -50,25 +51,35 @@ def left_pad(prompts, pad=0):
 def test_greedy_matches_transformers(tiny):
     hf, model, params, _ = tiny
     ids, mask = left_pad(PROMPTS[:1])
-    expected = hf_generate(hf, ids, mask, 12, pad_token_id=0, eos_token_id=None)
-    np.testing.assert_array_equal(generate(model, params, ids, mask, max_new_tokens=12), expected)
+    expected = hf_generate(hf, ids, mask, N, pad_token_id=0, eos_token_id=None)
+    np.testing.assert_array_equal(generate(model, params, ids, mask, max_new_tokens=N), expected)
 
 
 def test_batched_left_padded_with_eos_matches_transformers(tiny):
     hf, model, params, _ = tiny
     ids, mask = left_pad(PROMPTS)
-    free = hf_generate(hf, ids, mask, 10, pad_token_id=0, eos_token_id=None)
-    np.testing.assert_array_equal(generate(model, params, ids, mask, max_new_tokens=10), free)
+    free = hf_generate(hf, ids, mask, N, pad_token_id=0, eos_token_id=None)
+    np.testing.assert_array_equal(generate(model, params, ids, mask, max_new_tokens=N), free)
     eos = int(free[0, ids.shape[1] + 2])  # row 0 stops after 3 tokens; the others later or never
-    expected = hf_generate(hf, ids, mask, 10, pad_token_id=1, eos_token_id=eos)
-    got = generate(model, params, ids, mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=1)
+    expected = hf_generate(hf, ids, mask, N, pad_token_id=1, eos_token_id=eos)
+    got = generate(model, params, ids, mask, max_new_tokens=N, eos_token_id=eos, pad_token_id=1)
     np.testing.assert_array_equal(got, expected)
     assert (got[0, ids.shape[1] + 3:] == 1).all()
     # every row stopping early ends the loop: the output is shorter than prompt + max_new_tokens
     firsts = [int(t) for t in free[:, ids.shape[1]]]
-    got = generate(model, params, ids, mask, max_new_tokens=10, eos_token_id=firsts, pad_token_id=1)
-    np.testing.assert_array_equal(got, hf_generate(hf, ids, mask, 10, pad_token_id=1, eos_token_id=firsts))
+    got = generate(model, params, ids, mask, max_new_tokens=N, eos_token_id=firsts, pad_token_id=1)
+    np.testing.assert_array_equal(got, hf_generate(hf, ids, mask, N, pad_token_id=1, eos_token_id=firsts))
     assert got.shape == (3, ids.shape[1] + 1)
+
+
+def test_repetition_penalty_matches_transformers(tiny):
+    hf, model, params, _ = tiny
+    ids, mask = left_pad(PROMPTS)
+    for penalty in (1.5, 0.7):
+        expected = hf_generate(hf, ids, mask, N, pad_token_id=0, eos_token_id=None, repetition_penalty=penalty)
+        got = generate(model, params, ids, mask, max_new_tokens=N, repetition_penalty=penalty)
+        np.testing.assert_array_equal(got, expected)
+    assert not np.array_equal(got, generate(model, params, ids, mask, max_new_tokens=N))
 
 
 def test_scanned_layers_generate_the_same(tiny):
@@ -77,8 +88,8 @@ def test_scanned_layers_generate_the_same(tiny):
     hf, model, params, d = tiny
     scanned, sparams, _ = from_pretrained(d, scan_layers=True)
     ids, mask = left_pad(PROMPTS)
-    np.testing.assert_array_equal(generate(scanned, sparams, ids, mask, max_new_tokens=6),
-                                  generate(model, params, ids, mask, max_new_tokens=6))
+    np.testing.assert_array_equal(generate(scanned, sparams, ids, mask, max_new_tokens=N),
+                                  generate(model, params, ids, mask, max_new_tokens=N))
 
 
 def test_lora_unmerged_equals_merged(tiny):
@@ -91,27 +102,27 @@ def test_lora_unmerged_equals_merged(tiny):
     lora = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(2), x.shape), lora)  # B != 0
     adapted = lora_jax.combine(lora, frozen)
     ids, mask = left_pad(PROMPTS)
-    unmerged = generate(model.clone(lora=cfg), adapted, ids, mask, max_new_tokens=8)
-    merged = generate(model, lora_jax.merge(adapted, cfg), ids, mask, max_new_tokens=8)
+    unmerged = generate(model.clone(lora=cfg), adapted, ids, mask, max_new_tokens=N)
+    merged = generate(model, lora_jax.merge(adapted, cfg), ids, mask, max_new_tokens=N)
     np.testing.assert_array_equal(unmerged, merged)
-    assert not np.array_equal(unmerged, generate(model, params, ids, mask, max_new_tokens=8))
+    assert not np.array_equal(unmerged, generate(model, params, ids, mask, max_new_tokens=N))
 
 
 def test_sampling_is_seeded_and_degenerates_to_greedy(tiny):
     _, model, params, _ = tiny
     ids, mask = left_pad(PROMPTS)
-    kw = dict(max_new_tokens=10, temperature=1.5)
+    kw = dict(max_new_tokens=N, temperature=1.5)
     a = generate(model, params, ids, mask, seed=3, **kw)
     np.testing.assert_array_equal(a, generate(model, params, ids, mask, seed=3, **kw))
     assert not np.array_equal(a, generate(model, params, ids, mask, seed=4, **kw))
-    greedy = generate(model, params, ids, mask, max_new_tokens=10)
-    np.testing.assert_array_equal(generate(model, params, ids, mask, max_new_tokens=10, temperature=1.0, top_k=1), greedy)
-    np.testing.assert_array_equal(generate(model, params, ids, mask, max_new_tokens=10, temperature=0.8, top_p=1e-6), greedy)
+    greedy = generate(model, params, ids, mask, max_new_tokens=N)
+    np.testing.assert_array_equal(generate(model, params, ids, mask, max_new_tokens=N, temperature=1.0, top_k=1), greedy)
+    np.testing.assert_array_equal(generate(model, params, ids, mask, max_new_tokens=N, temperature=0.8, top_p=1e-6), greedy)
     # temperature / k / p are traced: one compilation per sampling mode and shape
-    fn = compiled_generate(model, 10, (True, True, False))
+    fn = compiled_generate(model, N, (True, True, False, False))
     before = fn._cache_size()
-    generate(model, params, ids, mask, max_new_tokens=10, temperature=0.5, top_k=7)
-    generate(model, params, ids, mask, max_new_tokens=10, temperature=2.0, top_k=3, seed=9)
+    generate(model, params, ids, mask, max_new_tokens=N, temperature=0.5, top_k=7)
+    generate(model, params, ids, mask, max_new_tokens=N, temperature=2.0, top_k=3, seed=9)
     assert fn._cache_size() == max(before, 1)
 
 
@@ -139,6 +150,8 @@ def test_argument_errors(tiny):
         generate(model, params, [[5, 6]], max_new_tokens=0)
     with pytest.raises(ValueError, match="temperature"):
         generate(model, params, [[5, 6]], max_new_tokens=2, temperature=-1)
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        generate(model, params, [[5, 6]], max_new_tokens=2, repetition_penalty=0)
     with pytest.raises(ValueError, match="top_p"):
         generate(model, params, [[5, 6]], max_new_tokens=2, temperature=1, top_p=1.5)
 

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax.generation.sampling import SamplingParams, select_next
+from lora_jax.generation.sampling import SamplingParams, mark_seen, select_next
 
 _COMPILED: "collections.OrderedDict[tuple, Any]" = collections.OrderedDict()
 _MAX_COMPILED = 32
@@ -49,33 +49,37 @@ def _generate_impl(model, max_new_tokens: int, mode, params, input_ids, attentio
     cache = _init_cache(model, b, p + max_new_tokens)
     logits, cache = model.apply({"params": params}, input_ids, attention_mask=attention_mask, cache=cache)
     is_eos = lambda tok: jnp.any(tok[:, None] == eos[None, :], axis=-1)  # noqa: E731
-    tok = select_next(logits[:, -1], jax.random.fold_in(key, 0), mode, values)
+    # tokens in the sequence so far, for the repetition penalty (transformers skips the left padding)
+    seen = jnp.zeros((b, logits.shape[-1] if mode[3] else 0), bool)
+    seen = mark_seen(seen, input_ids, attention_mask) if mode[3] else seen
+    tok = select_next(logits[:, -1], jax.random.fold_in(key, 0), mode, values, seen)
     out = jnp.full((b, max_new_tokens), pad, jnp.int32).at[:, 0].set(tok)
     ones = jnp.ones((b, 1), jnp.int32)
 
     def cond(state):
-        step, _, done, _, _ = state
+        step, _, done, _, _, _ = state
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(state):
-        step, tok, done, cache, out = state
+        step, tok, done, seen, cache, out = state
         logits, cache = model.apply({"params": params}, tok[:, None], attention_mask=ones, cache=cache)
-        nxt = select_next(logits[:, -1], jax.random.fold_in(key, step), mode, values)
+        seen = mark_seen(seen, tok) if mode[3] else seen
+        nxt = select_next(logits[:, -1], jax.random.fold_in(key, step), mode, values, seen)
         nxt = jnp.where(done, pad, nxt)
         out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, step))
-        return step + 1, nxt, done | is_eos(nxt), cache, out
+        return step + 1, nxt, done | is_eos(nxt), seen, cache, out
 
-    state = (jnp.asarray(1, jnp.int32), tok, is_eos(tok), cache, out)
-    steps, _, _, _, out = jax.lax.while_loop(cond, body, state)
+    state = (jnp.asarray(1, jnp.int32), tok, is_eos(tok), seen, cache, out)
+    steps, _, _, _, _, out = jax.lax.while_loop(cond, body, state)
     return out, steps
 
 
-def compiled_generate(model, max_new_tokens: int, mode: tuple[bool, bool, bool]):
+def compiled_generate(model, max_new_tokens: int, mode: tuple[bool, ...]):
     """The cached jitted generation function for (model, max_new_tokens, sampling mode).
 
     >>> from lora_jax.models import ModelConfig, build_model
     >>> model = build_model(ModelConfig("llama", 32, 16, 32, 2, 4, 2, 4))
-    >>> compiled_generate(model, 4, (False, False, False)) is compiled_generate(model, 4, (False, False, False))
+    >>> compiled_generate(model, 4, (False,) * 4) is compiled_generate(model, 4, (False,) * 4)
     True
     """
     key = (model, int(max_new_tokens), tuple(mode))
@@ -125,6 +129,7 @@ def generate(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    repetition_penalty: float | None = None,
     seed: int = 0,
 ) -> np.ndarray:
     """Continue left-padded prompts: `[B, prompt_len + n]` int32 ids, n <= max_new_tokens.
@@ -138,6 +143,8 @@ def generate(
       eos_token_id: an id or a list of ids that end a row; None = never stop early.
       pad_token_id: written after a row's EOS.
       temperature: 0 = greedy; > 0 samples after temperature, top_k, top_p (transformers' order).
+      repetition_penalty: transformers' (> 1 discourages repeats; applied before the above,
+        greedy included); None or 1.0 = off.
       seed: sampling seed (same seed, same tokens).
 
     >>> import jax, numpy as np
@@ -150,7 +157,7 @@ def generate(
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     ids, mask = _as_ids(input_ids, attention_mask)
-    sampling = SamplingParams.make(temperature, top_k, top_p)
+    sampling = SamplingParams.make(temperature, top_k, top_p, repetition_penalty)
     fn = compiled_generate(model, int(max_new_tokens), sampling.mode)
     out, steps = fn(params, ids, mask, _eos_array(eos_token_id), jnp.asarray(pad_token_id, jnp.int32),
                     sampling.values(), jax.random.key(seed))

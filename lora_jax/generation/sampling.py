@@ -1,7 +1,10 @@
 """Next-token selection: greedy, or sampling after transformers' logits warpers.
 
-The order and the rules are those of `transformers.generate` with `do_sample=True`:
+The order and the rules are those of `transformers.generate`:
 
+    RepetitionPenaltyLogitsProcessor  (greedy too) scores of tokens already in the sequence
+                              (prompt without its left padding, then every new token):
+                              s < 0 ? s * p : s / p
     TemperatureLogitsWarper   scores / temperature
     TopKLogitsWarper          drop tokens whose score is below the k-th largest (ties at the k-th kept)
     TopPLogitsWarper          sort ascending, drop the prefix whose cumulative probability is
@@ -9,7 +12,7 @@ The order and the rules are those of `transformers.generate` with `do_sample=Tru
     multinomial sampling      from softmax(scores)  (here: `jax.random.categorical`)
 
 `temperature == 0` means greedy (argmax, first index on ties — as torch's argmax). `top_k` None or
-0 and `top_p` None or 1.0 disable those warpers, as in transformers. The warpers are written with
+0, `top_p` None or 1.0 and `repetition_penalty` None or 1.0 disable those steps, as in transformers. The warpers are written with
 the thresholds as traced values (`SamplingParams.values`), so changing temperature / k / p does
 not recompile; only which warpers are active is static (`SamplingParams.mode`). Top-p keeps every
 token tied with the smallest kept score (transformers breaks such exact ties by sort order).
@@ -28,40 +31,47 @@ class SamplingParams:
     """Validated sampling settings.
 
     >>> SamplingParams.make(temperature=0.7, top_k=50, top_p=None).mode
-    (True, True, False)
-    >>> SamplingParams.make().mode      # greedy
-    (False, False, False)
+    (True, True, False, False)
+    >>> SamplingParams.make(repetition_penalty=1.1).mode      # greedy with a repetition penalty
+    (False, False, False, True)
     """
 
     temperature: float = 0.0
     top_k: int | None = None
     top_p: float | None = None
+    repetition_penalty: float | None = None
 
     @classmethod
-    def make(cls, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None) -> "SamplingParams":
+    def make(cls, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             repetition_penalty: float | None = None) -> "SamplingParams":
         if temperature is None or not float(temperature) >= 0.0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
             raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
         if top_p is not None and not 0.0 < float(top_p) <= 1.0:
             raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
-        return cls(float(temperature), top_k or None, None if top_p is None or float(top_p) == 1.0 else float(top_p))
+        if repetition_penalty is not None and not float(repetition_penalty) > 0.0:
+            raise ValueError(f"repetition_penalty must be > 0 (1.0 = none), got {repetition_penalty!r}")
+        rep = None if repetition_penalty is None or float(repetition_penalty) == 1.0 else float(repetition_penalty)
+        return cls(float(temperature), top_k or None, None if top_p is None or float(top_p) == 1.0 else float(top_p), rep)
 
     @property
     def do_sample(self) -> bool:
         return self.temperature > 0.0
 
     @property
-    def mode(self) -> tuple[bool, bool, bool]:
-        """(sample, top-k active, top-p active): the static part (one compilation per mode)."""
-        return (self.do_sample, self.do_sample and self.top_k is not None, self.do_sample and self.top_p is not None)
+    def mode(self) -> tuple[bool, bool, bool, bool]:
+        """(sample, top-k on, top-p on, repetition penalty on): the static part (one compilation per mode)."""
+        return (self.do_sample, self.do_sample and self.top_k is not None, self.do_sample and self.top_p is not None,
+                self.repetition_penalty is not None)
 
     def values(self) -> dict[str, jax.Array]:
-        """The traced part: temperature, k, p as arrays (dummies where inactive)."""
+        """The traced part: temperature, k, p, penalty as arrays (dummies where inactive)."""
         return {
             "temperature": jnp.asarray(self.temperature if self.do_sample else 1.0, jnp.float32),
             "top_k": jnp.asarray(self.top_k or 1, jnp.int32),
             "top_p": jnp.asarray(self.top_p if self.top_p is not None else 1.0, jnp.float32),
+            "repetition_penalty": jnp.asarray(self.repetition_penalty or 1.0, jnp.float32),
         }
 
 
@@ -91,14 +101,37 @@ def top_p_filter(scores: jax.Array, p: jax.Array) -> jax.Array:
     return jnp.where(scores < threshold, -jnp.inf, scores)
 
 
-def select_next(logits: jax.Array, key: jax.Array, mode: tuple[bool, bool, bool], values: dict) -> jax.Array:
-    """Next token ids [B] from last-position logits [B, V] (float32 math).
+def repetition_penalty(scores: jax.Array, seen: jax.Array, penalty: jax.Array) -> jax.Array:
+    """transformers' RepetitionPenaltyLogitsProcessor; `seen` [B, V] marks tokens already in the sequence.
 
-    >>> select_next(jnp.array([[0.0, 2.0, 1.0]]), jax.random.key(0), (False, False, False), {}).tolist()
+    >>> repetition_penalty(jnp.array([[2.0, -2.0, 2.0]]), jnp.array([[True, True, False]]), 2.0).tolist()
+    [[1.0, -4.0, 2.0]]
+    """
+    return jnp.where(seen, jnp.where(scores < 0, scores * penalty, scores / penalty), scores)
+
+
+def mark_seen(seen: jax.Array, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Set `seen[b, tokens[b, ...]]` (tokens [B] or [B, T]) where `mask` is nonzero (padding skipped).
+
+    >>> mark_seen(jnp.zeros((1, 4), bool), jnp.array([[0, 1, 3]]), jnp.array([[0, 1, 1]])).tolist()
+    [[False, True, False, True]]
+    """
+    tokens = tokens.reshape(tokens.shape[0], -1)
+    if mask is not None:
+        tokens = jnp.where(mask.reshape(tokens.shape) != 0, tokens, seen.shape[-1])  # out of range: dropped
+    return seen.at[jnp.arange(seen.shape[0])[:, None], tokens].set(True, mode="drop")
+
+
+def select_next(logits: jax.Array, key: jax.Array, mode: tuple[bool, ...], values: dict, seen: jax.Array | None = None) -> jax.Array:
+    """Next token ids [B] from last-position logits [B, V] (float32 math); `seen` for the penalty.
+
+    >>> select_next(jnp.array([[0.0, 2.0, 1.0]]), jax.random.key(0), (False, False, False, False), {}).tolist()
     [1]
     """
-    do_sample, use_top_k, use_top_p = mode
+    do_sample, use_top_k, use_top_p, use_rep = mode
     scores = logits.astype(jnp.float32)
+    if use_rep:
+        scores = repetition_penalty(scores, seen, values["repetition_penalty"])
     if not do_sample:
         return jnp.argmax(scores, axis=-1).astype(jnp.int32)
     scores = scores / values["temperature"]
