@@ -83,3 +83,6 @@ def main(argv: list[str]) -> int:
     except TrainingStopped as e:
         print(f"lora-jax train: stopped: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # before the loop's own handler is installed (loading, first eval)
+        print("lora-jax train: interrupted before training started; nothing to save", file=sys.stderr)
+        return 130
