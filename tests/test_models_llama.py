@@ -110,7 +110,8 @@ def test_lora_unmerged_equals_merged(scan, tiny_checkpoint, padded_batch):
     cfg = lora_jax.LoraConfig(r=4, alpha=8, target_modules="all-linear")
     adapted = lora_jax.inject(params, cfg, jax.random.key(1))
     lora, frozen = lora_jax.split(adapted)
-    lora = jax.tree_util.tree_map(lambda x: jax.random.normal(jax.random.key(x.size), x.shape) * 0.3, lora)
+    rng = np.random.default_rng(0)
+    lora = jax.tree_util.tree_map(lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.3, jnp.float32), lora)
     adapted = lora_jax.combine(lora, frozen)
     ids, mask = map(jnp.asarray, padded_batch)
     unmerged, _ = jax.jit(model.clone(lora=cfg).apply)({"params": adapted}, ids, mask)
@@ -132,14 +133,14 @@ def test_remat_and_bf16_run(tiny_checkpoint, padded_batch):
 
     def grads(m):
         loss = lambda lo: m.clone(lora=cfg).apply({"params": lora_jax.combine(lo, frozen)}, ids, mask)[0].sum()  # noqa: E731
-        return jax.grad(loss)(lora)
+        return jax.jit(jax.grad(loss))(lora)
 
     g_remat, g_ref = grads(model), grads(ref_model)
     for a, b in zip(jax.tree_util.tree_leaves(g_remat), jax.tree_util.tree_leaves(g_ref)):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
     bf_model, bf_params, _ = from_pretrained(path, dtype="bfloat16", scan_layers=True)
     assert bf_params["model"]["norm"]["scale"].dtype == jnp.bfloat16
-    bf_logits, _ = bf_model.apply({"params": bf_params}, ids, mask)
+    bf_logits, _ = jax.jit(bf_model.apply)({"params": bf_params}, ids, mask)
     ref, _ = ref_apply({"params": ref_params}, ids, mask)
     real = np.asarray(mask).astype(bool)
     assert bf_logits.dtype == jnp.bfloat16
