@@ -4,6 +4,7 @@ The public API, one name per line (everything else is internal):
 """
 
 from lora_jax.config import ALL_LINEAR, LoraConfig
+from lora_jax.generation import chat, generate
 from lora_jax.intercept import apply, kernel_layouts
 from lora_jax.layers import Dense, lora_delta
 from lora_jax.optim import lora_value_and_grad, optimizer, param_labels
@@ -19,9 +20,11 @@ __all__ = [
     "KernelLayout",
     "LoraConfig",
     "apply",
+    "chat",
     "combine",
     "count_parameters",
     "delta_weight",
+    "generate",
     "has_lora",
     "inject",
     "kernel_layouts",
