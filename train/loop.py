@@ -93,9 +93,10 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> int
     model, params, hf_config = from_pretrained(model_path, dtype=compute, param_dtype=recipe.model.dtype,
                                                scan_layers=recipe.model.scan_layers,
                                                remat="full" if recipe.model.remat else None, lora=lora_cfg)
+    times = {"setup": time.time() - t_start}
     rng = jax.random.key(recipe.seed)
     abstract = jax.eval_shape(lambda p: lora_jax.inject(p, lora_cfg, rng), params)
-    specs = shd.param_specs(abstract, shd.default_rules(model.cfg.model_type if model.cfg.model_type != "gpt2" else "gpt2"), mesh)
+    specs = shd.param_specs(abstract, shd.default_rules(model.cfg.model_type), mesh)
     lora_specs, frozen_specs = lora_jax.split(specs)
     frozen = shd.load_sharded(params, shd.named_shardings(frozen_specs, mesh))
     del params
@@ -159,7 +160,8 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> int
         t = time.time()
         samples, preds = answers(state["lora"])
         before = {"eval_loss": eval_loss(state["lora"]), "metric": metric(preds), "samples": samples}
-        _say(f"before training: eval loss {_fmt(before['eval_loss'])}, {dc.metric} {_fmt(before['metric'])} ({time.time() - t:.0f}s)")
+        _say(f"before training: eval loss {_fmt(before['eval_loss'])}, {dc.metric} {_fmt(before['metric'])}")
+        times["before"] = time.time() - t
 
     def save(step: int) -> None:
         ckpt.save(step, state, {"data": batches.position, "before": before}, force=True)
@@ -169,6 +171,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> int
     from tqdm import tqdm
 
     step = int(state["step"])
+    first_step, t_train = step, time.time()
     history_path = os.path.join(out, "metrics.jsonl")
     history = R.read_history(history_path, step)
     R.write_atomic(history_path, "".join(json.dumps(h) + "\n" for h in history))
@@ -221,21 +224,29 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> int
         ckpt.wait()
 
     # ================================================================ export
+    times["train"], t_after = time.time() - t_train, time.time()
     after_loss = eval_loss(state["lora"])
     samples, preds = answers(state["lora"])
     after = {"eval_loss": after_loss, "metric": metric(preds), "samples": samples}
-    writer.add_scalar("eval/loss", after_loss, step) if after_loss is not None else None
+    if after_loss is not None:
+        writer.add_scalar("eval/loss", after_loss, step)
     writer.close()
+    times["after"] = time.time() - t_after
     history = R.read_history(history_path, step) + ([{"step": step, "eval_loss": after_loss}] if after_loss is not None else [])
     if before["eval_loss"] is not None:
         history.insert(0, {"step": 0, "eval_loss": before["eval_loss"]})
     R.plot_losses(history, os.path.join(out, "loss.png"))
     host_lora = jax.tree.map(np.asarray, state["lora"])
     _export(recipe, lora_cfg, host_lora, frozen, model, hf_config, tokenizer, model_path)
+    times["export"] = time.time() - t_after - times["after"]
+    times["total"] = time.time() - t_start
+    n_run = max(step - first_step, 1)
     results = {"steps": step, "before": before, "after": after, "sample_prompts": sample_prompts,
-               "metric": dc.metric, "seconds": time.time() - t_start}
+               "metric": dc.metric, "seconds": times, "seconds_per_step": times["train"] / n_run}
     R.write_atomic(os.path.join(out, "results.json"), json.dumps(results, indent=2))
     _report(sample_prompts, before, after, dc.metric, out)
+    _say("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
+         + f" ({times['train'] / n_run:.2f}s/step incl. compile and evals)")
     return 0
 
 
