@@ -140,13 +140,13 @@ def make_schedule(optim, total_steps: int):
 
 
 # -- generation -----------------------------------------------------------------------------------
-def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+def left_pad(seqs: list[list[int]], pad_id: int, width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(ids [B, P], mask [B, P]) with every prompt right-aligned (what `generate` expects).
 
     >>> left_pad([[1, 2], [3]], 0)[0].tolist()
     [[1, 2], [0, 3]]
     """
-    n = max(len(s) for s in seqs)
+    n = width or max(len(s) for s in seqs)
     ids = np.full((len(seqs), n), pad_id, np.int32)
     mask = np.zeros((len(seqs), n), np.int32)
     for i, s in enumerate(seqs):
@@ -161,11 +161,12 @@ def generate_answers(model, params, tokenizer, prompt_ids: list[list[int]], max_
     from lora_jax.generation import generate
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    width = max(len(p) for p in prompt_ids)  # one prompt width (and batch size): one compilation
     out = []
     for s in range(0, len(prompt_ids), batch_size):
         chunk = prompt_ids[s:s + batch_size]
         chunk = chunk + [chunk[-1]] * (batch_size - len(chunk)) if len(prompt_ids) > batch_size else chunk
-        ids, mask = left_pad(chunk, pad)
+        ids, mask = left_pad(chunk, pad, width)
         full = np.asarray(generate(model, params, ids, mask, max_new_tokens=max_new_tokens,
                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=pad))
         for row in full[: min(batch_size, len(prompt_ids) - s), ids.shape[1]:]:
