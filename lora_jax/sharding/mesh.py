@@ -80,10 +80,19 @@ def make_mesh(cfg: MeshConfig | None = None, devices: Sequence[jax.Device] | Non
     cfg = cfg or MeshConfig()
     devices = list(jax.devices() if devices is None else devices)
     shape = cfg.resolve(len(devices))
-    # Process-major device order: consecutive devices (the 'tensor' axis, then 'fsdp') share a
-    # host, so the chattiest collectives stay on the fastest links.
-    devices.sort(key=lambda d: (d.process_index, d.id))
-    grid = np.asarray(devices, dtype=object).reshape(shape)
+    grid = None
+    if devices[0].platform != "cpu":  # TPU/GPU: follow the physical interconnect topology
+        try:
+            from jax.experimental import mesh_utils
+
+            grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        except Exception:  # noqa: BLE001 - unusual topologies: fall back to the plain order below
+            grid = None
+    if grid is None:
+        # Process-major device order: consecutive devices (the 'tensor' axis, then 'fsdp') share a
+        # host, so the chattiest collectives stay on the fastest links.
+        devices.sort(key=lambda d: (d.process_index, d.id))
+        grid = np.asarray(devices, dtype=object).reshape(shape)
     return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 
