@@ -47,7 +47,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> int
     lora_cfg = recipe.to_lora_config()
     out = recipe.output_dir
 
-    # ================================================================ inputs (validated before any write)
+    # ================================================================ data (first: bad input fails before the model loads)
     model_path = R.resolve_model_path(recipe.model.path)
     has_ckpt = R.prepare_output_dir(recipe, model_path, resume, overwrite)
     dc = recipe.data
@@ -186,16 +186,17 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> int
                 host = batches.next()
                 host = {k: v.reshape((recipe.grad_accum, micro) + v.shape[1:]) for k, v in host.items()}
                 state, m = train_step(state, frozen, shd.shard_batch(host, mesh, batch_axis=1))
-                loss = float(m["loss"])
-                if not math.isfinite(loss):
-                    raise TrainingStopped(f"loss is {loss} at step {step + 1}; stopped without saving it "
+                loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):  # NaN grads poison the next state
+                    what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {grad_norm}"
+                    raise TrainingStopped(f"{what} at step {step + 1}; stopped without saving it "
                                           f"(last good checkpoint: step {ckpt.latest_step()}); lower optim.lr or check the data")
                 step += 1
                 tok_last += D.count_tokens(host)
                 bar.update(1)
                 if recipe.logging_steps and (step % recipe.logging_steps == 0 or step == total_steps):
                     dt = time.time() - t_last
-                    rec = {"step": step, "loss": loss, "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+                    rec = {"step": step, "loss": loss, "lr": float(m["lr"]), "grad_norm": grad_norm,
                            "tokens_per_s": tok_last / max(dt, 1e-9)}
                     t_last, tok_last = time.time(), 0
                     for k, v in rec.items():
