@@ -43,6 +43,8 @@ def run_cli(argv, capsys):
     (["data.path=/nonexistent/d.jsonl"], "dataset file '/nonexistent/d.jsonl' not found"),
     (["data.prompt_column=question"], "has no column 'question'"),
     (["data.max_length=8"], "every training example is longer than data.max_length=8"),
+    (["data.template=chat"], "the tokenizer has no chat template"),
+    (["data.eval_path=/nonexistent/e.csv"], "dataset file '/nonexistent/e.csv' not found"),
     (["optim.lr=0"], "optim.lr must be > 0"),
     (["batch_size=0"], "batch_size must be >= 1"),
     (["lora.alpah=3"], "did you mean 'lora.alpha'"),
