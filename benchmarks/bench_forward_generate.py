@@ -67,6 +67,7 @@ def forward_rows(model, params, batch: int, seq: int, repeats: int) -> list[tupl
 
 
 def generation_rows(path: str, model, params, new: int, repeats: int) -> list[tuple[str, float, float]]:
+    """Greedy tokens/s: ours unrolled and with scan_layers=True, transformers (see module docstring)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -77,8 +78,10 @@ def generation_rows(path: str, model, params, new: int, repeats: int) -> list[tu
     hf = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32).eval()
     tids = torch.tensor(ids, dtype=torch.long)
 
-    def ours():
-        out = generate(model, params, ids, max_new_tokens=new, eos_token_id=None)
+    scanned, sparams, _ = from_pretrained(path, scan_layers=True)
+
+    def ours(m=model, p=params):
+        out = generate(m, p, ids, max_new_tokens=new, eos_token_id=None)
         assert out.shape[1] == ids.shape[1] + new
 
     def theirs():
@@ -87,11 +90,15 @@ def generation_rows(path: str, model, params, new: int, repeats: int) -> list[tu
                               do_sample=False, pad_token_id=tok.pad_token_id)
         assert out.shape[1] == ids.shape[1] + new
 
-    ours(), theirs()  # warm-up (compilation)
-    times = {"lora_jax.generate (greedy, KV cache)": [], "transformers generate (greedy, fp32, 2 threads)": []}
+    fns = {"lora_jax.generate (greedy, KV cache)": ours,
+           "lora_jax.generate, scan_layers=True": lambda: ours(scanned, sparams),
+           "transformers generate (greedy, fp32, 2 threads)": theirs}
+    for fn in fns.values():
+        fn()  # warm-up (compilation)
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        for (name, t), fn in zip(times.items(), (ours, theirs)):
-            t.append(_timed(fn))
+        for name, fn in fns.items():
+            times[name].append(_timed(fn))
     tps = {name: new / statistics.median(t) for name, t in times.items()}
     ref = tps["transformers generate (greedy, fp32, 2 threads)"]
     return [(name, v, v / ref) for name, v in tps.items()] + [("prompt tokens", ids.shape[1], float("nan"))]
