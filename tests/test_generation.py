@@ -82,6 +82,22 @@ def test_repetition_penalty_matches_transformers(tiny):
     assert not np.array_equal(got, generate(model, params, ids, mask, max_new_tokens=N))
 
 
+def test_gpt2_batched_greedy_matches_transformers(tmp_path):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lora_jax.models import from_pretrained
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                    initializer_range=0.15)).eval()
+    hf.save_pretrained(tmp_path)
+    model, params, _ = from_pretrained(str(tmp_path))
+    ids, mask = left_pad(PROMPTS)
+    expected = hf_generate(hf, ids, mask, N, pad_token_id=0, eos_token_id=None)
+    np.testing.assert_array_equal(generate(model, params, ids, mask, max_new_tokens=N), expected)
+
+
 def test_scanned_layers_generate_the_same(tiny):
     from lora_jax.models import from_pretrained
 
