@@ -125,7 +125,7 @@ def generate(
     *,
     max_new_tokens: int,
     eos_token_id: int | Sequence[int] | None = None,
-    pad_token_id: int = 0,
+    pad_token_id: int | None = 0,
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -141,7 +141,7 @@ def generate(
       input_ids / attention_mask: [B, P] (or [P]); prompts left-padded, mask 1 on real tokens.
       max_new_tokens: tokens to add per row (the loop stops early once every row hit EOS).
       eos_token_id: an id or a list of ids that end a row; None = never stop early.
-      pad_token_id: written after a row's EOS.
+      pad_token_id: written after a row's EOS (None: the first EOS id, as transformers does).
       temperature: 0 = greedy; > 0 samples after temperature, top_k, top_p (transformers' order).
       repetition_penalty: transformers' (> 1 discourages repeats; applied before the above,
         greedy included); None or 1.0 = off.
@@ -158,8 +158,10 @@ def generate(
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     ids, mask = _as_ids(input_ids, attention_mask)
     sampling = SamplingParams.make(temperature, top_k, top_p, repetition_penalty)
+    eos = _eos_array(eos_token_id)
+    pad = pad_token_id if pad_token_id is not None else max(int(eos[0]), 0)
     fn = compiled_generate(model, int(max_new_tokens), sampling.mode)
-    out, steps = fn(params, ids, mask, _eos_array(eos_token_id), jnp.asarray(pad_token_id, jnp.int32),
+    out, steps = fn(params, ids, mask, eos, jnp.asarray(pad, jnp.int32),
                     sampling.values(), jax.random.key(seed))
     new = np.asarray(out)[:, : int(steps)]
     return np.concatenate([ids, new], axis=1)
