@@ -122,6 +122,10 @@ def init_train_state(lora: Any, tx: optax.GradientTransformation, rng: jax.Array
 def default_model_inputs(batch: Mapping[str, jax.Array]) -> dict[str, Any]:
     """The model's keyword inputs from a batch: `attention_mask` (else `segment_ids`) and `positions`.
 
+    `segment_ids` (packed rows: 1, 2, ... per example, 0 = padding) is passed as the attention
+    mask; a model that only reads it as a padding mask lets packed examples attend across their
+    boundary (positions still restart). Pass `model_inputs=` to map fields differently.
+
     >>> sorted(default_model_inputs({"input_ids": 1, "positions": 2, "segment_ids": 3}))
     ['attention_mask', 'input_ids', 'positions']
     """
@@ -147,17 +151,18 @@ class TrainStep:
 
     def __init__(self, fn, mesh, lora_specs, frozen_specs, batch_axis):
         self._fn, self.mesh, self.lora_specs, self.frozen_specs = fn, mesh, lora_specs, frozen_specs
-        self._batch_axis, self._jitted = batch_axis, None
+        self._batch_axis, self._jitted = batch_axis, {}
 
     def _jit(self, state, frozen, batch):
-        if self._jitted is None:
+        key = (jax.tree.structure(state), tuple(sorted((k, v.ndim) for k, v in batch.items())))
+        if key not in self._jitted:  # one jit per state structure / batch fields (normally exactly one)
             rep = NamedSharding(self.mesh, P())
             st_sh = named_shardings(state_specs(state, self.lora_specs), self.mesh)
             fr_sh = named_shardings(self.frozen_specs, self.mesh)
             b_sh = {k: _batch_sharding(self.mesh, v.ndim, self._batch_axis) for k, v in batch.items()}
-            self._jitted = jax.jit(self._fn, in_shardings=(st_sh, fr_sh, b_sh), out_shardings=(st_sh, rep),
-                                   donate_argnums=(0,))
-        return self._jitted
+            self._jitted[key] = jax.jit(self._fn, in_shardings=(st_sh, fr_sh, b_sh), out_shardings=(st_sh, rep),
+                                        donate_argnums=(0,))
+        return self._jitted[key]
 
     def __call__(self, state: State, frozen: Any, batch: Mapping[str, jax.Array]):
         return self._jit(state, frozen, batch)(state, frozen, dict(batch))
@@ -252,14 +257,15 @@ def make_eval_step(model: Any, mesh: Mesh, param_specs: Any, *, model_inputs: Ca
     compiled = {}
 
     def eval_step(lora, frozen, batch):
-        if "f" not in compiled:
+        key = tuple(sorted((k, v.ndim) for k, v in batch.items()))
+        if key not in compiled:
             lora_specs, frozen_specs = split(param_specs)
             b_sh = {k: _batch_sharding(mesh, v.ndim, 0) for k, v in batch.items()}
-            compiled["f"] = jax.jit(
+            compiled[key] = jax.jit(
                 lambda lo, fr, b: _metrics(*loss_sum(combine(lo, fr), b, None)),
                 in_shardings=(named_shardings(lora_specs, mesh), named_shardings(frozen_specs, mesh), b_sh),
                 out_shardings=NamedSharding(mesh, P()))
-        return compiled["f"](lora, frozen, dict(batch))
+        return compiled[key](lora, frozen, dict(batch))
 
     return eval_step
 
