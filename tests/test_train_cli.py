@@ -88,6 +88,10 @@ def test_full_run_then_output_dir_rules(tiny, tmp_path, capsys):
     rc, _, err = run_cli(args(tiny, out, "model.path=default", "--resume"), capsys)
     assert rc == 2 and "another model" in err
     assert sorted(os.listdir(out / "checkpoints")) == ["2", "4"]  # untouched
+    # --overwrite starts over with the new config
+    rc, _, err = run_cli(args(tiny, out, "lora.r=8", "max_steps=1", "--overwrite"), capsys)
+    assert rc == 0, err
+    assert json.loads((out / "run.json").read_text())["lora"]["r"] == 8 and sorted(os.listdir(out / "checkpoints")) == ["1"]
     # a directory that is not a run
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "x.txt").write_text("mine")
