@@ -131,3 +131,22 @@ def test_sigint_saves_and_exits_then_resumes(tiny, tmp_path):
 
 def _steps_logged(path) -> bool:
     return path.is_file() and path.read_text().count("\n") >= 2
+
+
+def test_exported_adapter_and_merged_model_agree_in_transformers(tiny, tmp_path, capsys):
+    """The PEFT adapter on the base model and the merged checkpoint give the same logits (torch)."""
+    import numpy as np
+    import torch
+    import transformers
+    from peft import PeftModel
+
+    out = tmp_path / "run"
+    rc, _, err = run_cli(args(tiny, out, "max_steps=3", "optim.lr=5e-2", "export_merged=true", "data.max_eval_examples=4"), capsys)
+    assert rc == 0, err
+    ids = torch.tensor([[5, 17, 42, 9, 100, 3]])
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny)
+    plain = base(ids).logits.detach().numpy()
+    peft_logits = PeftModel.from_pretrained(base, str(out / "adapter")).eval()(ids).logits.detach().numpy()
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(out / "merged"))(ids).logits.detach().numpy()
+    assert np.abs(peft_logits - plain).max() > 1e-4  # the adapter does something
+    np.testing.assert_allclose(peft_logits, merged, atol=1e-4)

@@ -256,31 +256,20 @@ def _fmt(x) -> str:
 
 
 def _export(recipe, lora_cfg, host_lora, frozen, model, hf_config, tokenizer, model_path) -> None:
-    """The PEFT adapter (always) and the merged HF checkpoint (export_merged), written atomically."""
-    try:
-        from lora_jax import interop
-        interop.save_peft_adapter  # noqa: B018
-    except (ImportError, AttributeError):
-        interop = R  # until lora_jax.interop lands: the minimal writers in train.runtime
+    """The PEFT adapter (always) and the merged HF checkpoint (export_merged), each written to a
+    temporary directory and renamed into place."""
+    import shutil
 
-    out = recipe.output_dir
-    for name, merged in (("adapter", False), ("merged", True)):
-        if merged and not recipe.export_merged:
-            continue
-        final, tmp = os.path.join(out, name), os.path.join(out, f".{name}.tmp")
-        for d in (tmp,):
-            if os.path.isdir(d):
-                import shutil
-                shutil.rmtree(d)
-        if merged:
+    for name in ("adapter", "merged") if recipe.export_merged else ("adapter",):
+        final, tmp = os.path.join(recipe.output_dir, name), os.path.join(recipe.output_dir, f".{name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        if name == "merged":
             full = lora_jax.merge(lora_jax.combine(host_lora, jax.tree.map(np.asarray, frozen)), lora_cfg)
-            interop.save_merged(full, hf_config, tmp, scan_layers=recipe.model.scan_layers)
+            R.save_merged(full, hf_config, tmp, model.cfg)
             tokenizer.save_pretrained(tmp)
         else:
-            interop.save_peft_adapter(host_lora, lora_cfg, tmp, base_model=model_path, scan_layers=recipe.model.scan_layers)
-        if os.path.isdir(final):
-            import shutil
-            shutil.rmtree(final)
+            R.save_peft_adapter(host_lora, lora_cfg, tmp, base_model=model_path, scan_layers=recipe.model.scan_layers)
+        shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
 
 
