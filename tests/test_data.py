@@ -89,6 +89,8 @@ def test_load_rows_errors(tmp_path):
     (tmp_path / "empty.csv").write_text("prompt,response\n")
     with pytest.raises(ValueError, match="is empty"):
         D.load_rows(str(tmp_path / "empty.csv"), columns=["prompt", "response"])
+    with pytest.raises(ValueError, match="has only the split 'train'"):
+        D.load_rows(f, split="test")
     csv = tmp_path / "d.csv"
     csv.write_text("prompt,response\nhi,yo\n")
     assert D.load_rows(str(csv), columns=["prompt"]) == [{"prompt": "hi", "response": "yo"}]

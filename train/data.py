@@ -50,6 +50,8 @@ def load_rows(path: str, split: str = "train", name: str | None = None, columns:
         if ext in _LOCAL_BUILDERS:
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"dataset file {path!r} not found; check data.path")
+            if split != "train":
+                raise ValueError(f"a single file like {path!r} has only the split 'train', not {split!r}; use data.eval_path or data.eval_fraction for eval data")
             if os.path.getsize(path) == 0:
                 raise ValueError(f"dataset {path!r} is empty")
             ds = datasets.load_dataset(_LOCAL_BUILDERS[ext], data_files=path, split="train")
