@@ -46,27 +46,22 @@ def load_rows(path: str, split: str = "train", name: str | None = None, columns:
 
     datasets.disable_progress_bars()
     ext = os.path.splitext(path)[1].lower()
+    if ext in _LOCAL_BUILDERS:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"dataset file {path!r} not found; check data.path")
+        if split != "train":
+            raise ValueError(f"a single file like {path!r} has only the split 'train', not {split!r}; use data.eval_path or data.eval_fraction for eval data")
+        if os.path.getsize(path) == 0:
+            raise ValueError(f"dataset {path!r} is empty")
+    elif not os.path.isdir(path) and (path.startswith((".", "/", "~")) or os.sep in path and not _looks_like_hub_name(path)):
+        raise FileNotFoundError(f"dataset {path!r} not found; check data.path")
     try:
         if ext in _LOCAL_BUILDERS:
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"dataset file {path!r} not found; check data.path")
-            if split != "train":
-                raise ValueError(f"a single file like {path!r} has only the split 'train', not {split!r}; use data.eval_path or data.eval_fraction for eval data")
-            if os.path.getsize(path) == 0:
-                raise ValueError(f"dataset {path!r} is empty")
             ds = datasets.load_dataset(_LOCAL_BUILDERS[ext], data_files=path, split="train")
-        elif os.path.isdir(path):
+        else:  # a local dataset directory or a hub name
             ds = datasets.load_dataset(path, name, split=split)
-        elif path.startswith((".", "/", "~")) or os.sep in path and not _looks_like_hub_name(path):
-            raise FileNotFoundError(f"dataset {path!r} not found; check data.path")
-        else:
-            ds = datasets.load_dataset(path, name, split=split)
-    except FileNotFoundError:
-        raise
     except ValueError as e:
-        if "is empty" in str(e):
-            raise
-        if "no data" in str(e) or "empty" in str(e).lower():
+        if "no data" in str(e):  # e.g. a CSV with a header only
             raise ValueError(f"dataset {path!r} (split {split!r}) is empty") from None
         raise FileNotFoundError(f"could not load dataset {path!r} (split {split!r}): {' '.join(str(e).split())[:200]}") from None
     except Exception as e:  # datasets raises many types (DatasetNotFoundError, ConnectionError, ...)
