@@ -1,0 +1,271 @@
+"""PEFT LoRA adapters <-> our param trees: `save_peft_adapter` and `load_peft_adapter`.
+
+Our module keys are HF module names (docs/CONVENTIONS.md), so PEFT's tensor names are the module
+key between a fixed prefix and suffix, and A/B are stored transposed:
+
+    ('model','layers','0','self_attn','q_proj','lora_a')  A [in, r]
+        <->  base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight   [r, in]
+    ('model','layers','0','self_attn','q_proj','lora_b')  B [r, out]
+        <->  base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight   [out, r]
+    ('transformer','h','0','attn','c_attn','lora_a')      (GPT-2 Conv1D: same rule, fan_in_fan_out=true)
+    stacked ('model','layers','self_attn','q_proj','lora_a') A [L, in, r]  -> one tensor per layer
+
+The scale PEFT applies is alpha/r (or alpha/sqrt(r)) looked up for the HF module name; ours is looked
+up for the model's module key, which for a scan_layers model has no layer index. Export therefore
+checks, module by module, that the written config gives PEFT the rank in the file and the alpha our
+model used, pinning exact-name rank/alpha patterns where the user's patterns alone would not; import
+does the reverse for stacked models and refuses per-layer ranks or alphas a stack cannot hold.
+Every tensor in an adapter file must land somewhere, and every module the config targets must have
+weights: anything else is a one-line ValueError, never silently skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax.config import ALL_LINEAR, LoraConfig, pattern_value
+from lora_jax.interop._files import atomic_dir, save_safetensors
+from lora_jax.interop.peft_config import lora_config_from_peft, peft_config_dict
+from lora_jax.models.build import build_model, param_shapes
+from lora_jax.models.config import ModelConfig
+from lora_jax.models.naming import LAYER_CONTAINERS, hf_module_name, is_conv1d
+from lora_jax.targeting import KERNEL, LORA_A, LORA_B, is_target, iter_leaves, module_key
+from lora_jax.transform import combine, has_lora
+
+PREFIX = "base_model.model."
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_SUFFIXES = {".lora_A.weight": LORA_A, ".lora_B.weight": LORA_B}
+
+
+def is_stacked_key(key: str) -> bool:
+    """Whether a module key lives in a scan_layers stack (no layer index after the container).
+
+    >>> is_stacked_key("model.layers.self_attn.q_proj"), is_stacked_key("model.layers.0.self_attn.q_proj")
+    (True, False)
+    """
+    for outer, inner in LAYER_CONTAINERS:
+        prefix = f"{outer}.{inner}."
+        if key.startswith(prefix):
+            return not key[len(prefix):].split(".")[0].isdigit()
+    return False
+
+
+def kernel_modules(params: Any) -> dict[str, tuple[str, int | None, tuple[int, int]]]:
+    """HF module name -> (our module key, layer index in a stack or None, kernel (in, out)).
+
+    >>> kernel_modules({"model": {"layers": {"mlp": {"up_proj": {"kernel": np.zeros((2, 4, 8))}}}}})["model.layers.1.mlp.up_proj"]
+    ('model.layers.mlp.up_proj', 1, (4, 8))
+    """
+    out: dict[str, tuple[str, int | None, tuple[int, int]]] = {}
+    for path, leaf in iter_leaves(params):
+        if path[-1] != KERNEL:
+            continue
+        key, shape = module_key(path), tuple(leaf.shape)
+        if is_stacked_key(key):
+            for i in range(shape[0]):
+                out[hf_module_name(key, i)] = (key, i, shape[-2:])
+        else:
+            out[key] = (key, None, shape[-2:])
+    return out
+
+
+def _model_config(model_config: ModelConfig | None, hf_config: Any) -> ModelConfig:
+    if model_config is not None:
+        return model_config
+    if hf_config is None:
+        raise ValueError("pass model_config= (model.cfg) or hf_config= (the transformers config) to name the architecture")
+    return ModelConfig.from_hf(hf_config)
+
+
+def _pin(patterns: dict, key: str, value: Any, current: Any) -> dict:
+    """Put an exact-name pattern first (PEFT: first match wins) when the patterns give the wrong value."""
+    return patterns if current == value else {re.escape(key): value, **patterns}
+
+
+def save_peft_adapter(params: Any, lora_config: LoraConfig, out_dir: str, *, model_config: ModelConfig | None = None,
+                      hf_config: Any = None, base_model_name_or_path: str | None = None, overwrite: bool = False) -> str:
+    """Write `adapter_config.json` + `adapter_model.safetensors` that PEFT loads onto the HF base model.
+
+    `params` may be the full tree or only its LoRA leaves (`lora_jax.split(params)[0]`), stacked or
+    not. Returns out_dir. Atomic; an existing non-empty out_dir needs overwrite=True.
+
+    >>> import jax, tempfile, lora_jax
+    >>> from lora_jax.models import ModelConfig, build_model
+    >>> cfg = ModelConfig("llama", 32, 16, 32, 1, 4, 2, 4)
+    >>> params = build_model(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    >>> lcfg = lora_jax.LoraConfig(r=2, target_modules=["q_proj"])
+    >>> d = save_peft_adapter(lora_jax.inject(params, lcfg, jax.random.key(1)), lcfg, tempfile.mkdtemp() + "/a", model_config=cfg)
+    >>> sorted(os.listdir(d))
+    ['adapter_config.json', 'adapter_model.safetensors']
+    """
+    cfg = _model_config(model_config, hf_config)
+    base = kernel_modules(param_shapes(build_model(cfg)))
+    leaves: dict[str, dict[str, np.ndarray]] = {}
+    for path, leaf in iter_leaves(params):
+        if path[-1] in (LORA_A, LORA_B):
+            leaves.setdefault(module_key(path), {})[path[-1]] = np.asarray(leaf, np.float32)
+    if not leaves:
+        raise ValueError("params hold no LoRA leaves (lora_a/lora_b); inject or load an adapter first")
+    tensors: dict[str, np.ndarray] = {}
+    ranks, alphas = dict(lora_config.rank_pattern), dict(lora_config.alpha_pattern)
+    names: list[str] = []
+    for key, ab in sorted(leaves.items()):
+        if set(ab) != {LORA_A, LORA_B}:
+            raise ValueError(f"module {key!r} has only {sorted(ab)}; an adapter needs both lora_a and lora_b")
+        a, b = ab[LORA_A], ab[LORA_B]
+        stacked = is_stacked_key(key)
+        layers = range(a.shape[0]) if stacked else [None]
+        for i in layers:
+            a_i, b_i = (a[i], b[i]) if stacked else (a, b)
+            name = hf_module_name(key, i)
+            if name not in base:
+                raise ValueError(f"params have an adapter at {name!r}, which the {cfg.model_type} model has no linear layer for; wrong model_config?")
+            need = base[name][2]
+            if a_i.shape[0] != need[0] or b_i.shape[1] != need[1] or a_i.shape[1] != b_i.shape[0]:
+                raise ValueError(f"adapter at {name!r} has A {a_i.shape} and B {b_i.shape} but the model's kernel is {need}; wrong model_config?")
+            r = a_i.shape[1]
+            ranks = _pin(ranks, name, r, pattern_value(ranks, name, lora_config.r))
+            alphas = _pin(alphas, name, lora_config.alpha_for(key), pattern_value(alphas, name, lora_config.alpha))
+            tensors[f"{PREFIX}{name}.lora_A.weight"] = a_i.T
+            tensors[f"{PREFIX}{name}.lora_B.weight"] = b_i.T
+            names.append(name)
+    targets = lora_config.target_modules
+    if targets == ALL_LINEAR:  # PEFT saves the expansion: the leaf names of every adapted linear layer
+        targets = tuple(sorted({n.rsplit(".", 1)[-1] for n in names}))
+    written = dataclasses.replace(lora_config, target_modules=targets, rank_pattern=ranks, alpha_pattern=alphas)
+    selected = {n for n in base if is_target(written, n)}
+    extra, missing = selected - set(names), set(names) - selected
+    if extra or missing:
+        what = f"targets {sorted(extra)[0]!r}, which has no adapter in params" if extra else f"does not target {sorted(missing)[0]!r}, which has an adapter in params"
+        raise ValueError(f"lora_config {what}; pass the LoraConfig the adapters were created with")
+    conv1d = any(is_conv1d(n, cfg) for n in names)
+    config = peft_config_dict(written, fan_in_fan_out=conv1d, base_model_name_or_path=base_model_name_or_path)
+    with atomic_dir(out_dir, overwrite) as tmp:
+        save_safetensors(tensors, os.path.join(tmp, WEIGHTS_FILE))
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            json.dump(config, f, indent=2)
+            f.write("\n")
+    return os.path.abspath(out_dir)
+
+
+def read_adapter(adapter_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """(adapter_config.json dict, tensors) of a PEFT adapter directory.
+
+    >>> read_adapter("/nonexistent")
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: /nonexistent has no adapter_config.json; pass a PEFT adapter directory
+    """
+    adapter_dir = os.fspath(adapter_dir)
+    cfg_path = os.path.join(adapter_dir, CONFIG_FILE)
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{adapter_dir} has no {CONFIG_FILE}; pass a PEFT adapter directory")
+    with open(cfg_path) as f:
+        config = json.load(f)
+    st, pt = os.path.join(adapter_dir, WEIGHTS_FILE), os.path.join(adapter_dir, "adapter_model.bin")
+    if os.path.isfile(st):
+        from lora_jax.models.loading import read_safetensors
+
+        return config, read_safetensors([st])
+    if os.path.isfile(pt):
+        import torch
+
+        sd = torch.load(pt, map_location="cpu", weights_only=True)
+        return config, {k: v.float().numpy() for k, v in sd.items()}
+    raise FileNotFoundError(f"{adapter_dir} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    for suffix, leaf in _SUFFIXES.items():
+        if name.startswith(PREFIX) and name.endswith(suffix):
+            return name[len(PREFIX):-len(suffix)], leaf
+    kind = ("DoRA magnitude" if "lora_magnitude_vector" in name else "embedding LoRA" if "lora_embedding" in name
+            else "LoRA bias" if name.endswith(".bias") else "non-LoRA")
+    raise ValueError(f"adapter tensor {name!r} is a {kind} weight, which lora_jax does not support; use a plain LoRA adapter of linear layers")
+
+
+def load_peft_adapter(params: Any, adapter_dir: str) -> tuple[Any, LoraConfig]:
+    """Add a PEFT LoRA adapter's weights to `params` (stacked or not): (params, its LoraConfig).
+
+    Build the model with the returned config (`model.clone(lora=cfg)`) to reproduce PEFT's output.
+
+    >>> import jax, tempfile, lora_jax
+    >>> from lora_jax.models import ModelConfig, build_model
+    >>> cfg = ModelConfig("llama", 32, 16, 32, 1, 4, 2, 4)
+    >>> params = build_model(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+    >>> lcfg = lora_jax.LoraConfig(r=2, target_modules=["q_proj"])
+    >>> d = save_peft_adapter(lora_jax.inject(params, lcfg, jax.random.key(1)), lcfg, tempfile.mkdtemp() + "/a", model_config=cfg)
+    >>> p, c = load_peft_adapter(params, d)
+    >>> p["model"]["layers"]["0"]["self_attn"]["q_proj"]["lora_a"].shape, c.r
+    ((16, 2), 2)
+    """
+    config_dict, tensors = read_adapter(adapter_dir)
+    cfg = lora_config_from_peft(config_dict, os.path.join(os.fspath(adapter_dir), CONFIG_FILE))
+    if has_lora(params):
+        raise ValueError("params already hold LoRA leaves; merge() or split() them off before loading an adapter")
+    kernels = kernel_modules(params)
+    found: dict[str, dict[str, np.ndarray]] = {}
+    for name, arr in tensors.items():
+        mod, leaf = _split_name(name)
+        if mod not in kernels:
+            raise ValueError(f"adapter tensor {name!r} {tuple(arr.shape)} is for module {mod!r}, which this model has no "
+                             "linear layer for; the adapter was trained for another architecture")
+        found.setdefault(mod, {})[leaf] = np.asarray(arr, np.float32)
+    for mod in sorted(set(kernels) | set(found)):
+        selected, ab = is_target(cfg, mod), found.get(mod)
+        if selected and ab is None:
+            raise ValueError(f"adapter_config.json targets {mod!r} but the adapter has no weights for it; the files do not match")
+        if ab is None:
+            continue
+        if not selected:
+            raise ValueError(f"adapter tensor {PREFIX}{mod}.lora_A.weight is for {mod!r}, which adapter_config.json does not target")
+        if set(ab) != {LORA_A, LORA_B}:
+            raise ValueError(f"adapter has only {PREFIX}{mod}.{'lora_A' if LORA_A in ab else 'lora_B'}.weight; both lora_A and lora_B are needed")
+        d_in, d_out = kernels[mod][2]
+        r = cfg.rank_for(mod)
+        for leaf, need in ((LORA_A, (r, d_in)), (LORA_B, (d_out, r))):
+            if ab[leaf].shape != need:
+                tname = f"{PREFIX}{mod}.{'lora_A' if leaf == LORA_A else 'lora_B'}.weight"
+                raise ValueError(f"adapter tensor {tname!r} has shape {ab[leaf].shape} but this model with r={r} needs {need}; "
+                                 "the adapter was trained for another model (hidden size / rank differ)")
+    tree, cfg = _lora_tree(found, kernels, cfg)
+    return combine(params, tree), cfg
+
+
+def _lora_tree(found: dict, kernels: dict, cfg: LoraConfig) -> tuple[dict, LoraConfig]:
+    """Nested LoRA leaves for the model's module keys; stacks per-layer tensors where the model is stacked."""
+    by_key: dict[str, dict[int | None, str]] = {}
+    for mod in found:
+        key, layer, _ = kernels[mod]
+        by_key.setdefault(key, {})[layer] = mod
+    tree: dict = {}
+    ranks, alphas = dict(cfg.rank_pattern), dict(cfg.alpha_pattern)
+    for key, layers in sorted(by_key.items()):
+        mods = [layers[i] for i in sorted(layers, key=lambda i: -1 if i is None else i)]
+        r_set, alpha_set = {cfg.rank_for(m) for m in mods}, {cfg.alpha_for(m) for m in mods}
+        if None not in layers:
+            n_layers = sum(1 for k in kernels.values() if k[0] == key)
+            if len(layers) != n_layers or len(r_set) > 1 or len(alpha_set) > 1:
+                raise ValueError(f"the adapter gives {key!r} per-layer ranks/alphas or skips layers, which a scan_layers "
+                                 "(stacked) model cannot hold; load it into a model built with scan_layers=False")
+            a = np.stack([found[m][LORA_A].T for m in mods])
+            b = np.stack([found[m][LORA_B].T for m in mods])
+        else:
+            a, b = found[mods[0]][LORA_A].T, found[mods[0]][LORA_B].T
+        (r,), (alpha,) = r_set, alpha_set
+        ranks = _pin(ranks, key, r, cfg.rank_for(key))
+        alphas = _pin(alphas, key, alpha, cfg.alpha_for(key))
+        node = tree
+        for part in key.split("."):
+            node = node.setdefault(part, {})
+        node[LORA_A] = jnp.asarray(np.ascontiguousarray(a), cfg.jnp_dtype)
+        node[LORA_B] = jnp.asarray(np.ascontiguousarray(b), cfg.jnp_dtype)
+    return tree, dataclasses.replace(cfg, rank_pattern=ranks, alpha_pattern=alphas)
