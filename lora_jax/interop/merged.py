@@ -4,7 +4,8 @@
     <out_dir>/model.safetensors                 HF-named, HF-oriented tensors ({"format": "pt"})
       or model-0000i-of-0000n.safetensors +     when the tensors exceed max_shard_size, with the
          model.safetensors.index.json           index transformers reads ({"metadata", "weight_map"})
-    <out_dir>/tokenizer files                   if a tokenizer (object or directory) is given
+    <out_dir>/tokenizer files                   if a tokenizer (object or directory) is given; from a
+                                                directory also generation_config.json
 
 Names and orientation come from `lora_jax.models.naming.to_hf_state_dict`; a tied LM head is not
 written (the model ties it on load), so `AutoModelForCausalLM.from_pretrained(out_dir)` reports no
@@ -30,7 +31,8 @@ from lora_jax.transform import has_lora, merge
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+                   "generation_config.json")
 _UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
 
 
@@ -100,7 +102,8 @@ def save_merged(params: Any, lora_config: LoraConfig | None, out_dir: str, *, hf
                 tokenizer: Any = None, max_shard_size: int | str = "5GB", overwrite: bool = False) -> str:
     """Merge the adapters (if any) and write an HF checkpoint that transformers loads as is; returns out_dir.
 
-    tokenizer: an object with `save_pretrained`, or a directory whose tokenizer files are copied.
+    tokenizer: an object with `save_pretrained`, or a directory (the base model's) whose tokenizer
+    files and generation_config.json are copied.
     Atomic; an existing non-empty out_dir needs overwrite=True.
 
     >>> import jax, jax.numpy as jnp, tempfile, transformers

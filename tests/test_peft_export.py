@@ -1,0 +1,174 @@
+"""Our adapters -> PEFT: `save_peft_adapter` checked against the real `PeftModel.from_pretrained`.
+
+Every adapter has random nonzero A and B; PEFT must load it with no missing/unexpected keys and
+its logits must match ours to 1e-4 (fp32). Helpers here are shared by the other interop tests.
+"""
+
+import json
+import os
+import warnings
+
+import jax
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+import lora_jax
+from lora_jax.interop import load_peft_adapter, save_peft_adapter
+from lora_jax.models import ModelConfig, from_pretrained
+
+TOL = 1e-4
+IDS = np.random.default_rng(1).integers(0, 96, size=(2, 8)).astype(np.int32)
+LINEAR = {"gpt2": ("c_attn", "c_proj", "c_fc"),
+          "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")}
+
+
+def randomize_lora(params, seed=0, std=0.1):
+    """Every lora_a / lora_b leaf redrawn N(0, std²): nonzero A and B."""
+    rng = np.random.default_rng(seed)
+    lora, frozen = lora_jax.split(params)
+    lora = jax.tree_util.tree_map(lambda x: jax.numpy.asarray(rng.normal(0, std, x.shape), x.dtype), lora)
+    return lora_jax.combine(frozen, lora)
+
+
+def ours(path, lcfg, scan_layers=False, seed=0):
+    """(model, base params, params with a random adapter) for a tiny checkpoint."""
+    model, params, hf = from_pretrained(path, scan_layers=scan_layers)
+    return model.clone(lora=lcfg), params, randomize_lora(lora_jax.inject(params, lcfg, jax.random.key(seed)), seed)
+
+
+def our_logits(model, params, ids=IDS):
+    return np.asarray(model.apply({"params": params}, ids)[0])
+
+
+def hf_base(path):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
+
+
+def peft_logits(base_path, adapter_dir, ids=IDS):
+    """PEFT's logits for base + adapter; fails on any missing/unexpected-key warning."""
+    from peft import PeftModel
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = PeftModel.from_pretrained(hf_base(base_path), adapter_dir).eval()
+    bad = [str(w.message) for w in caught if any(s in str(w.message).lower() for s in ("missing", "unexpected"))]
+    assert not bad, bad
+    with torch.no_grad():
+        return model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+
+
+def hf_logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+
+
+def assert_close(a, b, tol=TOL):
+    err = float(np.max(np.abs(a - b)))
+    assert err <= tol, f"max |diff| = {err:.3g} > {tol}"
+
+
+CASES = {
+    "llama": lambda: lora_jax.LoraConfig(r=4, alpha=8, target_modules=LINEAR["llama"]),
+    "mistral": lambda: lora_jax.LoraConfig(r=4, alpha=16, target_modules=("q_proj", "v_proj", "down_proj")),
+    "qwen2": lambda: lora_jax.LoraConfig(r=2, alpha=4, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj")),
+    "qwen3": lambda: lora_jax.LoraConfig(r=4, alpha=4, target_modules="all-linear"),
+    "gpt2": lambda: lora_jax.LoraConfig(r=4, alpha=8, target_modules=LINEAR["gpt2"]),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(CASES))
+def test_export_matches_peft(arch, tiny_checkpoint, tmp_path):
+    path, _ = tiny_checkpoint(arch)
+    lcfg = CASES[arch]()
+    model, base, params = ours(path, lcfg)
+    out = save_peft_adapter(params, lcfg, tmp_path / "a", model_config=model.cfg, base_model_name_or_path=path)
+    mine, theirs = our_logits(model, params), peft_logits(path, out)
+    assert np.max(np.abs(theirs - hf_logits(hf_base(path)))) > 1e-2  # the adapter is active
+    assert_close(mine, theirs)
+    cfg = json.load(open(os.path.join(out, "adapter_config.json")))
+    assert cfg["fan_in_fan_out"] is (arch == "gpt2") and cfg["base_model_name_or_path"] == path
+    # Round trip: importing what we wrote gives back the same leaves.
+    back, back_cfg = load_peft_adapter(base, out)
+    for (p1, x), (p2, y) in zip(jax.tree_util.tree_leaves_with_path(lora_jax.split(params)[0]),
+                                jax.tree_util.tree_leaves_with_path(lora_jax.split(back)[0])):
+        assert p1 == p2 and np.array_equal(np.asarray(x), np.asarray(y))
+    assert_close(our_logits(model.clone(lora=back_cfg), back), mine, 0)
+
+
+def test_adapter_config_has_every_peft_key(tiny_checkpoint, tmp_path):
+    import peft
+
+    path, _ = tiny_checkpoint("llama")
+    lcfg = lora_jax.LoraConfig(r=4, alpha=8, dropout=0.05, target_modules=("q_proj",), use_rslora=True)
+    model, _, params = ours(path, lcfg)
+    out = save_peft_adapter(params, lcfg, tmp_path / "a", model_config=model.cfg)
+    cfg = json.load(open(os.path.join(out, "adapter_config.json")))
+    expected = peft.LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM").to_dict()
+    assert set(expected) <= set(cfg), set(expected) - set(cfg)
+    assert (cfg["peft_type"], cfg["task_type"], cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["use_rslora"],
+            cfg["bias"], cfg["inference_mode"], cfg["target_modules"]) == ("LORA", "CAUSAL_LM", 4, 8.0, 0.05, True, "none", True, ["q_proj"])
+    with safe_open(os.path.join(out, "adapter_model.safetensors"), "numpy") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert f.get_tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight").shape == (4, 64)
+        assert f.get_tensor("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight").shape == (64, 4)
+
+
+def test_rank_alpha_patterns_and_rslora(tiny_checkpoint, tmp_path):
+    path, _ = tiny_checkpoint("llama")
+    lcfg = lora_jax.LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj", "o_proj", "up_proj"), use_rslora=True,
+                               rank_pattern={"v_proj": 2, "model.layers.1.self_attn.q_proj": 6},
+                               alpha_pattern={"o_proj": 3.0, "layers.0.mlp.up_proj": 12.0})
+    model, _, params = ours(path, lcfg)
+    assert params["model"]["layers"]["1"]["self_attn"]["q_proj"]["lora_a"].shape == (64, 6)
+    out = save_peft_adapter(params, lcfg, tmp_path / "a", model_config=model.cfg)
+    assert_close(our_logits(model, params), peft_logits(path, out))
+
+
+def test_scan_layers_export_pins_per_layer_patterns(tiny_checkpoint, tmp_path):
+    # Stacked leaves are written per layer. The model scales the stack with the pattern lookup of
+    # 'model.layers.self_attn.q_proj' (alpha 8), while PEFT would give layer 0 alpha 32 from the
+    # user's pattern: the writer pins the alpha PEFT must use.
+    path, _ = tiny_checkpoint("qwen2")
+    lcfg = lora_jax.LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj"), alpha_pattern={"layers.0.self_attn.q_proj": 32.0})
+    model, base, params = ours(path, lcfg, scan_layers=True)
+    assert params["model"]["layers"]["self_attn"]["q_proj"]["lora_a"].shape == (2, 64, 4)
+    out = save_peft_adapter(params, lcfg, tmp_path / "a", hf_config=None, model_config=model.cfg)
+    with safe_open(os.path.join(out, "adapter_model.safetensors"), "numpy") as f:
+        assert "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight" in f.keys()
+    assert_close(our_logits(model, params), peft_logits(path, out))
+    back, back_cfg = load_peft_adapter(base, out)  # and back into the stacked model
+    assert_close(our_logits(model.clone(lora=back_cfg), back), our_logits(model, params), 0)
+
+
+def test_refuses_overwrite_and_mismatched_config(tiny_checkpoint, tmp_path):
+    path, _ = tiny_checkpoint("llama")
+    lcfg = lora_jax.LoraConfig(r=4, target_modules=("q_proj",))
+    model, _, params = ours(path, lcfg)
+    out = tmp_path / "a"
+    save_peft_adapter(params, lcfg, out, model_config=model.cfg)
+    with pytest.raises(FileExistsError, match="not empty"):
+        save_peft_adapter(params, lcfg, out, model_config=model.cfg)
+    save_peft_adapter(params, lcfg, out, model_config=model.cfg, overwrite=True)
+    assert sorted(os.listdir(tmp_path)) == ["a"]  # no temporary directory left behind
+    with pytest.raises(ValueError, match="targets 'model.layers.0.self_attn.v_proj', which has no adapter"):
+        save_peft_adapter(params, lora_jax.LoraConfig(r=4, target_modules=("q_proj", "v_proj")), tmp_path / "b", model_config=model.cfg)
+    other = ModelConfig("llama", 96, 32, 96, 2, 4, 2, 8)
+    with pytest.raises(ValueError, match="kernel is"):
+        save_peft_adapter(params, lcfg, tmp_path / "c", model_config=other)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_smollm2_135m_adapter_size(tmp_path):
+    # SmolLM2-135M's real shapes, r=8 on q_proj,v_proj; zero adapters, no weights loaded.
+    cfg = ModelConfig("llama", 49152, 576, 1536, 30, 9, 3, 64, tie_word_embeddings=True)
+    lcfg = lora_jax.LoraConfig(r=8, alpha=16, target_modules=("q_proj", "v_proj"))
+    attn = lambda out: {"lora_a": np.zeros((576, 8), np.float32), "lora_b": np.zeros((8, out), np.float32)}  # noqa: E731
+    lora = {"model": {"layers": {str(i): {"self_attn": {"q_proj": attn(576), "v_proj": attn(192)}} for i in range(30)}}}
+    out = save_peft_adapter(lora, lcfg, tmp_path / "a", model_config=cfg)
+    with safe_open(os.path.join(out, "adapter_model.safetensors"), "numpy") as f:
+        n = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+    assert n == 30 * (8 * 576 + 576 * 8 + 8 * 576 + 192 * 8) == 460800  # 1.8 MB in fp32
