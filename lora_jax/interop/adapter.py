@@ -25,7 +25,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any
+from typing import Any, Mapping
 
 import jax.numpy as jnp
 import numpy as np
@@ -35,7 +35,7 @@ from lora_jax.interop._files import atomic_dir, save_safetensors
 from lora_jax.interop.peft_config import lora_config_from_peft, peft_config_dict
 from lora_jax.models.build import build_model, param_shapes
 from lora_jax.models.config import ModelConfig
-from lora_jax.models.naming import LAYER_CONTAINERS, hf_module_name, is_conv1d
+from lora_jax.models.naming import CONV1D_MODULES, LAYER_CONTAINERS, hf_module_name, is_conv1d
 from lora_jax.targeting import KERNEL, LORA_A, LORA_B, is_target, iter_leaves, module_key
 from lora_jax.transform import combine, has_lora
 
@@ -192,6 +192,37 @@ def _split_name(name: str) -> tuple[str, str]:
     raise ValueError(f"adapter tensor {name!r} is a {kind} weight, which lora_jax does not support; use a plain LoRA adapter of linear layers")
 
 
+def _is_base_copy(name: str, arr: np.ndarray, params: Any, kernels: dict) -> bool:
+    """Whether `name` is a copy of a base weight PEFT saved alongside the adapter (it does so for
+    embedding/LM-head targets: `lm_head.base_layer.weight`, `model.embed_tokens.weight`). A copy equal to
+    the base weight is verified and skipped; a different one (trained embeddings) is refused."""
+    if not name.startswith(PREFIX):
+        return False
+    mod = name[len(PREFIX):]
+    if mod.endswith(".base_layer.weight") and mod[: -len(".base_layer.weight")] in kernels:
+        mod = mod[: -len(".base_layer.weight")]
+        key, layer, _ = kernels[mod]
+        node = _node(params, key)
+        base = np.asarray(node[KERNEL] if layer is None else node[KERNEL][layer])
+        base = base if mod.split(".")[-1] in CONV1D_MODULES and mod.startswith("transformer.") else base.T
+    elif mod.endswith(".weight") and isinstance(_node(params, mod[: -len(".weight")]), Mapping) and "embedding" in _node(params, mod[: -len(".weight")]):
+        base = np.asarray(_node(params, mod[: -len(".weight")])["embedding"])
+    else:
+        return False
+    if arr.shape != base.shape or not np.array_equal(np.asarray(arr).astype(base.dtype), base):
+        raise ValueError(f"adapter tensor {name!r} {tuple(arr.shape)} replaces the base weight {tuple(base.shape)} with other values "
+                         "(trained embeddings / LM head); lora_jax loads LoRA weights only")
+    return True
+
+
+def _node(params: Any, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(params, Mapping) or part not in params:
+            return None
+        params = params[part]
+    return params
+
+
 def load_peft_adapter(params: Any, adapter_dir: str) -> tuple[Any, LoraConfig]:
     """Add a PEFT LoRA adapter's weights to `params` (stacked or not): (params, its LoraConfig).
 
@@ -214,6 +245,8 @@ def load_peft_adapter(params: Any, adapter_dir: str) -> tuple[Any, LoraConfig]:
     kernels = kernel_modules(params)
     found: dict[str, dict[str, np.ndarray]] = {}
     for name, arr in tensors.items():
+        if _is_base_copy(name, arr, params, kernels):
+            continue
         mod, leaf = _split_name(name)
         if mod not in kernels:
             raise ValueError(f"adapter tensor {name!r} {tuple(arr.shape)} is for module {mod!r}, which this model has no "
