@@ -256,21 +256,16 @@ def _fmt(x) -> str:
 
 
 def _export(recipe, lora_cfg, host_lora, frozen, model, hf_config, tokenizer, model_path) -> None:
-    """The PEFT adapter (always) and the merged HF checkpoint (export_merged), each written to a
-    temporary directory and renamed into place."""
-    import shutil
+    """The PEFT adapter (always) and the merged HF checkpoint (export_merged); both atomic."""
+    from lora_jax import interop
 
-    for name in ("adapter", "merged") if recipe.export_merged else ("adapter",):
-        final, tmp = os.path.join(recipe.output_dir, name), os.path.join(recipe.output_dir, f".{name}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        if name == "merged":
-            full = lora_jax.merge(lora_jax.combine(host_lora, jax.tree.map(np.asarray, frozen)), lora_cfg)
-            R.save_merged(full, hf_config, tmp, model.cfg)
-            tokenizer.save_pretrained(tmp)
-        else:
-            R.save_peft_adapter(host_lora, lora_cfg, tmp, base_model=model_path, scan_layers=recipe.model.scan_layers)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+    out = recipe.output_dir
+    interop.save_peft_adapter(host_lora, lora_cfg, os.path.join(out, "adapter"), model_config=model.cfg,
+                              base_model_name_or_path=model_path, overwrite=True)
+    if recipe.export_merged:
+        full = lora_jax.combine(host_lora, jax.tree.map(np.asarray, frozen))
+        interop.save_merged(full, lora_cfg, os.path.join(out, "merged"), hf_config=hf_config,
+                            dtype=recipe.model.dtype, tokenizer=tokenizer, overwrite=True)
 
 
 def _report(prompts, before, after, metric_name, out) -> None:

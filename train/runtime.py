@@ -216,36 +216,3 @@ def read_history(path: str, up_to_step: int) -> list[dict]:
             if h.get("step", 0) <= up_to_step:
                 out.append(h)
     return out
-
-
-# -- fallback writers (used only while lora_jax.interop is unavailable) ----------------------------
-def save_peft_adapter(lora: Any, lora_config, out_dir: str, base_model: str = "", scan_layers: bool = False) -> None:
-    """adapter_model.safetensors + adapter_config.json in PEFT's layout (A/B transposed to [r, in] / [out, r])."""
-    from safetensors.numpy import save_file
-
-    from lora_jax.models import unstack_layers
-    from lora_jax.targeting import iter_leaves
-
-    os.makedirs(out_dir, exist_ok=True)
-    tree = unstack_layers(lora) if scan_layers else lora
-    tensors = {}
-    for path, leaf in iter_leaves(tree):
-        name = {"lora_a": "lora_A", "lora_b": "lora_B"}[path[-1]]
-        key = f"base_model.model.{'.'.join(path[:-1])}.{name}.weight"
-        tensors[key] = np.ascontiguousarray(np.asarray(leaf, np.float32).T)
-    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
-    cfg = dict(lora_config.to_peft_dict(), base_model_name_or_path=base_model, task_type="CAUSAL_LM", bias="none")
-    with open(os.path.join(out_dir, "adapter_config.json"), "w") as fh:
-        json.dump(cfg, fh, indent=2)
-
-
-def save_merged(params: Any, hf_config: Any, out_dir: str, model_cfg: Any) -> None:
-    """A merged (LoRA-free) param tree as an HF checkpoint: config.json + model.safetensors."""
-    from safetensors.numpy import save_file
-
-    from lora_jax.models import to_hf_state_dict
-
-    os.makedirs(out_dir, exist_ok=True)
-    tensors = {k: np.ascontiguousarray(v) for k, v in to_hf_state_dict(params, model_cfg).items()}
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    hf_config.save_pretrained(out_dir)
