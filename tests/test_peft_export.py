@@ -139,6 +139,8 @@ def test_scan_layers_export_pins_per_layer_patterns(tiny_checkpoint, tmp_path):
     out = save_peft_adapter(params, lcfg, tmp_path / "a", hf_config=None, model_config=model.cfg)
     with safe_open(os.path.join(out, "adapter_model.safetensors"), "numpy") as f:
         assert "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight" in f.keys()
+    alphas = json.load(open(os.path.join(out, "adapter_config.json")))["alpha_pattern"]
+    assert list(alphas.items())[0] == (r"model\.layers\.0\.self_attn\.q_proj", 8.0)  # pinned first: first match wins
     assert_close(our_logits(model, params), peft_logits(path, out))
     back, back_cfg = load_peft_adapter(base, out)  # and back into the stacked model
     assert_close(our_logits(model.clone(lora=back_cfg), back), our_logits(model, params), 0)
@@ -172,3 +174,12 @@ def test_smollm2_135m_adapter_size(tmp_path):
     with safe_open(os.path.join(out, "adapter_model.safetensors"), "numpy") as f:
         n = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
     assert n == 30 * (8 * 576 + 576 * 8 + 8 * 576 + 192 * 8) == 460800  # 1.8 MB in fp32
+
+
+@pytest.mark.parametrize("module", ["adapter", "peft_config", "merged", "cli", "_files"])
+def test_doctests(module):
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(f"lora_jax.interop.{module}"), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0 and result.attempted > 0

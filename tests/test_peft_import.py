@@ -129,11 +129,13 @@ def test_refusals(case, llama_adapter, tmp_path):
     assert "\n" not in str(e.value)
 
 
-def test_refuses_other_architecture_and_hidden_size(llama_adapter, tiny_checkpoint):
+def test_refuses_other_architecture_and_hidden_size(llama_adapter, tiny_checkpoint, tmp_path):
     path, adapter, _ = llama_adapter
     _, gpt2, _ = from_pretrained(tiny_checkpoint("gpt2")[0])
     with pytest.raises(ValueError, match=r"q_proj.lora_A.weight' \(4, 64\) is for module .* no linear layer for"):
         load_peft_adapter(gpt2, adapter)
+    with pytest.raises(ValueError, match="LoRA on a tied LM head is not supported"):
+        load_peft_adapter(gpt2, _edited(adapter, tmp_path, tensors={"base_model.model.lm_head.lora_A.weight": np.ones((4, 64), np.float32)}))
     small = build_model(ModelConfig("llama", 96, 32, 96, 2, 4, 2, 8)).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
     with pytest.raises(ValueError, match=r"q_proj.lora_A.weight' has shape \(4, 64\) but this model with r=4 needs \(4, 32\)"):
         load_peft_adapter(small, adapter)

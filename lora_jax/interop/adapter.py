@@ -36,7 +36,7 @@ from lora_jax.interop.peft_config import lora_config_from_peft, peft_config_dict
 from lora_jax.models.build import build_model, param_shapes
 from lora_jax.models.config import ModelConfig
 from lora_jax.models.naming import CONV1D_MODULES, LAYER_CONTAINERS, hf_module_name, is_conv1d
-from lora_jax.targeting import KERNEL, LORA_A, LORA_B, is_target, iter_leaves, module_key
+from lora_jax.targeting import KERNEL, LORA_A, LORA_B, OUTPUT_LAYER_NAMES, is_target, iter_leaves, module_key
 from lora_jax.transform import combine, has_lora
 
 PREFIX = "base_model.model."
@@ -248,6 +248,9 @@ def load_peft_adapter(params: Any, adapter_dir: str) -> tuple[Any, LoraConfig]:
         if _is_base_copy(name, arr, params, kernels):
             continue
         mod, leaf = _split_name(name)
+        if mod not in kernels and mod.split(".")[-1] in OUTPUT_LAYER_NAMES:
+            raise ValueError(f"adapter tensor {name!r} adapts {mod!r}, which this model ties to the embedding (no linear "
+                             "layer of its own); LoRA on a tied LM head is not supported")
         if mod not in kernels:
             raise ValueError(f"adapter tensor {name!r} {tuple(arr.shape)} is for module {mod!r}, which this model has no "
                              "linear layer for; the adapter was trained for another architecture")
