@@ -150,3 +150,16 @@ def test_exported_adapter_and_merged_model_agree_in_transformers(tiny, tmp_path,
     merged = transformers.AutoModelForCausalLM.from_pretrained(str(out / "merged"))(ids).logits.detach().numpy()
     assert np.abs(peft_logits - plain).max() > 1e-4  # the adapter does something
     np.testing.assert_allclose(peft_logits, merged, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_fsdp_mesh_on_two_host_devices(tiny, tmp_path):
+    """The same program on a 2-device mesh (fsdp=2): frozen weights and LoRA sharded, batch split."""
+    out = tmp_path / "run"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", LORA_JAX_NO_REEXEC="1")
+    cmd = [sys.executable, "-m", "lora_jax.cli"] + args(tiny, out, "mesh.data=1", "mesh.fsdp=2", "max_steps=2")
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    bad = subprocess.run(cmd + ["batch_size=3", "--overwrite"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert bad.returncode == 2 and "divisible by mesh data*fsdp = 2" in bad.stderr
