@@ -161,5 +161,3 @@ def test_fsdp_mesh_on_two_host_devices(tiny, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
-    bad = subprocess.run(cmd + ["batch_size=3", "--overwrite"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
-    assert bad.returncode == 2 and "divisible by mesh data*fsdp = 2" in bad.stderr
