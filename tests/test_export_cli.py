@@ -50,7 +50,7 @@ def test_merged_bf16_with_tokenizer(setup, tmp_path):
                           "--out", str(out), "--dtype", "bf16"]) == 0
     assert json.load(open(out / "config.json"))["dtype"] == "bfloat16"
     assert transformers.AutoTokenizer.from_pretrained(out)("w3 w5")["input_ids"] == [3, 5]
-    assert_close(hf_logits(load_hf(str(out), dtype="auto").float()), mine, 0.1)
+    assert_close(hf_logits(load_hf(str(out), dtype="auto").float()), mine, 0.06)  # bf16 weights (tests/test_merged_export.py)
     # fp32 + --overwrite replaces it, exact to 1e-4
     assert lora_jax_main(["export", "--base", base, "--adapter", run, "--format", "merged", "--out", str(out), "--overwrite"]) == 0
     assert_close(hf_logits(load_hf(str(out))), mine)

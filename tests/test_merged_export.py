@@ -1,6 +1,7 @@
 """`save_merged`: transformers loads the merged checkpoint with no missing/unexpected keys and its
-logits match ours (unmerged LoRA) to 1e-4 in fp32; bf16/fp16 weights (loaded back into fp32
-compute) to 0.1 absolute — the rounding of the weights, not a mapping error (a mapping error is O(1)).
+logits match ours (unmerged LoRA) to 1e-4 in fp32 (measured 2.5e-6); bf16 / fp16 weights (run in
+fp32) to 0.06 / 0.01 absolute on logits of magnitude ~4 (measured 0.028 / 0.0036): the rounding of
+the weights, not a mapping error (those are O(1)).
 Our own loader reads the checkpoint back to exactly the merged params; shards get an index."""
 
 import json
@@ -61,15 +62,15 @@ def test_merged_loads_in_transformers(arch, adapted, tmp_path):
         assert np.array_equal(np.asarray(v), np.asarray(flat[k])), k
 
 
-@pytest.mark.parametrize("dtype,torch_dtype", [("bfloat16", torch.bfloat16), ("fp16", torch.float16)])
-def test_merged_half_precision(dtype, torch_dtype, adapted, tmp_path):
+@pytest.mark.parametrize("dtype,torch_dtype,tol", [("bfloat16", torch.bfloat16, 0.06), ("fp16", torch.float16, 0.01)])
+def test_merged_half_precision(dtype, torch_dtype, tol, adapted, tmp_path):
     path, model, params, lcfg, mine = adapted("llama")
     out = save_merged(params, lcfg, tmp_path / "m", hf_config=transformers.AutoConfig.from_pretrained(path), dtype=dtype)
     cfg = json.load(open(os.path.join(out, "config.json")))
     assert cfg["dtype"] == {"fp16": "float16"}.get(dtype, dtype)
     hf = load_hf(out, dtype="auto")
     assert next(hf.parameters()).dtype == torch_dtype
-    assert_close(hf_logits(hf.float()), mine, 0.1)
+    assert_close(hf_logits(hf.float()), mine, tol)
 
 
 def test_sharded_with_index(adapted, tmp_path):
