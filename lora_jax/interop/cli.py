@@ -3,16 +3,24 @@
     lora-jax export --base MODEL (HF dir or .gguf) --adapter ADAPTER --format peft|merged --out DIR
                     [--dtype bf16|fp16|fp32] [--max-shard-size 5GB] [--overwrite]
 
-ADAPTER is a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) or a
-training output directory holding one in `adapter/` (what `lora-jax train` writes). The adapter is
-always loaded onto the base model first, so every shape is checked before anything is written.
+ADAPTER is a PEFT adapter directory (adapter_config.json + adapter_model.safetensors), or a
+training output directory (`lora-jax train`'s output_dir): its final `adapter/` when the run
+finished, else the LoRA weights of its newest checkpoint (`checkpoints/<step>`, with the LoRA
+config from `run.json`). The adapter is always loaded onto the base model first, through the same
+checks as any PEFT adapter, so every shape is verified before anything is written.
 `--format merged` copies the base directory's tokenizer and generation config files.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import tempfile
+
+import numpy as np
+
+from lora_jax.config import LoraConfig
 
 from lora_jax.interop.adapter import CONFIG_FILE, load_peft_adapter, save_peft_adapter
 from lora_jax.interop.merged import DTYPES, save_merged
@@ -31,10 +39,36 @@ def resolve_adapter(path: str) -> str:
     for candidate in (path, os.path.join(path, "adapter")):
         if os.path.isfile(os.path.join(candidate, CONFIG_FILE)):
             return candidate
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        raise FileNotFoundError(f"{path} is a training run without a final adapter ({path}/adapter); finish the run "
-                                "(lora-jax train ... --resume) so it exports one, then pass that")
     raise FileNotFoundError(f"{path} is neither a PEFT adapter directory ({CONFIG_FILE}) nor a training output with adapter/")
+
+
+def _is_training_run(path: str) -> bool:
+    """A `lora-jax train` output dir without a final adapter/, but with checkpoints and run.json."""
+    return (not os.path.isfile(os.path.join(path, "adapter", CONFIG_FILE)) and not os.path.isfile(os.path.join(path, CONFIG_FILE))
+            and os.path.isdir(os.path.join(path, "checkpoints")))
+
+
+def read_training_checkpoint(run_dir: str, step: int | None = None) -> tuple[dict, LoraConfig, int]:
+    """(LoRA leaves as numpy, LoraConfig, step) of a training run's newest (or given) checkpoint.
+
+    >>> read_training_checkpoint("/nonexistent")
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: /nonexistent has no run.json; pass a lora-jax train output_dir or a PEFT adapter directory
+    """
+    run_file = os.path.join(run_dir, "run.json")
+    if not os.path.isfile(run_file):
+        raise FileNotFoundError(f"{run_dir} has no run.json; pass a lora-jax train output_dir or a PEFT adapter directory")
+    with open(run_file) as f:
+        lora_config = LoraConfig.from_peft_dict(json.load(f)["lora"])
+    import jax
+
+    from lora_jax.training.checkpoint import Checkpointer
+
+    with Checkpointer(os.path.join(run_dir, "checkpoints"), max_to_keep=None) as ckpt:
+        step = ckpt.latest_step() if step is None else step
+        state, _ = ckpt.restore(step)
+    return jax.tree_util.tree_map(np.asarray, state["lora"]), lora_config, int(step)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,8 +104,18 @@ def main(argv: list[str] | None = None) -> int:
     from lora_jax.models import from_pretrained
 
     model, params, hf_config = from_pretrained(args.base)
-    adapter_dir = resolve_adapter(args.adapter)
-    params, lora_config = load_peft_adapter(params, adapter_dir)
+    if _is_training_run(args.adapter):
+        with tempfile.TemporaryDirectory() as tmp:
+            lora, lora_config, step = read_training_checkpoint(args.adapter)
+            try:
+                save_peft_adapter(lora, lora_config, os.path.join(tmp, "a"), model_config=model.cfg)
+            except ValueError as e:
+                raise ValueError(f"checkpoint step {step} of {args.adapter} does not fit --base {args.base}: {e}") from None
+            params, lora_config = load_peft_adapter(params, os.path.join(tmp, "a"))
+        adapter_dir = f"{args.adapter} (checkpoint step {step})"
+    else:
+        adapter_dir = resolve_adapter(args.adapter)
+        params, lora_config = load_peft_adapter(params, adapter_dir)
     if args.format == "peft":
         out = save_peft_adapter(params, lora_config, args.out, model_config=model.cfg,
                                 base_model_name_or_path=os.path.abspath(args.base), overwrite=args.overwrite)
