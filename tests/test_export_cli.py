@@ -99,3 +99,17 @@ def test_from_training_checkpoint(setup, tmp_path):
     (run / "run.json").write_text(json.dumps({"model": base, "lora": lcfg.to_peft_dict()}))
     assert lora_jax_main(["export", "--base", base, "--adapter", str(run), "--format", "peft", "--out", str(tmp_path / "p")]) == 0
     assert_close(peft_logits(base, str(tmp_path / "p")), our_logits(model, params))
+
+
+def test_merged_from_gguf_base(tmp_path):
+    """A .gguf base: merged export loads in transformers and matches ours (no tokenizer to copy)."""
+    from test_gguf import tiny_hf_llama, write_gguf
+
+    gguf_path = str(write_gguf(tiny_hf_llama(), tmp_path / "tiny.gguf"))
+    lcfg = lora_jax.LoraConfig(r=4, alpha=8, target_modules=("q_proj", "k_proj", "down_proj"))
+    model, _, params = ours(gguf_path, lcfg)
+    save_peft_adapter(params, lcfg, tmp_path / "a", model_config=model.cfg)
+    out = tmp_path / "m"
+    assert lora_jax_main(["export", "--base", gguf_path, "--adapter", str(tmp_path / "a"), "--format", "merged", "--out", str(out)]) == 0
+    ids = np.random.default_rng(0).integers(0, 128, size=(2, 8)).astype(np.int32)
+    assert_close(hf_logits(load_hf(str(out)), ids), our_logits(model, params, ids))

@@ -156,12 +156,16 @@ def test_refuses_overwrite_and_mismatched_config(tiny_checkpoint, tmp_path):
         save_peft_adapter(params, lcfg, out, model_config=model.cfg)
     save_peft_adapter(params, lcfg, out, model_config=model.cfg, overwrite=True)
     assert sorted(os.listdir(tmp_path)) == ["a"]  # no temporary directory left behind
+    import transformers
+
+    d = save_peft_adapter(params, lcfg, tmp_path / "d", hf_config=transformers.AutoConfig.from_pretrained(path))
+    assert json.load(open(os.path.join(d, "adapter_config.json")))["base_model_name_or_path"] == path
     with pytest.raises(ValueError, match="targets 'model.layers.0.self_attn.v_proj', which has no adapter"):
         save_peft_adapter(params, lora_jax.LoraConfig(r=4, target_modules=("q_proj", "v_proj")), tmp_path / "b", model_config=model.cfg)
     other = ModelConfig("llama", 96, 32, 96, 2, 4, 2, 8)
     with pytest.raises(ValueError, match="kernel is"):
         save_peft_adapter(params, lcfg, tmp_path / "c", model_config=other)
-    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    assert sorted(os.listdir(tmp_path)) == ["a", "d"]  # nothing half-written
 
 
 def test_smollm2_135m_adapter_size(tmp_path):

@@ -95,7 +95,9 @@ def save_peft_adapter(params: Any, lora_config: LoraConfig, out_dir: str, *, mod
     """Write `adapter_config.json` + `adapter_model.safetensors` that PEFT loads onto the HF base model.
 
     `params` may be the full tree or only its LoRA leaves (`lora_jax.split(params)[0]`), stacked or
-    not. Returns out_dir. Atomic; an existing non-empty out_dir needs overwrite=True.
+    not. The architecture comes from `model_config` (model.cfg) or `hf_config`; base_model_name_or_path
+    defaults to hf_config.name_or_path. Returns out_dir. Atomic; an existing non-empty out_dir needs
+    overwrite=True.
 
     >>> import jax, tempfile, lora_jax
     >>> from lora_jax.models import ModelConfig, build_model
@@ -107,6 +109,8 @@ def save_peft_adapter(params: Any, lora_config: LoraConfig, out_dir: str, *, mod
     ['adapter_config.json', 'adapter_model.safetensors']
     """
     cfg = _model_config(model_config, hf_config)
+    if base_model_name_or_path is None and hf_config is not None:
+        base_model_name_or_path = getattr(hf_config, "name_or_path", None) or None
     base = kernel_modules(param_shapes(build_model(cfg)))
     leaves: dict[str, dict[str, np.ndarray]] = {}
     for path, leaf in iter_leaves(params):
