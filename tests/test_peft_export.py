@@ -187,3 +187,15 @@ def test_doctests(module):
 
     result = doctest.testmod(importlib.import_module(f"lora_jax.interop.{module}"), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_scan_layers_gpt2_round_trip(tiny_checkpoint, tmp_path):
+    # GPT-2's stack lives under transformer.h; Conv1D weights keep PEFT's [r, in] / [out, r] layout.
+    path, _ = tiny_checkpoint("gpt2")
+    lcfg = lora_jax.LoraConfig(r=2, alpha=4, target_modules=("c_attn", "c_fc"), use_rslora=True)
+    model, base, params = ours(path, lcfg, scan_layers=True)
+    out = save_peft_adapter(params, lcfg, tmp_path / "a", model_config=model.cfg)
+    mine = our_logits(model, params)
+    assert_close(mine, peft_logits(path, out))
+    back, back_cfg = load_peft_adapter(base, out)
+    assert_close(our_logits(model.clone(lora=back_cfg), back), mine, 0)
