@@ -75,7 +75,7 @@ CASES = {
     "llama": lambda: lora_jax.LoraConfig(r=4, alpha=8, target_modules=LINEAR["llama"]),
     "mistral": lambda: lora_jax.LoraConfig(r=4, alpha=16, target_modules=("q_proj", "v_proj", "down_proj")),
     "qwen2": lambda: lora_jax.LoraConfig(r=2, alpha=4, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj")),
-    "qwen3": lambda: lora_jax.LoraConfig(r=4, alpha=4, target_modules="all-linear"),
+    "qwen3": lambda: lora_jax.LoraConfig(r=4, alpha=4, target_modules="all-linear", exclude_modules=("o_proj",)),
     "gpt2": lambda: lora_jax.LoraConfig(r=4, alpha=8, target_modules=LINEAR["gpt2"]),
 }
 

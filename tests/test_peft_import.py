@@ -139,6 +139,9 @@ def test_refuses_other_architecture_and_hidden_size(llama_adapter, tiny_checkpoi
     small = build_model(ModelConfig("llama", 96, 32, 96, 2, 4, 2, 8)).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
     with pytest.raises(ValueError, match=r"q_proj.lora_A.weight' has shape \(4, 64\) but this model with r=4 needs \(4, 32\)"):
         load_peft_adapter(small, adapter)
+    loaded, _ = load_peft_adapter(build_model(ModelConfig("llama", 96, 64, 96, 2, 4, 2, 16)).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"], adapter)
+    with pytest.raises(ValueError, match="already hold LoRA leaves"):
+        load_peft_adapter(loaded, adapter)
     with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
         load_peft_adapter(small, os.path.dirname(adapter) + "/nothing")
 
