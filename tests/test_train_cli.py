@@ -102,7 +102,7 @@ def test_full_run_then_output_dir_rules(tiny, tmp_path, capsys):
 def test_nan_stops_naming_the_step_keeping_last_good(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     rc, _, err = run_cli(args(tiny, out, "optim.lr=1e30", "optim.grad_clip=0", "optim.warmup_ratio=0", "save_steps=1", "max_steps=6",
-                              "data.max_eval_examples=0", "data.eval_fraction=0"), capsys)
+                              "data.max_eval_examples=0", "max_new_tokens=0"), capsys)
     assert rc == 1 and "at step" in err and "last good checkpoint" in err, err
     step = int(err.split("at step ")[1].split(";")[0])
     kept = sorted(int(s) for s in os.listdir(out / "checkpoints"))
@@ -112,7 +112,7 @@ def test_nan_stops_naming_the_step_keeping_last_good(tiny, tmp_path, capsys):
 @pytest.mark.slow
 def test_sigint_saves_and_exits_then_resumes(tiny, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "lora_jax.cli"] + args(tiny, out, "max_steps=400", "save_steps=0")
+    cmd = [sys.executable, "-m", "lora_jax.cli"] + args(tiny, out, "max_steps=400", "save_steps=0", "max_new_tokens=0")
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     deadline = time.time() + 120
     while time.time() < deadline and not _steps_logged(out / "metrics.jsonl"):
@@ -141,7 +141,7 @@ def test_exported_adapter_and_merged_model_agree_in_transformers(tiny, tmp_path,
     from peft import PeftModel
 
     out = tmp_path / "run"
-    rc, _, err = run_cli(args(tiny, out, "max_steps=3", "optim.lr=5e-2", "export_merged=true", "data.max_eval_examples=4"), capsys)
+    rc, _, err = run_cli(args(tiny, out, "max_steps=3", "optim.lr=5e-2", "export_merged=true", "data.max_eval_examples=4", "max_new_tokens=0"), capsys)
     assert rc == 0, err
     ids = torch.tensor([[5, 17, 42, 9, 100, 3]])
     base = transformers.AutoModelForCausalLM.from_pretrained(tiny)
@@ -157,7 +157,7 @@ def test_fsdp_mesh_on_two_host_devices(tiny, tmp_path):
     """The same program on a 2-device mesh (fsdp=2): frozen weights and LoRA sharded, batch split."""
     out = tmp_path / "run"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", LORA_JAX_NO_REEXEC="1")
-    cmd = [sys.executable, "-m", "lora_jax.cli"] + args(tiny, out, "mesh.data=1", "mesh.fsdp=2", "max_steps=2")
+    cmd = [sys.executable, "-m", "lora_jax.cli"] + args(tiny, out, "mesh.data=1", "mesh.fsdp=2", "max_steps=2", "max_new_tokens=0")
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()

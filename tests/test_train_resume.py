@@ -36,7 +36,7 @@ def command(d, model, out):
             f"model.path={model}", f"data.path={d / 'small.jsonl'}", "data.eval_fraction=0.2", "data.max_length=64",
             "data.metric=none", "lora.r=4", "lora.dropout=0.1", "lora.target_modules=all-linear", "optim.lr=3e-2",
             "batch_size=4", "grad_accum=2", "max_steps=10", "save_steps=1", "save_total_limit=2", "logging_steps=1",
-            "max_new_tokens=4", f"output_dir={out}"]
+            "max_new_tokens=0", f"output_dir={out}"]
 
 
 def checkpoints(out) -> list[int]:

@@ -173,7 +173,7 @@ class Recipe:
     output_dir: str = _f("runs/default", "where checkpoints, logs, plots and the adapter go")
     seed: int = _f(0, "seed of the LoRA init, dropout and (by default) the data order")
     sample_prompts: List[str] = _f([], "prompts generated before and after training (default: the first eval prompts)")
-    max_new_tokens: int = _f(48, "tokens generated per sample prompt / metric example")
+    max_new_tokens: int = _f(48, "tokens generated per sample prompt / metric example (0 = no samples, no metric)")
     export_merged: bool = _f(False, "also write the merged model (base + ΔW) as an HF checkpoint")
 
     def __post_init__(self):

@@ -125,8 +125,9 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> int
             s, n = s + float(m["loss_sum"]), n + float(m["n_tokens"])
         return s / max(n, 1.0)
 
-    metric_rows = eval_rows[: dc.metric_examples] if dc.metric != "none" else []
-    sample_prompts = list(recipe.sample_prompts) or [str(r[dc.prompt_column]) for r in eval_rows[:3]]
+    generating = recipe.max_new_tokens > 0  # 0: no samples, no metric
+    metric_rows = eval_rows[: dc.metric_examples] if dc.metric != "none" and generating else []
+    sample_prompts = (list(recipe.sample_prompts) or [str(r[dc.prompt_column]) for r in eval_rows[:3]]) if generating else []
 
     def answers(lora_tree) -> tuple[list[str], list[str]]:
         full = lora_jax.combine(lora_tree, frozen)
