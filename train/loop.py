@@ -1,7 +1,9 @@
-"""The training program, top to bottom: mesh, model + LoRA, data, restore, step, loop, export.
+"""The training program, top to bottom: data, mesh, model + LoRA, step, restore, loop, export.
 
 `run(recipe, resume=..., overwrite=...)` is everything `lora-jax train` does after parsing. Each
-section below has a banner; state flows downward only. Invariants that make a killed-and-resumed
+section below has a banner; state flows downward only. Data comes first so that every user error
+(paths, columns, lengths, output_dir) is reported before the model is loaded and before anything
+is written; the output directory is created only once a run is certain to start. Invariants that make a killed-and-resumed
 run end bitwise equal to an uninterrupted one:
 
 * the only things that change during training are the train state {lora, opt_state, step, rng}

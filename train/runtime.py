@@ -1,5 +1,5 @@
-"""What the loop needs around the step: model/tokenizer resolution, the output directory, checkpoints,
-the schedule, generation for samples and the metric, and the end-of-run files.
+"""What the loop needs around the step: model/tokenizer resolution, the output directory rules,
+the schedule, generation for samples and the metric, the loss plot and atomic writes.
 
 Kept out of `train/loop.py` so that the loop reads top to bottom. Everything that can fail on user
 input (paths, incompatible output_dir) fails here *before* the model is loaded or anything is
