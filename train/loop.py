@@ -3,8 +3,9 @@
 `run(recipe, resume=..., overwrite=...)` is everything `lora-jax train` does after parsing. Each
 section below has a banner; state flows downward only. Data comes first so that every user error
 (paths, columns, lengths, output_dir) is reported before the model is loaded and before anything
-is written; the output directory is created only once a run is certain to start. Invariants that make a killed-and-resumed
-run end bitwise equal to an uninterrupted one:
+is written; the output directory is created only once a run is certain to start.
+
+Invariants that make a killed-and-resumed run end bitwise equal to an uninterrupted one:
 
 * the only things that change during training are the train state {lora, opt_state, step, rng}
   and the data position (epoch, index) — both go into every checkpoint (orbax, atomic rename);
