@@ -1,7 +1,7 @@
 """Tiny, offline fixtures for the train tests and smoke runs: a random Llama + its own tokenizer.
 
 `make_tiny_model(dir)` writes an HF model directory (config.json, safetensors, tokenizer) in a
-second or two: a byte-level BPE tokenizer trained on the shipped SQL data (a few hundred tokens)
+second or two: a byte-level BPE tokenizer trained on the shipped SQL data (600 tokens)
 and a 2-layer Llama with hidden size 32 saved with transformers' `save_pretrained` — exactly what
 a user's `model.path` would be, only small.
 
@@ -17,8 +17,8 @@ import os
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "sql", "train.jsonl")
 
 
-def tiny_tokenizer(vocab_size: int = 400):
-    from tokenizers import ByteLevelBPETokenizer
+def tiny_tokenizer(vocab_size: int = 600):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     texts = []
@@ -26,9 +26,13 @@ def tiny_tokenizer(vocab_size: int = 400):
         for line in fh:
             r = json.loads(line)
             texts += [f"<human>: {r['prompt']}\n<assistant>:", " " + r["response"]]
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=1, special_tokens=["<pad>", "<eos>"], show_progress=False)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<eos>", pad_token="<pad>")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<eos>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", pad_token="<pad>")
 
 
 def make_tiny_model(directory: str, seed: int = 0, layers: int = 2, hidden: int = 32) -> str:
