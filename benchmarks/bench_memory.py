@@ -76,25 +76,28 @@ def llama_counts(L, d, ff, h, kv, V, r=16):
     linear = L * (d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * ff)
     total = linear + 2 * V * d + L * 2 * d + d
     lora = L * r * ((d + h * hd) + 2 * (d + kv * hd) + (h * hd + d) + 2 * (d + ff) + (ff + d))
-    return total, linear, lora
+    # Under pure FSDP the derived specs leave the 'tensor'-side halves unsharded: B of the
+    # column-parallel q/k/v/gate/up and A of the row-parallel o/down (see lora_jax.sharding.rules).
+    lora_replicated = L * r * (h * hd + 2 * kv * hd + 2 * ff + h * hd + ff)
+    return total, linear, lora, lora_replicated
 
 
 def paper_rows(seq=4096, micro=1):
     """Per-device GB: frozen base, LoRA params+grads+AdamW, activations (per-layer remat), logits."""
     rows = []
     for name, (L, d, ff, h, kv, V) in LLAMA3.items():
-        total, linear, lora = llama_counts(L, d, ff, h, kv, V)
+        total, linear, lora, lora_rep = llama_counts(L, d, ff, h, kv, V)
         for hw, (n, hbm) in HW.items():
             for method in ("LoRA (bf16 base)", "QLoRA (NF4 base)"):
                 # QLoRA: linear weights NF4 4 bit + double-quantised absmax per 64 (~0.127 bit, as
                 # bitsandbytes); embeddings / head / norms stay bf16.
                 base = (linear * 4.127 / 8 + (total - linear) * 2.0) if method.startswith("Q") else total * 2.0
-                adapters = lora * (4 + 4 + 8)  # fp32 params + fp32 grads + AdamW mu/nu
+                adapters = (lora - lora_rep) * (4 + 4 + 8)  # fp32 params + fp32 grads + AdamW mu/nu, sharded
                 acts = L * micro * seq * d * 2  # remat: one bf16 [T, d] block input kept per layer
                 work = micro * (seq * (3 * d + 2 * ff) * 2 + h * seq * seq * 4 / 8)  # one layer's working set (tensor / fsdp-local), flash-style chunking / 8
                 logits = micro * seq * V * 4  # fp32 logits + their gradient, not chunked
-                per_dev = (base + adapters) / n + acts + work + 2 * logits
-                rows.append((name, hw, method, base / n / GB, adapters / n / GB, (acts + work + 2 * logits) / GB,
+                per_dev = (base + adapters) / n + lora_rep * 16 + acts + work + 2 * logits
+                rows.append((name, hw, method, base / n / GB, (adapters / n + lora_rep * 16) / GB, (acts + work + 2 * logits) / GB,
                              per_dev / GB, hbm))
     return rows, {k: llama_counts(*v) for k, v in LLAMA3.items()}
 
@@ -122,7 +125,7 @@ def main():
                      f"{full / mb:.1f} | {lo / full:.2f} |")
     rows, counts = paper_rows()
     lines += ["", "## On paper: Llama-3 LoRA / QLoRA per device (r=16 on all linear layers, seq 4096, 1 sequence per device)", ""]
-    for name, (total, linear, lora) in counts.items():
+    for name, (total, linear, lora, _) in counts.items():
         lines.append(f"- {name}: {total / 1e9:.2f} B params ({linear / 1e9:.2f} B in linear layers), LoRA r=16: {lora / 1e6:.1f} M params.")
     lines += ["", "| model | hardware | method | frozen base / device (GB) | adapters + grads + AdamW / device (GB) | "
               "activations + logits / device (GB) | total / device (GB) | HBM (GB) | fits |",
@@ -137,8 +140,10 @@ def main():
         "working set with chunked attention; fp32 logits and their gradient unchunked (the largest activation:",
         "2 × T × 128256 × 4 B ≈ 4.2 GB at T = 4096 — chunk the loss or shorten T on 16 GB chips).",
         "FSDP all-gathers one layer's weights at a time (bf16 8B: 0.44 GB, 70B: 1.7 GB per layer, gathered per",
-        "layer not per model), not counted above. Under FSDP the LoRA state is negligible: the frozen base and",
-        "the activations decide what fits. On the v5e-256 the per-chip base is tiny; prefer `MeshConfig(data=16,",
+        "layer not per model), not counted above. Under FSDP the LoRA state is small: the frozen base and",
+        "the activations decide what fits. The adapter column counts the 'tensor'-side LoRA halves (B of q/k/v/gate/up,",
+        "A of o/down) in full on every device: their derived specs shard them over 'tensor', which is 1 here.",
+        "On the v5e-256 the per-chip base is tiny; prefer `MeshConfig(data=16,",
         "fsdp=16)` (8B) or `MeshConfig(data=8, fsdp=32)` (70B) to keep all-gathers inside smaller groups.",
         "",
         "## Recipe",
