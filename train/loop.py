@@ -277,6 +277,6 @@ def _report(prompts, before, after, metric_name, out) -> None:
     for p, b, a in zip(prompts, before["samples"], after["samples"]):
         _say(f"<human>: {p}\n<assistant> (before): {b}\n<assistant> (after):  {a}\n")
     _say(f"eval loss: {_fmt(before['eval_loss'])} -> {_fmt(after['eval_loss'])}")
-    if metric_name != "none":
+    if metric_name != "none" and after["metric"] is not None:
         _say(f"{metric_name}: {_fmt(before['metric'])} -> {_fmt(after['metric'])}")
     _say(f"adapter: {os.path.join(out, 'adapter')}  (loss curve: {os.path.join(out, 'loss.png')})")
