@@ -1,6 +1,17 @@
 """lora_jax: LoRA fine-tuning for JAX/Flax as a pure transform of the parameter tree.
 
-The public API, one name per line (everything else is internal):
+The public API is what this module re-exports (everything else is internal). Where things live:
+
+    lora_jax.config / targeting / transform / layers / intercept / optim / summary   the LoRA core
+    lora_jax.models        Flax Llama / Mistral / Qwen2 / Qwen3 / GPT-2, HF safetensors + GGUF import
+    lora_jax.generation    KV-cache generation and chat templates
+    lora_jax.interop       PEFT adapters in and out, merged HF checkpoints out
+    lora_jax.sharding      meshes, partition rules, sharded placement, jax.distributed
+    lora_jax.training      the compiled train / eval step, loss, orbax checkpoints
+
+>>> import lora_jax
+>>> lora_jax.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]).scale_for("q_proj")
+2.0
 """
 
 from lora_jax.config import ALL_LINEAR, LoraConfig
@@ -11,6 +22,11 @@ from lora_jax.optim import lora_value_and_grad, optimizer, param_labels
 from lora_jax.summary import count_parameters, print_trainable_parameters, trainable_parameters_line
 from lora_jax.targeting import KernelLayout, select_targets
 from lora_jax.transform import combine, delta_weight, has_lora, inject, merge, split, trainable_mask, unmerge
+
+# Subpackages, after the core they build on.
+from lora_jax import generation, interop, models, sharding, training  # noqa: E402  isort: skip
+from lora_jax.interop import load_peft_adapter, save_merged, save_peft_adapter  # noqa: E402
+from lora_jax.models import from_pretrained  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -24,19 +40,28 @@ __all__ = [
     "combine",
     "count_parameters",
     "delta_weight",
+    "from_pretrained",
     "generate",
+    "generation",
     "has_lora",
     "inject",
+    "interop",
     "kernel_layouts",
+    "load_peft_adapter",
     "lora_delta",
     "lora_value_and_grad",
     "merge",
+    "models",
     "optimizer",
     "param_labels",
     "print_trainable_parameters",
+    "save_merged",
+    "save_peft_adapter",
     "select_targets",
+    "sharding",
     "split",
     "trainable_mask",
     "trainable_parameters_line",
+    "training",
     "unmerge",
 ]

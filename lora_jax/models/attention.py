@@ -56,12 +56,17 @@ def prepare(
     """(positions [B, T], mask [B, 1, T, S], window mask or None, cache with the new mask/index).
 
     The masks are bool, True = may attend; S = T without a cache, the cache length with one.
+    Without a cache, `attention_mask` may hold segment ids (packed rows: 1, 2, …, 0 = padding) and
+    tokens attend only within their segment; pass the per-segment `positions` alongside.
 
     >>> from lora_jax.models.config import ModelConfig
     >>> cfg = ModelConfig("llama", 32, 16, 32, 2, 4, 2, 4)
     >>> pos, mask, _, _ = prepare(cfg, jnp.zeros((1, 3), jnp.int32), jnp.array([[0, 1, 1]]), None, None)
     >>> pos.tolist(), mask.shape
     ([[0, 0, 1]], (1, 1, 3, 3))
+    >>> _, mask, _, _ = prepare(cfg, jnp.zeros((1, 3), jnp.int32), jnp.array([[1, 1, 2]]), None, None)
+    >>> mask[0, 0, 2].tolist()  # the token of segment 2 sees only itself
+    [False, False, True]
     """
     b, t = input_ids.shape
     am = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
@@ -80,6 +85,13 @@ def prepare(
     q_slot = index + jnp.arange(t)[:, None]  # [T, 1]
     k_slot = jnp.arange(valid.shape[1])[None, :]  # [1, S]
     mask = valid[:, None, None, :] & (k_slot <= q_slot)[None, None]
+    if cache is None and attention_mask is not None:
+        # Packed rows carry segment ids (1, 2, …; 0 = padding) in attention_mask: a token attends only
+        # inside its own example. A 0/1 mask gives the same mask as before; padding queries (0) keep
+        # attending to every valid key, as transformers' padded rows do.
+        seg = attention_mask.astype(jnp.int32)
+        same = (seg[:, :, None] == seg[:, None, :]) | (seg[:, :, None] == 0)
+        mask = mask & same[:, None]
     window = None
     if cfg.sliding_window is not None:
         window = mask & (k_slot > q_slot - cfg.sliding_window)[None, None]
