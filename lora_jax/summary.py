@@ -25,7 +25,12 @@ def count_parameters(params: Any) -> tuple[int, int]:
 
 
 def trainable_parameters_line(params: Any) -> str:
-    """PEFT's summary line, e.g. 'trainable params: 8 || all params: 24 || trainable%: 33.3333'."""
+    """PEFT's summary line for a param tree (LoRA leaves are the trainable ones).
+
+    >>> import jax.numpy as jnp
+    >>> trainable_parameters_line({"q": {"kernel": jnp.zeros((4, 4)), "lora_a": jnp.zeros((4, 2))}})
+    'trainable params: 8 || all params: 24 || trainable%: 33.3333'
+    """
     trainable, total = count_parameters(params)
     pct = 100 * trainable / total if total else 0.0
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}"

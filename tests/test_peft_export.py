@@ -180,14 +180,6 @@ def test_smollm2_135m_adapter_size(tmp_path):
     assert n == 30 * (8 * 576 + 576 * 8 + 8 * 576 + 192 * 8) == 460800  # 1.8 MB in fp32
 
 
-@pytest.mark.parametrize("module", ["adapter", "peft_config", "merged", "cli", "_files"])
-def test_doctests(module):
-    import doctest
-    import importlib
-
-    result = doctest.testmod(importlib.import_module(f"lora_jax.interop.{module}"), optionflags=doctest.ELLIPSIS)
-    assert result.failed == 0 and result.attempted > 0
-
 
 def test_scan_layers_gpt2_round_trip(tiny_checkpoint, tmp_path):
     # GPT-2's stack lives under transformer.h; Conv1D weights keep PEFT's [r, in] / [out, r] layout.

@@ -104,11 +104,3 @@ def test_cli_one_line_errors(argv, fragment, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert fragment in err and err.count("\n") == 1
 
-
-@pytest.mark.parametrize("module", ["train.config", "train.data", "train.metrics", "train.runtime", "train.cli"])
-def test_doctests(module):
-    import doctest
-    import importlib
-
-    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
-    assert result.failed == 0
