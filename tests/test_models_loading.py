@@ -89,6 +89,19 @@ def test_to_hf_state_dict_round_trips(name, tiny_checkpoint):
         np.testing.assert_array_equal(hf[k], theirs[k], err_msg=k)
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_host_loading_gives_the_same_params_as_numpy(scan, tiny_checkpoint):
+    import jax
+
+    path, _ = tiny_checkpoint("llama")
+    _, on_device, _ = from_pretrained(path, scan_layers=scan)
+    _, on_host, _ = from_pretrained(path, scan_layers=scan, param_dtype="bfloat16", host=True)
+    assert jax.tree.structure(on_host) == jax.tree.structure(on_device)
+    for h, d in zip(jax.tree.leaves(on_host), jax.tree.leaves(on_device)):
+        assert type(h) is np.ndarray and h.dtype == np.dtype("bfloat16") and h.shape == d.shape
+        np.testing.assert_array_equal(h, np.asarray(d).astype("bfloat16"))
+
+
 def test_stack_unstack_and_module_names(tiny_checkpoint):
     _, flat, _ = _loaded(tiny_checkpoint("llama")[0], False)
     _, stacked, _ = _loaded(tiny_checkpoint("llama")[0], True)

@@ -116,13 +116,16 @@ def from_pretrained(
     scan_layers: bool = False,
     remat: str | Callable | None = None,
     lora: LoraConfig | None = None,
+    host: bool = False,
 ) -> tuple[Any, dict, Any]:
     """Load an HF checkpoint: (flax model, params, transformers config).
 
     dtype: compute dtype; param_dtype: storage dtype of the params (None = dtype); scan_layers:
     stack the blocks under nn.scan (params gain a leading layer axis); remat: None / "full" /
     a jax.checkpoint_policies name; lora: the LoraConfig the model scales adapters with
-    (`model.clone(lora=cfg)` later works too).
+    (`model.clone(lora=cfg)` later works too); host: return numpy leaves in host memory instead of
+    arrays on the default device — what `lora_jax.sharding.load_sharded` takes, so a model larger
+    than one accelerator is never gathered on one.
 
     >>> import tempfile, transformers, torch
     >>> d = tempfile.mkdtemp()
@@ -132,9 +135,11 @@ def from_pretrained(
     >>> model, params, _ = from_pretrained(d)
     >>> params["lm_head"]["kernel"].shape
     (16, 32)
+    >>> type(from_pretrained(d, host=True)[1]["lm_head"]["kernel"]).__name__
+    'ndarray'
     """
     hf_config, tensors = read_checkpoint(path)
     cfg = ModelConfig.from_hf(hf_config)
     model = build_model(cfg, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat=remat, lora=lora)
-    params = from_hf_state_dict(tensors, cfg, scan_layers=scan_layers, param_dtype=model.param_dtype)
+    params = from_hf_state_dict(tensors, cfg, scan_layers=scan_layers, param_dtype=model.param_dtype, host=host)
     return model, params, hf_config

@@ -147,9 +147,13 @@ def _lookup(tensors: Mapping[str, Any], name: str) -> str | None:
 
 
 def from_hf_state_dict(
-    tensors: Mapping[str, Any], cfg: ModelConfig, scan_layers: bool = False, param_dtype: Any = "float32"
+    tensors: Mapping[str, Any], cfg: ModelConfig, scan_layers: bool = False, param_dtype: Any = "float32",
+    host: bool = False,
 ) -> dict:
     """Our param tree from HF-named, HF-oriented tensors (numpy or any array type).
+
+    `host=True` keeps the leaves as numpy arrays in host memory (for `lora_jax.sharding.load_sharded`,
+    which hands each device only its slice); otherwise they are `jax.Array`s on the default device.
 
     Missing tensors and shape mismatches raise ValueError naming the tensor (and both shapes);
     tensors the model has no use for are reported with a warning.
@@ -187,6 +191,8 @@ def from_hf_state_dict(
         warnings.warn(f"{len(unused)} checkpoint tensors are not used by the model: {', '.join(unused[:5])}", stacklevel=2)
     if scan_layers:
         out = stack_layers(out)
+    if host:
+        return jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype, copy=False), out)
     return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype=dtype), out)
 
 
