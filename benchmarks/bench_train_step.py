@@ -123,12 +123,13 @@ def child_jax(args, mode: str) -> dict:
         specs = shd.param_specs(params, shd.default_rules("llama"), mesh)
         lora, frozen = lora_jax.split(params)
         state = training.init_train_state(lora, tx, jax.random.key(2), mesh=mesh, lora_specs=lora_jax.split(specs)[0])
-        step = training.make_train_step(model, tx, mesh, specs, dropout=False)
+        step = training.make_train_step(model, tx, mesh, specs, dropout=False, loss_chunk=args.loss_chunk or None)
     else:
         specs = shd.param_specs(params, shd.default_rules("llama"), mesh)
         state = training.init_train_state(params, tx, jax.random.key(2), mesh=mesh, lora_specs=specs)
         frozen = {}
-        step = training.make_train_step(model, tx, mesh, specs, dropout=False, trainable="all")
+        step = training.make_train_step(model, tx, mesh, specs, dropout=False, trainable="all",
+                                         loss_chunk=args.loss_chunk or None)
     del params
     ids, labels = batch_np(args, cfg.vocab_size)
     batch = shd.shard_batch({"input_ids": ids[None], "labels": labels[None]}, mesh, batch_axis=1)
@@ -230,7 +231,8 @@ def run_child(args, kind: str, env_extra: dict, timeout: float = 1500) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", kind] + [
         f"--{k}={v}" for k, v in (("batch", args.batch), ("seq", args.seq), ("steps", args.steps),
                                   ("warmup", args.warmup), ("r", args.r), ("scan", args.scan),
-                                  ("remat", args.remat), ("threads", args.threads))]
+                                  ("remat", args.remat), ("threads", args.threads),
+                                  ("loss_chunk", args.loss_chunk))]
     env = dict(os.environ, **env_extra)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
@@ -248,6 +250,7 @@ def main(argv=None):
     p.add_argument("--scan", type=int, default=1)
     p.add_argument("--remat", default="none,full", help="comma list: none | full | dots_saveable | ... (lora_jax.models remat)")
     p.add_argument("--repeats", type=int, default=1, help="interleaved rounds of the allocator comparison")
+    p.add_argument("--loss_chunk", type=int, default=128, help="tokens per chunk of the fused LM-head loss (0: full logits)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for PEFT")
     p.add_argument("--malloc", default="all", help="'all' or a comma list of glibc,tunables,jemalloc,tcmalloc")
     p.add_argument("--child", default=None)

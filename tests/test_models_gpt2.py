@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from lora_jax.models import init_cache
-from test_models_llama import _loaded, assert_parity
+from test_models_llama import _loaded, assert_parity, assert_remat_grads_equal
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
@@ -38,3 +38,7 @@ def test_gpt2_incremental_decoding(scan, tiny_checkpoint, padded_batch):
         outs.append(out)
     real = np.asarray(mask).astype(bool)
     np.testing.assert_allclose(np.concatenate(outs, 1)[real], np.asarray(full)[real], atol=1e-4, rtol=0)
+
+
+def test_gpt2_remat_save_projections_gradients_equal_no_remat(tiny_checkpoint, padded_batch):
+    assert_remat_grads_equal("gpt2", "save_projections", tiny_checkpoint, padded_batch)

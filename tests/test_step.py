@@ -139,3 +139,20 @@ def test_full_finetuning_mode_trains_everything(setup):
     assert changed["model"]["embed_tokens"]["embedding"] and changed["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
     with pytest.raises(ValueError, match="trainable"):
         training.make_train_step(model, tx, mesh, specs, trainable="some")
+
+
+def test_chunked_loss_step_equals_full_logits_step(setup):
+    """The default step (LM head fused into the loss, chunks of 3 tokens: uneven) == plain logits."""
+    model, mesh, specs, lora, frozen = setup
+    tx = optax.adam(1e-2)
+    out = []
+    for chunk in (None, 3):
+        state = training.init_train_state(lora, tx, jax.random.key(2), mesh=mesh, lora_specs=lora_jax.split(specs)[0])
+        state, m = training.make_train_step(model, tx, mesh, specs, loss_chunk=chunk)(
+            state, frozen, shd.shard_batch(batch(0), mesh, batch_axis=1))
+        out.append((jax.tree.map(np.asarray, state["lora"]), jax.tree.map(float, m)))
+    (lora_ref, m_ref), (lora_got, m_got) = out
+    assert m_got["loss"] == pytest.approx(m_ref["loss"], rel=1e-5)
+    assert m_got["grad_norm"] == pytest.approx(m_ref["grad_norm"], rel=1e-5)
+    for a, b in zip(jax.tree.leaves(lora_got), jax.tree.leaves(lora_ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -63,3 +63,27 @@ def param_shapes(model: nn.Module) -> Any:
     """
     ids = jnp.zeros((1, 1), jnp.int32)
     return jax.eval_shape(lambda: model.init(jax.random.key(0), ids))["params"]
+
+
+def lm_head(model: nn.Module, params: Any) -> tuple[jax.Array, bool] | None:
+    """(head weight, vocab_first) of one of our causal LMs, for a loss that applies the head itself.
+
+    Tied embeddings give the embedding [V, D] (vocab_first=True), an untied head its kernel [D, V].
+    None when the model is not one of ours (no `return_hidden`) or the head carries LoRA leaves
+    (explicitly targeted `lm_head`): the caller then uses the logits the model returns.
+
+    >>> from lora_jax.models.config import ModelConfig
+    >>> model = build_model(ModelConfig("llama", 32, 16, 32, 2, 4, 2, 4))
+    >>> w, vocab_first = lm_head(model, model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"])
+    >>> w.shape, vocab_first
+    ((16, 32), False)
+    """
+    if not isinstance(model, (LlamaForCausalLM, GPT2LMHeadModel)):
+        return None
+    if model.cfg.tie_word_embeddings:
+        embed = params["transformer"]["wte"] if isinstance(model, GPT2LMHeadModel) else params["model"]["embed_tokens"]
+        return embed["embedding"], True
+    head = params["lm_head"]
+    if set(head) != {"kernel"}:  # LoRA leaves (or a bias): only the model's own head applies them
+        return None
+    return head["kernel"], False

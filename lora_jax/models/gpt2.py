@@ -28,7 +28,7 @@ from lora_jax.layers import Dense
 from lora_jax.models import attention
 from lora_jax.models.config import ModelConfig
 from lora_jax.models.llama import activation
-from lora_jax.models.stack import block_stack
+from lora_jax.models.stack import block_stack, saved
 
 
 def _layer_norm(cfg: ModelConfig, dtype, param_dtype, name: str) -> nn.LayerNorm:
@@ -47,7 +47,7 @@ class GPT2Block(nn.Module):
         h = _layer_norm(c, self.dtype, self.param_dtype, "ln_1")(x)
         attn = _Attn(c, self.dtype, self.param_dtype, self.lora, name="attn")
         h, kv = attn(h, mask, index, kv)
-        x = x + h
+        x = saved(x + h)  # checkpoint_name: kept by remat="save_projections" (lora_jax.models.stack)
         h = _layer_norm(c, self.dtype, self.param_dtype, "ln_2")(x)
         h = _MLP(c, self.dtype, self.param_dtype, self.lora, name="mlp")(h)
         return x + h, kv
@@ -63,7 +63,7 @@ class _Attn(nn.Module):
     def __call__(self, x, mask, index, kv):
         c = self.cfg
         b, t, d = x.shape
-        qkv = Dense(3 * d, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora, name="c_attn")(x)
+        qkv = saved(Dense(3 * d, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora, name="c_attn")(x))
         q, k, v = (y.reshape(b, t, c.num_heads, c.head_dim) for y in jnp.split(qkv, 3, axis=-1))
         out, kv = attention.attend(q, k, v, mask, c.scale, kv, index)
         return Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora, name="c_proj")(out), kv
@@ -78,7 +78,7 @@ class _MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.cfg
-        h = Dense(c.intermediate_size, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora, name="c_fc")(x)
+        h = saved(Dense(c.intermediate_size, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora, name="c_fc")(x))
         h = activation(c.hidden_act)(h)
         return Dense(c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora, name="c_proj")(h)
 
@@ -132,10 +132,13 @@ class GPT2LMHeadModel(nn.Module):
     remat: Any = None
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
+    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, return_hidden=False):
+        # return_hidden=True: (final hidden states after ln_f, cache), no head (see LlamaForCausalLM).
         transformer = GPT2Model(self.cfg, self.dtype, self.param_dtype, self.lora, self.scan_layers, self.remat,
                                 name="transformer")
         h, cache = transformer(input_ids, attention_mask, positions, cache)
+        if return_hidden:
+            return h, cache
         if self.cfg.tie_word_embeddings:
             embedding = transformer.variables["params"]["wte"]["embedding"]
             logits = jnp.dot(h, embedding.astype(h.dtype).T)

@@ -37,7 +37,7 @@ from lora_jax.layers import Dense
 from lora_jax.models import attention
 from lora_jax.models.config import ModelConfig
 from lora_jax.models.rope import apply_rope, cos_sin
-from lora_jax.models.stack import block_stack
+from lora_jax.models.stack import block_stack, saved
 
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
@@ -85,9 +85,10 @@ class LlamaAttention(nn.Module):
         dense = lambda n, bias, name: Dense(n, use_bias=bias, dtype=self.dtype, param_dtype=self.param_dtype,  # noqa: E731
                                             lora=self.lora, name=name)
         b, t, _ = x.shape
-        q = dense(c.num_heads * c.head_dim, c.attention_bias, "q_proj")(x).reshape(b, t, c.num_heads, c.head_dim)
-        k = dense(c.num_kv_heads * c.head_dim, c.attention_bias, "k_proj")(x).reshape(b, t, c.num_kv_heads, c.head_dim)
-        v = dense(c.num_kv_heads * c.head_dim, c.attention_bias, "v_proj")(x).reshape(b, t, c.num_kv_heads, c.head_dim)
+        # checkpoint_name: what remat="save_projections" keeps (lora_jax.models.stack).
+        q = saved(dense(c.num_heads * c.head_dim, c.attention_bias, "q_proj")(x)).reshape(b, t, c.num_heads, c.head_dim)
+        k = saved(dense(c.num_kv_heads * c.head_dim, c.attention_bias, "k_proj")(x)).reshape(b, t, c.num_kv_heads, c.head_dim)
+        v = saved(dense(c.num_kv_heads * c.head_dim, c.attention_bias, "v_proj")(x)).reshape(b, t, c.num_kv_heads, c.head_dim)
         if c.qk_norm:
             q = RMSNorm(c.norm_eps, self.dtype, self.param_dtype, name="q_norm")(q)
             k = RMSNorm(c.norm_eps, self.dtype, self.param_dtype, name="k_norm")(k)
@@ -107,7 +108,8 @@ class LlamaMLP(nn.Module):
         c = self.cfg
         dense = lambda n, name: Dense(n, use_bias=c.mlp_bias, dtype=self.dtype, param_dtype=self.param_dtype,  # noqa: E731
                                       lora=self.lora, name=name)
-        h = activation(c.hidden_act)(dense(c.intermediate_size, "gate_proj")(x)) * dense(c.intermediate_size, "up_proj")(x)
+        gate, up = saved(dense(c.intermediate_size, "gate_proj")(x)), saved(dense(c.intermediate_size, "up_proj")(x))
+        h = activation(c.hidden_act)(gate) * up
         return dense(c.hidden_size, "down_proj")(h)
 
 
@@ -124,7 +126,7 @@ class LlamaDecoderLayer(nn.Module):
             mask = jnp.where(sliding, window, mask)
         h = RMSNorm(c.norm_eps, self.dtype, self.param_dtype, name="input_layernorm")(x)
         h, kv = LlamaAttention(**kw, name="self_attn")(h, cos, sin, mask, index, kv)
-        x = x + h
+        x = saved(x + h)
         h = RMSNorm(c.norm_eps, self.dtype, self.param_dtype, name="post_attention_layernorm")(x)
         return x + LlamaMLP(**kw, name="mlp")(h), kv
 
@@ -178,9 +180,13 @@ class LlamaForCausalLM(nn.Module):
     remat: Any = None
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
+    def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, return_hidden=False):
+        # return_hidden=True: (final normed hidden states [B, T, D], cache) instead of the logits, for a
+        # loss that applies the head itself in chunks (lora_jax.training.loss.chunked_ce_sum).
         decoder = LlamaModel(self.cfg, self.dtype, self.param_dtype, self.lora, self.scan_layers, self.remat, name="model")
         h, cache = decoder(input_ids, attention_mask, positions, cache)
+        if return_hidden:
+            return h, cache
         if self.cfg.tie_word_embeddings:
             embedding = decoder.variables["params"]["embed_tokens"]["embedding"]
             logits = jnp.dot(h, embedding.astype(h.dtype).T)

@@ -17,6 +17,7 @@ The softmax is computed in float32 whatever the logits' dtype.
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping
 
 import jax
@@ -78,3 +79,95 @@ def masked_ce(logits: jax.Array, batch: Mapping[str, jax.Array]) -> jax.Array:
     """
     s, n = masked_ce_sum(logits, batch)
     return s / jnp.maximum(n, 1.0)
+
+
+# -- the LM head fused with the loss, over token chunks ---------------------------------------------
+# The [tokens, vocab] float32 logits (and, in the backward pass, their gradient) are the largest
+# activation of a small model's step: 512 tokens x 49152 vocab = 100 MB each for SmolLM2. Here the
+# head matmul, the softmax and its gradient run one chunk of tokens at a time inside a `lax.scan`,
+# so at most one chunk's logits exist. The gradient is computed in the same pass (softmax - onehot
+# is known as soon as the logits are): the forward keeps only dL/dhidden [tokens, D] (and dL/dW
+# when W is differentiated), so nothing is recomputed — the FLOPs equal the unchunked head's.
+
+
+def _head_logits(h, w, vocab_first):
+    # Same arithmetic as the models' heads: matmul in h's dtype, softmax in float32.
+    return jnp.einsum("nd,vd->nv" if vocab_first else "nd,dv->nv", h, w.astype(h.dtype)).astype(jnp.float32)
+
+
+def _chunks(x, chunk):
+    return x.reshape((x.shape[0] // chunk, chunk) + x.shape[1:])
+
+
+def _head_ce_scan(h, w, targets, mask, chunk, vocab_first, want_dh, want_dw):
+    """Loss sum over chunks; with want_dh/want_dw also dsum/dh [N, D] and dsum/dw (w's shape)."""
+
+    def body(dw, xs):
+        hc, tc, mc = xs
+        logits = _head_logits(hc, w, vocab_first)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+        s = ((lse - picked) * mc).sum()
+        if not (want_dh or want_dw):
+            return dw, (s, None)
+        # d(sum of masked token losses)/dlogits = (softmax - onehot) * mask, cast as the model's
+        # backward casts it (to h's dtype) before the matmuls.
+        g = (jnp.exp(logits - lse[:, None]) - jax.nn.one_hot(tc, logits.shape[-1], dtype=jnp.float32))
+        g = (g * mc[:, None]).astype(hc.dtype)
+        dh = jnp.einsum("nv,vd->nd" if vocab_first else "nv,dv->nd", g, w.astype(g.dtype)) if want_dh else None
+        if want_dw:
+            dw = dw + jnp.einsum("nv,nd->vd" if vocab_first else "nv,nd->dv", g, hc,
+                                 preferred_element_type=jnp.float32)
+        return dw, (s, dh)
+
+    dw0 = jnp.zeros(w.shape, jnp.float32) if want_dw else None
+    dw, (s, dh) = jax.lax.scan(body, dw0, (_chunks(h, chunk), _chunks(targets, chunk), _chunks(mask, chunk)))
+    return s.sum(), (None if dh is None else dh.reshape(h.shape)), dw
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _head_ce(h, w, targets, mask, chunk, vocab_first):
+    return _head_ce_scan(h, w, targets, mask, chunk, vocab_first, False, False)[0]
+
+
+def _head_ce_fwd(h, w, targets, mask, chunk, vocab_first):
+    # symbolic_zeros: `perturbed` says whether w is differentiated at all (full fine-tuning) or a
+    # frozen weight (LoRA), so the [D, V] weight gradient is only computed when someone needs it.
+    s, dh, dw = _head_ce_scan(h.value, w.value, targets.value, mask.value, chunk, vocab_first,
+                              h.perturbed, w.perturbed)
+    return s, (dh, None if dw is None else dw.astype(w.value.dtype))
+
+
+def _head_ce_bwd(chunk, vocab_first, res, g):
+    dh, dw = res
+    return (None if dh is None else dh * g.astype(dh.dtype), None if dw is None else dw * g.astype(dw.dtype),
+            None, None)
+
+
+_head_ce.defvjp(_head_ce_fwd, _head_ce_bwd, symbolic_zeros=True)
+
+
+def chunked_ce_sum(hidden: jax.Array, weight: jax.Array, batch: Mapping[str, jax.Array], *,
+                   chunk: int = 128, vocab_first: bool = False) -> tuple[jax.Array, jax.Array]:
+    """`masked_ce_sum(hidden @ W, batch)` without ever forming the full [B, T, vocab] logits.
+
+    `hidden` [B, T, D] are the final (normed) hidden states, `weight` the LM head: [D, V]
+    (`lm_head.kernel`) or, with `vocab_first=True`, [V, D] (a tied `embedding`). Tokens are
+    processed `chunk` at a time (the last chunk zero-padded); value and gradients (w.r.t. hidden
+    and weight) equal the unchunked loss's up to float summation order.
+
+    >>> h = jnp.ones((1, 3, 2)); w = jnp.arange(8.0).reshape(2, 4)
+    >>> b = {"input_ids": jnp.array([[1, 2, 3]])}
+    >>> s, n = chunked_ce_sum(h, w, b, chunk=2)
+    >>> bool(jnp.allclose(s, masked_ce_sum(h @ w, b)[0])), float(n)
+    (True, 2.0)
+    """
+    targets, mask = targets_and_mask(batch)
+    d = hidden.shape[-1]
+    h, t, m = hidden.reshape(-1, d), targets.reshape(-1), mask.reshape(-1)
+    chunk = max(1, min(chunk, h.shape[0]))
+    pad = -h.shape[0] % chunk
+    if pad:  # padded rows are masked out: they add 0 to the sum and get 0 gradient
+        h, t, m = jnp.pad(h, ((0, pad), (0, 0))), jnp.pad(t, (0, pad)), jnp.pad(m, (0, pad))
+    s = _head_ce(h, weight, t, m, chunk, vocab_first)
+    return s, mask.sum()

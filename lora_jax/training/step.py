@@ -47,11 +47,13 @@ from lora_jax.optim import lora_value_and_grad
 from lora_jax.sharding.mesh import BATCH_AXES
 from lora_jax.sharding.rules import named_shardings
 from lora_jax.targeting import iter_leaves, path_key
-from lora_jax.training.loss import masked_ce_sum
+from lora_jax.models.build import lm_head
+from lora_jax.training.loss import chunked_ce_sum, masked_ce_sum
 from lora_jax.transform import _get, combine, split
 
 State = dict[str, Any]
 Schedule = Callable[[jax.Array], jax.Array] | float | None
+LOSS_CHUNK = 128  # tokens per LM-head/loss chunk: 128 x 49152 fp32 logits = 25 MB (SmolLM2) at a time
 
 
 def default_optimizer(schedule: Callable | float, max_grad_norm: float | None = 1.0, weight_decay: float = 0.0,
@@ -133,9 +135,13 @@ def default_model_inputs(batch: Mapping[str, jax.Array]) -> dict[str, Any]:
     return {"input_ids": batch["input_ids"], "attention_mask": mask, "positions": batch.get("positions")}
 
 
-def _loss_sum_fn(model, model_inputs):
+def _loss_sum_fn(model, model_inputs, loss_chunk):
     def loss_sum(params, batch, key):
         rngs = {"dropout": key} if key is not None else {}
+        head = lm_head(model, params) if loss_chunk else None
+        if head is not None:  # our models: the head runs inside the chunked loss, no full logits
+            h, _ = model.apply({"params": params}, **model_inputs(batch), rngs=rngs, return_hidden=True)
+            return chunked_ce_sum(h, head[0], batch, chunk=loss_chunk, vocab_first=head[1])
         logits, _ = model.apply({"params": params}, **model_inputs(batch), rngs=rngs)
         return masked_ce_sum(logits, batch)  # (sum, count): count rides along as aux
 
@@ -179,11 +185,13 @@ def _batch_sharding(mesh: Mesh, ndim: int, axis: int) -> NamedSharding:
 
 def make_train_step(model: Any, tx: optax.GradientTransformation, mesh: Mesh, param_specs: Any, *,
                     schedule: Schedule = None, model_inputs: Callable = default_model_inputs,
-                    dropout: bool = True, trainable: str = "lora") -> TrainStep:
+                    dropout: bool = True, trainable: str = "lora", loss_chunk: int | None = LOSS_CHUNK) -> TrainStep:
     """Build the jitted train step (module docstring). `param_specs`: specs of the combined tree.
 
     `trainable="all"` is full fine-tuning with the same machinery (state["lora"] then holds the
     whole param tree and `frozen` is `{}`) — the baseline our benchmarks compare against.
+    `loss_chunk`: for our models, the LM head and the loss run `loss_chunk` tokens at a time
+    (`training.loss.chunked_ce_sum`: the [tokens, vocab] logits never exist); None = plain logits.
 
     >>> import flax.linen as nn, lora_jax
     >>> from lora_jax.sharding import make_mesh, param_specs as specs_of
@@ -208,7 +216,7 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, mesh: Mesh, pa
         raise ValueError(f"trainable must be 'lora' or 'all', got {trainable!r}")
     lora_specs, frozen_specs = split(param_specs) if trainable == "lora" else (param_specs, {})
     lora_sh = named_shardings(lora_specs, mesh)
-    loss_sum = _loss_sum_fn(model, model_inputs)
+    loss_sum = _loss_sum_fn(model, model_inputs, loss_chunk)
     value_and_grad = lora_value_and_grad(loss_sum, has_aux=True)
 
     def micro(lora, frozen, mb, key):
@@ -245,7 +253,8 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, mesh: Mesh, pa
     return TrainStep(step_fn, mesh, lora_specs, frozen_specs, batch_axis=1)
 
 
-def make_eval_step(model: Any, mesh: Mesh, param_specs: Any, *, model_inputs: Callable = default_model_inputs):
+def make_eval_step(model: Any, mesh: Mesh, param_specs: Any, *, model_inputs: Callable = default_model_inputs,
+                   loss_chunk: int | None = LOSS_CHUNK):
     """`eval_step(lora, frozen, batch[B, T]) -> {"loss", "loss_sum", "n_tokens"}` (no dropout).
 
     Sum `loss_sum` and `n_tokens` over eval batches and divide for the dataset's token mean.
@@ -253,7 +262,7 @@ def make_eval_step(model: Any, mesh: Mesh, param_specs: Any, *, model_inputs: Ca
     >>> callable(make_eval_step(None, None, {}))
     True
     """
-    loss_sum = _loss_sum_fn(model, model_inputs)
+    loss_sum = _loss_sum_fn(model, model_inputs, loss_chunk)
     compiled = {}
 
     def eval_step(lora, frozen, batch):
