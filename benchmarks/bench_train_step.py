@@ -258,7 +258,7 @@ def main(argv=None):
     p.add_argument("--scan", type=int, default=1)
     p.add_argument("--remat", default="none,full,save_projections,dots_with_no_batch_dims_saveable",
                    help="comma list: none | full | save_projections | dots_saveable | ... (lora_jax.models remat)")
-    p.add_argument("--loss_chunk", type=int, default=128, help="tokens per chunk of the fused LM-head loss (0: full logits)")
+    p.add_argument("--loss_chunk", type=int, default=256, help="tokens per chunk of the fused LM-head loss (0: full logits)")
     p.add_argument("--repeats", type=int, default=1, help="interleaved rounds of the allocator comparison")
     p.add_argument("--threads", type=int, default=2, help="torch threads for PEFT")
     p.add_argument("--malloc", default="all", help="'all' or a comma list of glibc,tunables,jemalloc,tcmalloc")

@@ -110,14 +110,19 @@ def _head_ce_scan(h, w, targets, mask, chunk, vocab_first, want_dh, want_dw):
         s = ((lse - picked) * mc).sum()
         if not (want_dh or want_dw):
             return dw, (s, None)
-        # d(sum of masked token losses)/dlogits = (softmax - onehot) * mask, cast as the model's
-        # backward casts it (to h's dtype) before the matmuls.
-        g = (jnp.exp(logits - lse[:, None]) - jax.nn.one_hot(tc, logits.shape[-1], dtype=jnp.float32))
-        g = (g * mc[:, None]).astype(hc.dtype)
-        dh = jnp.einsum("nv,vd->nd" if vocab_first else "nv,dv->nd", g, w.astype(g.dtype)) if want_dh else None
+        # d(sum of masked token losses)/dlogits = (softmax - onehot) * mask. The onehot part is applied
+        # as a row gather / scatter of w (no [chunk, V] onehot): dh = g W' - m * W'[t] with g = softmax * m.
+        g = (jnp.exp(logits - lse[:, None]) * mc[:, None]).astype(hc.dtype)
+        dh = None
+        if want_dh:
+            w_rows = jnp.take(w, tc, axis=0) if vocab_first else jnp.take(w, tc, axis=1).T  # [chunk, D]
+            dh = jnp.einsum("nv,vd->nd" if vocab_first else "nv,dv->nd", g, w.astype(g.dtype))
+            dh = dh - (mc[:, None] * w_rows).astype(dh.dtype)
         if want_dw:
             dw = dw + jnp.einsum("nv,nd->vd" if vocab_first else "nv,nd->dv", g, hc,
                                  preferred_element_type=jnp.float32)
+            picked_h = (mc[:, None] * hc).astype(jnp.float32)  # onehotᵀ h: rows of h added at the targets
+            dw = dw.at[tc].add(-picked_h) if vocab_first else dw.at[:, tc].add(-picked_h.T)
         return dw, (s, dh)
 
     dw0 = jnp.zeros(w.shape, jnp.float32) if want_dw else None
@@ -148,7 +153,7 @@ _head_ce.defvjp(_head_ce_fwd, _head_ce_bwd, symbolic_zeros=True)
 
 
 def chunked_ce_sum(hidden: jax.Array, weight: jax.Array, batch: Mapping[str, jax.Array], *,
-                   chunk: int = 128, vocab_first: bool = False) -> tuple[jax.Array, jax.Array]:
+                   chunk: int = 256, vocab_first: bool = False) -> tuple[jax.Array, jax.Array]:
     """`masked_ce_sum(hidden @ W, batch)` without ever forming the full [B, T, vocab] logits.
 
     `hidden` [B, T, D] are the final (normed) hidden states, `weight` the LM head: [D, V]

@@ -53,7 +53,8 @@ from lora_jax.transform import _get, combine, split
 
 State = dict[str, Any]
 Schedule = Callable[[jax.Array], jax.Array] | float | None
-LOSS_CHUNK = 128  # tokens per LM-head/loss chunk: 128 x 49152 fp32 logits = 25 MB (SmolLM2) at a time
+LOSS_CHUNK = 256  # tokens per LM-head/loss chunk: 256 x 49152 fp32 logits = 50 MB (SmolLM2) at a time;
+# smaller chunks re-read the [V, D] head weight more often (128: +2-3% step time on 2 CPU cores)
 
 
 def default_optimizer(schedule: Callable | float, max_grad_norm: float | None = 1.0, weight_decay: float = 0.0,
