@@ -123,6 +123,24 @@ def flat(tree) -> dict:
     return {".".join(path_key(p)): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def count_all_gathers(mesh, scan: bool, loss_chunk: int) -> int:
+    """All-gather ops in the compiled train step (several LM-head/loss chunks per step)."""
+    import re
+
+    import jax
+
+    import lora_jax
+    from lora_jax import sharding as shd
+    from lora_jax import training
+
+    model, frozen, lora, specs = setup(mesh, scan)
+    tx = optimizer()
+    state = training.init_train_state(lora, tx, jax.random.key(7), mesh=mesh, lora_specs=lora_jax.split(specs)[0])
+    step = training.make_train_step(model, tx, mesh, specs, schedule=0.5, loss_chunk=loss_chunk)
+    batch = shd.shard_batch(host_batches(1, 2, 8)[0], mesh, batch_axis=1)
+    return len(re.findall(r"all-gather(?:-start)?\(", step.lower(state, frozen, batch).compile().as_text()))
+
+
 def run_meshes() -> dict:
     import jax
 
@@ -146,6 +164,8 @@ def run_meshes() -> dict:
                 shards[key] = {"global": list(arr.shape), "local": [list(s) for s in shapes],
                                "spec": [None if e is None else (list(e) if isinstance(e, tuple) else e) for e in arr.sharding.spec]}
             rec["shards"] = shards
+            if name == "8data":  # pure data parallelism: params replicated, nothing to all-gather
+                rec["all_gathers"] = count_all_gathers(mesh, scan, loss_chunk=32)  # 4 positions x 8 rows per chunk
             if ref is None:
                 ref = (losses, norms, lora)
                 if scan:  # the single-device reference the multi-process test compares against

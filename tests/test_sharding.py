@@ -152,6 +152,14 @@ def test_every_mesh_trains_like_one_device(meshes, run):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("scan", [True, False])
+def test_data_parallel_step_gathers_nothing(meshes, scan):
+    # The chunked LM-head loss scans positions, keeping the batch axis sharded: no device gathers
+    # the others' hidden states (scanning flattened tokens made GSPMD all-gather them).
+    assert meshes[f"8data/scan={scan}"]["all_gathers"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scan", [True, False])
 def test_each_device_holds_its_fraction_of_sharded_kernels(meshes, scan):
     for mesh_name, n in (("2data4fsdp", {"fsdp": 4}), ("2fsdp4tensor", {"fsdp": 2, "tensor": 4})):
         shards = meshes[f"{mesh_name}/scan={scan}"]["shards"]

@@ -95,15 +95,13 @@ def _head_logits(h, w, vocab_first):
     return jnp.einsum("nd,vd->nv" if vocab_first else "nd,dv->nv", h, w.astype(h.dtype)).astype(jnp.float32)
 
 
-def _chunks(x, chunk):
-    return x.reshape((x.shape[0] // chunk, chunk) + x.shape[1:])
-
-
-def _head_ce_scan(h, w, targets, mask, chunk, vocab_first, want_dh, want_dw):
-    """Loss sum over chunks; with want_dh/want_dw also dsum/dh [N, D] and dsum/dw (w's shape)."""
+def _head_ce_scan(h, w, targets, mask, vocab_first, want_dh, want_dw):
+    """Loss sum over the chunks h [n, B, c, D] (targets/mask [n, B, c]); with want_dh/want_dw also
+    dsum/dh (h's shape) and dsum/dw (w's shape)."""
 
     def body(dw, xs):
-        hc, tc, mc = xs
+        hb, tc, mc = xs  # one chunk: c tokens of every row, so a batch-sharded B stays sharded
+        hc, tc, mc = hb.reshape(-1, hb.shape[-1]), tc.reshape(-1), mc.reshape(-1)
         logits = _head_logits(hc, w, vocab_first)
         lse = jax.nn.logsumexp(logits, axis=-1)
         picked = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
@@ -117,7 +115,7 @@ def _head_ce_scan(h, w, targets, mask, chunk, vocab_first, want_dh, want_dw):
         if want_dh:
             w_rows = jnp.take(w, tc, axis=0) if vocab_first else jnp.take(w, tc, axis=1).T  # [chunk, D]
             dh = jnp.einsum("nv,vd->nd" if vocab_first else "nv,dv->nd", g, w.astype(g.dtype))
-            dh = dh - (mc[:, None] * w_rows).astype(dh.dtype)
+            dh = (dh - (mc[:, None] * w_rows).astype(dh.dtype)).reshape(hb.shape)
         if want_dw:
             dw = dw + jnp.einsum("nv,nd->vd" if vocab_first else "nv,nd->dv", g, hc,
                                  preferred_element_type=jnp.float32)
@@ -126,24 +124,23 @@ def _head_ce_scan(h, w, targets, mask, chunk, vocab_first, want_dh, want_dw):
         return dw, (s, dh)
 
     dw0 = jnp.zeros(w.shape, jnp.float32) if want_dw else None
-    dw, (s, dh) = jax.lax.scan(body, dw0, (_chunks(h, chunk), _chunks(targets, chunk), _chunks(mask, chunk)))
-    return s.sum(), (None if dh is None else dh.reshape(h.shape)), dw
+    dw, (s, dh) = jax.lax.scan(body, dw0, (h, targets, mask))
+    return s.sum(), dh, dw
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _head_ce(h, w, targets, mask, chunk, vocab_first):
-    return _head_ce_scan(h, w, targets, mask, chunk, vocab_first, False, False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _head_ce(h, w, targets, mask, vocab_first):
+    return _head_ce_scan(h, w, targets, mask, vocab_first, False, False)[0]
 
 
-def _head_ce_fwd(h, w, targets, mask, chunk, vocab_first):
+def _head_ce_fwd(h, w, targets, mask, vocab_first):
     # symbolic_zeros: `perturbed` says whether w is differentiated at all (full fine-tuning) or a
     # frozen weight (LoRA), so the [D, V] weight gradient is only computed when someone needs it.
-    s, dh, dw = _head_ce_scan(h.value, w.value, targets.value, mask.value, chunk, vocab_first,
-                              h.perturbed, w.perturbed)
+    s, dh, dw = _head_ce_scan(h.value, w.value, targets.value, mask.value, vocab_first, h.perturbed, w.perturbed)
     return s, (dh, None if dw is None else dw.astype(w.value.dtype))
 
 
-def _head_ce_bwd(chunk, vocab_first, res, g):
+def _head_ce_bwd(vocab_first, res, g):
     dh, dw = res
     return (None if dh is None else dh * g.astype(dh.dtype), None if dw is None else dw * g.astype(dw.dtype),
             None, None)
@@ -157,9 +154,10 @@ def chunked_ce_sum(hidden: jax.Array, weight: jax.Array, batch: Mapping[str, jax
     """`masked_ce_sum(hidden @ W, batch)` without ever forming the full [B, T, vocab] logits.
 
     `hidden` [B, T, D] are the final (normed) hidden states, `weight` the LM head: [D, V]
-    (`lm_head.kernel`) or, with `vocab_first=True`, [V, D] (a tied `embedding`). Tokens are
-    processed `chunk` at a time (the last chunk zero-padded); value and gradients (w.r.t. hidden
-    and weight) equal the unchunked loss's up to float summation order.
+    (`lm_head.kernel`) or, with `vocab_first=True`, [V, D] (a tied `embedding`). About `chunk`
+    tokens are processed at a time: `chunk // B` positions of every row (the last chunk
+    zero-padded); value and gradients (w.r.t. hidden and weight) equal the unchunked loss's up to
+    float summation order.
 
     >>> h = jnp.ones((1, 3, 2)); w = jnp.arange(8.0).reshape(2, 4)
     >>> b = {"input_ids": jnp.array([[1, 2, 3]])}
@@ -168,11 +166,21 @@ def chunked_ce_sum(hidden: jax.Array, weight: jax.Array, batch: Mapping[str, jax
     (True, 2.0)
     """
     targets, mask = targets_and_mask(batch)
-    d = hidden.shape[-1]
-    h, t, m = hidden.reshape(-1, d), targets.reshape(-1), mask.reshape(-1)
-    chunk = max(1, min(chunk, h.shape[0]))
-    pad = -h.shape[0] % chunk
-    if pad:  # padded rows are masked out: they add 0 to the sum and get 0 gradient
-        h, t, m = jnp.pad(h, ((0, pad), (0, 0))), jnp.pad(t, (0, pad)), jnp.pad(m, (0, pad))
-    s = _head_ce(h, weight, t, m, chunk, vocab_first)
+    b, t = targets.shape
+    # A chunk takes the same `c` positions of every row rather than `chunk` consecutive flattened
+    # tokens: the batch axis (sharded over ('data', 'fsdp')) stays a batch axis, so each device
+    # scans its own rows. Scanning a flattened, batch-sharded axis would make GSPMD gather it.
+    c = max(1, min(t, chunk // b))
+    pad = -t % c
+    if pad:  # padded positions are masked out: they add 0 to the sum and get 0 gradient
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets, mask_p = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(mask, ((0, 0), (0, pad)))
+    else:
+        mask_p = mask
+    n = (t + pad) // c
+
+    def split(x):  # [B, n*c, ...] -> [n, B, c, ...]
+        return jnp.moveaxis(x.reshape((b, n, c) + x.shape[2:]), 1, 0)
+
+    s = _head_ce(split(hidden), weight, split(targets), split(mask_p), vocab_first)
     return s, mask.sum()
