@@ -5,8 +5,8 @@
 1. Forward (jit, fp32, [batch, seq]): the base model vs the same model with LoRA r=8 *unmerged*
    (params carry lora_a/lora_b, model built with lora=config) vs *merged* (`lora_jax.merge`),
    for target_modules q,v and all-linear. The variants are timed round-robin (one call of each
-   per round) so that load drift on a shared machine hits them alike; medians over the rounds and
-   ratios to the base. Targets: unmerged <= 1.10x, merged <= 1.02x.
+   per round, the starting variant rotating) so that load drift on a shared machine hits them
+   alike; medians over the rounds and ratios to the base. Targets: unmerged <= 1.10x, merged <= 1.02x.
 2. Greedy generation of exactly `--new` tokens after the chat-templated question, ours
    (`lora_jax.generate`: KV cache, one compiled while_loop) vs transformers `generate` on the same
    GGUF (fp32, torch threads = 2); tokens/s = new tokens / wall time incl. prefill, after one
@@ -59,9 +59,12 @@ def forward_rows(model, params, batch: int, seq: int, repeats: int) -> list[tupl
         calls[name] = lambda f=f, p=p: f(p, ids).block_until_ready()
         calls[name]()  # compile
     times = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, call in calls.items():
-            times[name].append(_timed(call))
+    names = list(calls)
+    for i in range(repeats):
+        # Rotate who goes first: a fixed order lets a per-round effect (the first call after a
+        # pause runs slower) land on one variant every time.
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            times[name].append(_timed(calls[name]))
     base = statistics.median(times["base"])
     return [(name, statistics.median(t) * 1e3, statistics.median(t) / base) for name, t in times.items()]
 
@@ -110,7 +113,7 @@ def table(fwd, gen, args) -> str:
         "# Forward and generation speed: SmolLM2-135M-Instruct (GGUF Q4_1 dequantised to fp32)",
         "",
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__} "
-        f"({jax.default_backend()}), load average {load:.1f} at the end (shared machine: provisional numbers).",
+        f"({jax.default_backend()}), load average {load:.1f} at the end.",
         "",
         f"## Forward, jit, fp32, batch {args.batch} x seq {args.seq}, median of {args.repeats} rounds",
         "",

@@ -59,6 +59,12 @@ def test_unknown_key_in_yaml(tmp_path):
         load_recipe(y)
 
 
+@pytest.mark.parametrize("value,option", [("false", None), ("true", "full"), ("full", "full"),
+                                          ("save_projections", "save_projections"), ("dots_saveable", "dots_saveable")])
+def test_remat_accepts_bools_and_policies(value, option):
+    assert load_recipe(None, [f"model.remat={value}"]).model.remat_option() == option
+
+
 @pytest.mark.parametrize("override,message", [
     ("optim.lr=0", "optim.lr must be > 0"), ("optim.lr=-1", "optim.lr must be > 0"),
     ("batch_size=0", "batch_size must be >= 1"), ("grad_accum=3", "divisible by grad_accum"),
@@ -68,6 +74,7 @@ def test_unknown_key_in_yaml(tmp_path):
     ("data.metric=sql_exec", "needs data.metric_db"), ("data.template=Q: {question}", "{prompt}"),
     ("max_steps=-1", "max_steps must be >= 0"), ("mesh.data=0", "mesh.data"),
     ("optim.b1=1.0", "optim.b1"), ("save_total_limit=0", "save_total_limit"),
+    ("model.remat=sometimes", "model.remat: remat='sometimes' is not a known policy"),
 ])
 def test_invalid_values(override, message):
     with pytest.raises(ValueError) as e:

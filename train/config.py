@@ -49,11 +49,29 @@ class ModelSection:
     path: str = _f("default", "HF model directory (config.json + safetensors), a .gguf file, or 'default' = the embedded SmolLM2-135M-Instruct GGUF")
     dtype: str = _f("float32", "dtype of the frozen base weights: float32 | bfloat16")
     scan_layers: bool = _f(True, "stack the decoder layers under nn.scan (faster compile)")
-    remat: bool = _f(False, "rematerialise each layer in the backward pass (less memory, ~30% more compute)")
+    remat: Any = _f(False, "recompute activations in the backward pass: false | true (= full: least memory, "
+                           "~+25% compute) | save_projections (keeps projection outputs: most of the saving, "
+                           "little recompute) | a jax.checkpoint_policies name")
 
     def __post_init__(self):
         _check(bool(self.path), "model.path is empty; give an HF model directory, a .gguf file or 'default'")
         _one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
+        from lora_jax.models.stack import remat_policy
+
+        try:
+            remat_policy(self.remat_option())
+        except ValueError as e:
+            raise ValueError(f"model.remat: {e}") from None
+
+    def remat_option(self) -> str | None:
+        """The models' `remat` argument: None, "full" or a policy name.
+
+        >>> ModelSection(remat=True).remat_option(), ModelSection(remat="save_projections").remat_option()
+        ('full', 'save_projections')
+        """
+        if isinstance(self.remat, bool) or self.remat is None:
+            return "full" if self.remat else None
+        return None if str(self.remat).lower() in ("none", "false") else "full" if str(self.remat).lower() == "true" else str(self.remat)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -95,7 +95,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> int
     compute = "bfloat16" if recipe.precision == "bf16" else "float32"
     model, params, hf_config = from_pretrained(model_path, dtype=compute, param_dtype=recipe.model.dtype,
                                                scan_layers=recipe.model.scan_layers,
-                                               remat="full" if recipe.model.remat else None, lora=lora_cfg,
+                                               remat=recipe.model.remat_option(), lora=lora_cfg,
                                                host=True)  # numpy in host RAM: each device gets only its slice
     times = {"setup": time.time() - t_start}
     rng = jax.random.key(recipe.seed)
