@@ -35,7 +35,8 @@ def batches(ids, labels):
             "plain LM": {"input_ids": jnp.asarray(ids)}}
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 4, 14, 64])  # 14 = B*T exactly, 3/4 leave a padded last chunk
+@pytest.mark.parametrize("chunk", [1, 4, 6, 14, 64])  # chunk // B positions per row: 1, 2, 3 (padded last
+# chunk), 7 = T (one chunk), 32 (clipped to T)
 @pytest.mark.parametrize("convention", ["hf labels", "targets + loss_mask", "plain LM"])
 def test_chunked_equals_unchunked_value_and_grads(chunk, convention):
     h, w, ids, labels = data()
