@@ -71,7 +71,7 @@ class ModelSection:
         """
         if isinstance(self.remat, bool) or self.remat is None:
             return "full" if self.remat else None
-        return None if str(self.remat).lower() in ("none", "false") else "full" if str(self.remat).lower() == "true" else str(self.remat)
+        return {"none": None, "false": None, "true": "full"}.get(str(self.remat).lower(), str(self.remat))
 
 
 @dataclasses.dataclass(frozen=True)
