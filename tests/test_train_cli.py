@@ -161,3 +161,21 @@ def test_fsdp_mesh_on_two_host_devices(tiny, tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_shipped_hf_recipe_runs_bf16_with_save_projections_and_accumulation(tiny, tmp_path, capsys):
+    """recipes/hf_llama.yaml as shipped (bf16 compute, remat=save_projections, grad_accum, dropout,
+    merged export), shrunk to 2 steps; the tiny tokenizer has no chat template, so seeds format."""
+    import json
+
+    recipe = os.path.join(ROOT, "recipes", "hf_llama.yaml")
+    out = tmp_path / "run"
+    rc, _, err = run_cli(["train", recipe, f"model.path={tiny}", "epochs=0", "max_steps=2", "batch_size=4",
+                          "data.max_length=64", "data.template=seeds", "data.max_eval_examples=8",
+                          "data.metric_examples=2", "max_new_tokens=4", "lora.r=4", f"output_dir={out}"], capsys)
+    assert rc == 0, err
+    recipe_used = (out / "recipe.yaml").read_text()
+    assert "remat: save_projections" in recipe_used and "precision: bf16" in recipe_used and "grad_accum: 4" in recipe_used
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 2 and all(0 < results[k]["eval_loss"] < 20 for k in ("before", "after"))
+    assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "merged" / "config.json").exists()
