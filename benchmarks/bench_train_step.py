@@ -21,10 +21,11 @@ outputs) for the JAX steps. Times are medians over `--steps` after `--warmup` st
 - "jax full": the same machinery with `trainable="all"` (grads + AdamW state for every weight).
 - "peft": transformers LlamaForCausalLM + peft LoRA, torch.set_num_threads(--threads),
   forward(labels) + backward + AdamW step + zero_grad.
-- "matmul": a big fp32 `jnp.dot` (the machine's measured matmul rate), measured again inside each
-  JAX child right after its steps (this shared machine's speed drifts between runs; each row's
-  FLOP/s ratio uses its own process's rate); achieved FLOP/s of a step = analytic model FLOPs (fwd 2N + attention, backward w.r.t. activations 2N, + weight grads 2N
-  for full fine-tuning; remat recomputation not counted) / step time.
+- "matmul": a big fp32 `jnp.dot` (the machine's measured matmul rate), measured inside each JAX
+  child right after its steps (the rate drifts between runs; each row's FLOP/s ratio uses its own
+  process's rate). Achieved FLOP/s of a step = analytic model FLOPs (fwd 2N + attention, backward
+  w.r.t. activations 2N, + weight grads 2N for full fine-tuning; remat recomputation not counted)
+  / step time.
 - `--malloc`: the allocator environments tried for the JAX LoRA step: glibc (default), tunables
   (GLIBC_TUNABLES mmap_max=0, huge trim threshold, arena_max=1: no per-step mmap/munmap and
   page faults of XLA's temp buffer), jemalloc (MALLOC_CONF without decay) / tcmalloc via

@@ -171,16 +171,12 @@ def chunked_ce_sum(hidden: jax.Array, weight: jax.Array, batch: Mapping[str, jax
     # tokens: the batch axis (sharded over ('data', 'fsdp')) stays a batch axis, so each device
     # scans its own rows. Scanning a flattened, batch-sharded axis would make GSPMD gather it.
     c = max(1, min(t, chunk // b))
-    pad = -t % c
-    if pad:  # padded positions are masked out: they add 0 to the sum and get 0 gradient
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets, mask_p = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(mask, ((0, 0), (0, pad)))
-    else:
-        mask_p = mask
+    pad = -t % c  # padded positions are masked out: they add 0 to the sum and get 0 gradient
     n = (t + pad) // c
 
-    def split(x):  # [B, n*c, ...] -> [n, B, c, ...]
+    def split(x):  # [B, T, ...] -> zero-padded to [B, n*c, ...] -> [n, B, c, ...]
+        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
         return jnp.moveaxis(x.reshape((b, n, c) + x.shape[2:]), 1, 0)
 
-    s = _head_ce(split(hidden), weight, split(targets), split(mask_p), vocab_first)
+    s = _head_ce(split(hidden), weight, split(targets), split(mask), vocab_first)
     return s, mask.sum()

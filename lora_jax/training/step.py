@@ -43,11 +43,11 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lora_jax.models.build import lm_head
 from lora_jax.optim import lora_value_and_grad
 from lora_jax.sharding.mesh import BATCH_AXES
 from lora_jax.sharding.rules import named_shardings
 from lora_jax.targeting import iter_leaves, path_key
-from lora_jax.models.build import lm_head
 from lora_jax.training.loss import chunked_ce_sum, masked_ce_sum
 from lora_jax.transform import _get, combine, split
 
