@@ -3,6 +3,7 @@
 The public API is what this module re-exports (everything else is internal). Where things live:
 
     lora_jax.config / targeting / transform / layers / intercept / optim / summary   the LoRA core
+    lora_jax.tree          paths, get/put/filter of param trees and the leaf kinds (kernel, lora_a, ...)
     lora_jax.models        Flax Llama / Mistral / Qwen2 / Qwen3 / GPT-2, HF safetensors + GGUF import
     lora_jax.generation    KV-cache generation and chat templates
     lora_jax.interop       PEFT adapters in and out, merged HF checkpoints out
@@ -21,10 +22,10 @@ from lora_jax.layers import Dense, lora_delta
 from lora_jax.optim import lora_value_and_grad, optimizer, param_labels
 from lora_jax.summary import count_parameters, print_trainable_parameters, trainable_parameters_line
 from lora_jax.targeting import KernelLayout, select_targets
-from lora_jax.transform import combine, delta_weight, has_lora, inject, merge, split, trainable_mask, unmerge
+from lora_jax.transform import combine, delta_weight, has_lora, inject, merge, split, split_constants, trainable_mask, unmerge
 
 # Subpackages, after the core they build on.
-from lora_jax import generation, interop, models, sharding, training  # noqa: E402  isort: skip
+from lora_jax import generation, interop, models, sharding, training, tree  # noqa: E402  isort: skip
 from lora_jax.interop import load_peft_adapter, save_merged, save_peft_adapter  # noqa: E402
 from lora_jax.models import from_pretrained  # noqa: E402
 
@@ -60,8 +61,10 @@ __all__ = [
     "select_targets",
     "sharding",
     "split",
+    "split_constants",
     "trainable_mask",
     "trainable_parameters_line",
     "training",
+    "tree",
     "unmerge",
 ]

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from lora_jax.config import LoraConfig
 from lora_jax.layers import Dense, adapter_delta
 from lora_jax.targeting import KERNEL, LORA_A, LORA_B, KernelLayout, iter_leaves, module_key
-from lora_jax.transform import delta_weight
+from lora_jax.transform import adapter_scale, delta_weight
 
 _INTERCEPTED = (nn.Dense, nn.DenseGeneral, nn.Einsum)
 
@@ -53,7 +53,7 @@ def _lora_interceptor(config: LoraConfig) -> Callable:
         if isinstance(module, nn.Einsum):
             node = module.variables["params"]
             kernel = node[KERNEL]
-            scale = config.scale_for(".".join(module.path), node[LORA_A].shape[-1])
+            scale = adapter_scale(node, config, ".".join(module.path))
             dw = delta_weight(node[LORA_A], node[LORA_B], scale, kernel.shape).astype(y.dtype)
             return y + jnp.einsum(module.einsum_str, x.astype(y.dtype), dw)
         if isinstance(module, nn.DenseGeneral):

@@ -9,12 +9,14 @@ otherwise inserts before the two tiny matmuls (measured in benchmarks/bench_forw
 `Dense` is a drop-in for `flax.linen.Dense` whose params may hold LoRA leaves:
 
     {'kernel': W[in, out], 'bias'?: b[out]}                       # plain: y = x W + b
-    {'kernel': W, 'bias'?: b, 'lora_a': A[in, r], 'lora_b': B[r, out]}  # y += dropout(x) A B · scale
+    {'kernel': W, 'bias'?: b, 'lora_a': A[in, r], 'lora_b': B[r, out], 'lora_scale': s}
+                                                                  # y += dropout(x) A B · s
 
 It never creates the LoRA leaves itself — `lora_jax.inject` adds them to the param tree — so one
-module definition serves the base model, the adapted model and the merged model. The scale comes
-from the `LoraConfig` the model was built with (`lora=`), per module key, exactly as PEFT scales.
-Dropout on the adapter input is active only when the caller passes a `'dropout'` rng.
+module definition serves the base model, the adapted model and the merged model. The scale is the
+adapter's own `lora_scale` leaf (PEFT's alpha/r for that module and layer), so a swapped-in adapter
+brings its own; the `LoraConfig` the model was built with (`lora=`) supplies the dropout. Dropout on
+the adapter input is active only when the caller passes a `'dropout'` rng.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.config import LoraConfig
-from lora_jax.targeting import LORA_A, LORA_B
+from lora_jax.transform import adapter_scale
+from lora_jax.tree import LORA_A, LORA_B, LORA_SCALE
 
 
 @jax.custom_vjp
@@ -72,23 +75,23 @@ def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: float, n_in: int
 def adapter_delta(module: nn.Module, x: jax.Array, lora: LoraConfig | None, n_in: int = 1) -> jax.Array | None:
     """The LoRA term for `module` if its params hold `lora_a`/`lora_b`, else None.
 
-    Applies the config's dropout to the adapter input when the caller supplied a 'dropout' rng.
-    Used by `Dense` and by `lora_jax.apply`'s interceptor, so both scale identically.
+    Scales by the adapter's `lora_scale` (or `lora`'s scale for an adapter without one) and applies
+    the config's dropout to the adapter input when the caller supplied a 'dropout' rng. Used by
+    `Dense` and by `lora_jax.apply`'s interceptor, so both scale identically.
     """
     if not (module.has_variable("params", LORA_A) and module.has_variable("params", LORA_B)):
         return None
-    a = module.get_variable("params", LORA_A)
-    b = module.get_variable("params", LORA_B)
+    node = {name: module.get_variable("params", name) for name in (LORA_A, LORA_B, LORA_SCALE)
+            if module.has_variable("params", name)}
     key = ".".join(module.path)
-    if lora is None:
-        raise ValueError(
-            f"params at {key!r} hold LoRA leaves but the model has no LoraConfig to scale them; "
-            "build it with lora=config (our models) or call through lora_jax.apply(model.apply, config)"
-        )
-    if lora.dropout > 0 and module.has_rng("dropout"):
+    scale = adapter_scale(node, lora, key)
+    if lora is None and module.has_rng("dropout"):  # training: the dropout rate must be known
+        raise ValueError(f"params at {key!r} hold LoRA leaves but the model has no LoraConfig for their dropout; "
+                         "build it with lora=config (our models) or call through lora_jax.apply(model.apply, config)")
+    if lora is not None and lora.dropout > 0 and module.has_rng("dropout"):
         keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - lora.dropout, x.shape)
         x = jnp.where(keep, x / (1.0 - lora.dropout), 0).astype(x.dtype)
-    return lora_delta(x, a, b, lora.scale_for(key, a.shape[-1]), n_in=n_in)
+    return lora_delta(x, node[LORA_A], node[LORA_B], scale, n_in=n_in)
 
 
 class Dense(nn.Module):

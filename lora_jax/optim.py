@@ -2,12 +2,13 @@
 
 Two equivalent ways, tested to give identical updates:
 
-1. `optimizer(tx, params)` — `optax.partition` over the labels {'lora', 'frozen'}: `tx` for LoRA
-   leaves, `optax.set_to_zero()` (no state) for everything else. Drop-in for a full-tree training
+1. `optimizer(tx, params)` — `optax.partition` over the labels {'lora', 'frozen'}: `tx` for the
+   trained LoRA leaves (A, B), `optax.set_to_zero()` (no state) for everything else, the adapters'
+   `lora_scale` included. Drop-in for a full-tree training
    loop; optimizer state exists only for the LoRA leaves.
 2. `lora_value_and_grad(loss_fn)` — differentiates only the LoRA partition, the frozen half closed
-   over as a constant, so no full-size frozen gradient is ever built. Pair it with a plain `tx`
-   over the `lora` tree. This is what `lora_jax.training` uses.
+   over as a constant, so no full-size frozen gradient is ever built (the scales get zero
+   gradients). Pair it with `optimizer(tx, lora)`. This is what `lora_jax.training` uses.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ from typing import Any, Callable
 import jax
 import optax
 
-from lora_jax.targeting import LORA_LEAVES, iter_leaves
-from lora_jax.transform import _set, combine, split
+from lora_jax.transform import combine, split, split_constants, trainable_mask
 
 LORA_LABEL = "lora"
 FROZEN_LABEL = "frozen"
@@ -27,13 +27,10 @@ FROZEN_LABEL = "frozen"
 def param_labels(params: Any) -> Any:
     """Tree of 'lora' / 'frozen' labels, one per leaf.
 
-    >>> param_labels({"q": {"kernel": 1.0, "lora_a": 2.0}})
-    {'q': {'kernel': 'frozen', 'lora_a': 'lora'}}
+    >>> param_labels({"q": {"kernel": 1.0, "lora_a": 2.0, "lora_scale": 0.5}})
+    {'q': {'kernel': 'frozen', 'lora_a': 'lora', 'lora_scale': 'frozen'}}
     """
-    out: dict = {}
-    for path, _ in iter_leaves(params):
-        _set(out, path, LORA_LABEL if path[-1] in LORA_LEAVES else FROZEN_LABEL)
-    return out
+    return jax.tree.map(lambda trained: LORA_LABEL if trained else FROZEN_LABEL, trainable_mask(params))
 
 
 def optimizer(tx: optax.GradientTransformation, params: Any) -> optax.GradientTransformation:
@@ -65,9 +62,12 @@ def lora_value_and_grad(loss_fn: Callable[..., Any], has_aux: bool = False) -> C
     """
 
     def wrapped(lora, frozen, *args, **kwargs):
-        def on_lora(lora_):
-            return loss_fn(combine(lora_, frozen), *args, **kwargs)
+        trained, constants = split_constants(lora)
 
-        return jax.value_and_grad(on_lora, has_aux=has_aux)(lora)
+        def on_lora(trained_):
+            return loss_fn(combine(trained_, constants, frozen), *args, **kwargs)
+
+        value, grads = jax.value_and_grad(on_lora, has_aux=has_aux)(trained)
+        return value, combine(grads, jax.tree.map(jax.numpy.zeros_like, constants))
 
     return wrapped

@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from lora_jax.targeting import LORA_LEAVES, iter_leaves
+from lora_jax.tree import LORA_LEAVES, is_constant_leaf, iter_leaves
 
 
 def count_parameters(params: Any) -> tuple[int, int]:
-    """(trainable, total) element counts; trainable = the LoRA leaves.
+    """(trainable, total) element counts as PEFT counts them: trainable = the LoRA A/B leaves
+    (the adapters' `lora_scale` constants are not parameters).
 
     >>> import jax.numpy as jnp
     >>> count_parameters({"q": {"kernel": jnp.zeros((4, 4)), "lora_a": jnp.zeros((4, 1))}})
@@ -17,6 +18,8 @@ def count_parameters(params: Any) -> tuple[int, int]:
     """
     trainable = total = 0
     for path, leaf in iter_leaves(params):
+        if is_constant_leaf(path):
+            continue
         n = math.prod(getattr(leaf, "shape", ()))
         total += n
         if path[-1] in LORA_LEAVES:

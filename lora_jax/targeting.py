@@ -18,16 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Iterator, Mapping
-
-import jax
+from typing import Any, Mapping
 
 from lora_jax.config import ALL_LINEAR, LoraConfig
+from lora_jax.tree import KERNEL, LORA_A, LORA_B, LORA_LEAVES, LORA_SCALE, iter_leaves, path_key  # noqa: F401  (re-exported)
 
-KERNEL = "kernel"
-LORA_A = "lora_a"
-LORA_B = "lora_b"
-LORA_LEAVES = (LORA_A, LORA_B)
 # Modules `all-linear` leaves alone, as PEFT does: the output layer (and embeddings, which are
 # `embedding` leaves, not kernels).
 OUTPUT_LAYER_NAMES = ("lm_head", "embed_out", "output")
@@ -60,28 +55,9 @@ def default_layout(shape: tuple[int, ...]) -> KernelLayout:
     return KernelLayout(stack=max(len(shape) - 2, 0), n_in=1)
 
 
-def path_key(path: tuple) -> tuple[str, ...]:
-    """A jax tree path as a tuple of strings: (DictKey('a'), DictKey('b')) -> ('a', 'b')."""
-    out = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                out.append(str(getattr(k, attr)))
-                break
-        else:
-            out.append(str(k))
-    return tuple(out)
-
-
 def module_key(path: tuple[str, ...]) -> str:
     """Dotted module key of a leaf path: ('model', 'q_proj', 'kernel') -> 'model.q_proj'."""
     return ".".join(path[:-1])
-
-
-def iter_leaves(params: Any) -> Iterator[tuple[tuple[str, ...], Any]]:
-    """(string path, leaf) for every leaf of a nested-dict param tree."""
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        yield path_key(path), leaf
 
 
 def kernel_paths(params: Any) -> list[tuple[str, ...]]:
@@ -115,6 +91,7 @@ def is_target(config: LoraConfig, key: str) -> bool:
 def select_targets(params: Any, config: LoraConfig) -> list[tuple[str, ...]]:
     """Kernel paths `config` targets; a clear error when nothing matches or a pattern hits a non-kernel.
 
+    >>> import jax
     >>> params = {"q_proj": {"kernel": jax.numpy.zeros((4, 4))}}
     >>> select_targets(params, LoraConfig(target_modules=["q_proj"]))
     [('q_proj', 'kernel')]

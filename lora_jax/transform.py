@@ -9,16 +9,20 @@ Before and after `inject` (r = 8, target_modules=["q_proj"]):
     {'model': {'layers': {'0': {'self_attn': {
         'q_proj': {'kernel': W[576, 576],                   # frozen, untouched
                    'lora_a': A[576, 8],                     # PEFT's lora_A (input side), Kaiming-uniform
-                   'lora_b': B[8, 576]},                    # PEFT's lora_B (output side), zeros
+                   'lora_b': B[8, 576],                     # PEFT's lora_B (output side), zeros
+                   'lora_scale': s[]},                      # alpha / r (PEFT's scaling), fp32, not trained
     }}}}}
 
 ΔW = A @ B · scale, in a Flax kernel's [in, out] orientation. A stacked kernel W[L, in, out]
-(layers under `nn.scan`) gets A[L, in, r] and B[L, r, out]; a DenseGeneral kernel W[*in, *out]
-gets A[prod(in), r] and B[r, prod(out)].
+(layers under `nn.scan`) gets A[L, in, r], B[L, r, out] and a scale per layer s[L]; a DenseGeneral
+kernel W[*in, *out] gets A[prod(in), r] and B[r, prod(out)].
+
+The scale is a leaf of the adapter, not a property of the model: an adapter swapped in with
+`combine(other_lora, frozen)` brings its own r/alpha, and merge, the forward and export all read it.
 
 `split` / `combine` separate the adapter leaves from the frozen ones (equinox's partition/combine
-on nested dicts): the trainable half is a small tree of only `lora_a`/`lora_b` leaves, so gradients
-and optimizer state exist only for it. `merge` folds ΔW into the kernels (zero inference overhead)
+on nested dicts): the LoRA half is a small tree of `lora_a`/`lora_b`/`lora_scale` leaves, so
+gradients and optimizer state exist only for it (and never for the scale). `merge` folds ΔW into the kernels (zero inference overhead)
 and `unmerge` takes it back out. Every function is pure, returns new trees and works under `jit`.
 """
 
@@ -32,37 +36,27 @@ import jax.numpy as jnp
 from flax.core import unfreeze
 
 from lora_jax.config import LoraConfig
-from lora_jax.targeting import (
+from lora_jax.targeting import KernelLayout, module_key, resolve_layout, select_targets
+from lora_jax.tree import (
     KERNEL,
     LORA_A,
     LORA_B,
-    LORA_LEAVES,
-    KernelLayout,
+    LORA_SCALE,
+    copy_tree,
+    filter_tree,
+    get,
+    has_path,
+    is_adapter_leaf,
+    is_constant_leaf,
     iter_leaves,
-    module_key,
-    resolve_layout,
-    select_targets,
+    map_paths,
+    put,
 )
 
 Params = Any
 
-
-def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
-    for k in path:
-        tree = tree[k]
-    return tree
-
-
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
-    for k in path[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[path[-1]] = value
-
-
-def _copy(tree: Any) -> Any:
-    """Copy the dict structure (leaves shared): every transform returns a new tree."""
-    tree = unfreeze(tree) if hasattr(tree, "unfreeze") else tree
-    return {k: _copy(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
+# Private aliases kept for modules that still import them; new code uses lora_jax.tree.
+_get, _set, _copy, _has_path = get, put, copy_tree, has_path
 
 
 def has_lora(params: Params) -> bool:
@@ -71,7 +65,7 @@ def has_lora(params: Params) -> bool:
     >>> has_lora({"q": {"kernel": 1.0}})
     False
     """
-    return any(p[-1] in LORA_LEAVES for p, _ in iter_leaves(params))
+    return any(p[-1] == LORA_A for p, _ in iter_leaves(params))
 
 
 def _init_a(rng: jax.Array, shape: tuple[int, ...], config: LoraConfig, r: int) -> jax.Array:
@@ -101,36 +95,38 @@ def inject(params: Params, config: LoraConfig, rng: jax.Array, *, layouts: Mappi
     """
     if has_lora(params):
         raise ValueError("params already hold LoRA leaves; merge() or split() them off before injecting again")
-    out = _copy(params)
+    out = copy_tree(params)
     for i, path in enumerate(select_targets(params, config)):
-        kernel = _get(params, path)
+        kernel = get(params, path)
         key = module_key(path)
         stack, ins, outs = resolve_layout(path, kernel.shape, layouts).split(tuple(kernel.shape))
         r = config.rank_for(key)
         d_in, d_out = math.prod(ins), math.prod(outs)
         a = _init_a(jax.random.fold_in(rng, i), stack + (d_in, r), config, r)
         b = jnp.zeros(stack + (r, d_out), config.jnp_dtype)
-        _set(out, path[:-1] + (LORA_A,), a)
-        _set(out, path[:-1] + (LORA_B,), b)
-    return out
-
-
-def _partition(params: Params, keep_lora: bool) -> Params:
-    out: dict = {}
-    for path, leaf in iter_leaves(params):
-        if (path[-1] in LORA_LEAVES) == keep_lora:
-            _set(out, path, leaf)
+        put(out, path[:-1] + (LORA_A,), a)
+        put(out, path[:-1] + (LORA_B,), b)
+        put(out, path[:-1] + (LORA_SCALE,), jnp.full(stack, config.scale_for(key, r), jnp.float32))
     return out
 
 
 def split(params: Params) -> tuple[Params, Params]:
-    """(lora, frozen): the adapter leaves alone, and everything else — both nested dicts.
+    """(lora, frozen): the adapter leaves (A, B and their scale), and everything else.
 
-    >>> lora, frozen = split({"q": {"kernel": 1.0, "lora_a": 2.0, "lora_b": 3.0}})
+    >>> lora, frozen = split({"q": {"kernel": 1.0, "lora_a": 2.0, "lora_b": 3.0, "lora_scale": 0.5}})
     >>> lora, frozen
-    ({'q': {'lora_a': 2.0, 'lora_b': 3.0}}, {'q': {'kernel': 1.0}})
+    ({'q': {'lora_a': 2.0, 'lora_b': 3.0, 'lora_scale': 0.5}}, {'q': {'kernel': 1.0}})
     """
-    return _partition(params, True), _partition(params, False)
+    return filter_tree(params, is_adapter_leaf), filter_tree(params, lambda p: not is_adapter_leaf(p))
+
+
+def split_constants(tree: Params) -> tuple[Params, Params]:
+    """(trainable, constants) of a LoRA (or full) tree: the scales are constants, all else trains.
+
+    >>> split_constants({"q": {"lora_a": 2.0, "lora_scale": 0.5}})
+    ({'q': {'lora_a': 2.0}}, {'q': {'lora_scale': 0.5}})
+    """
+    return filter_tree(tree, lambda p: not is_constant_leaf(p)), filter_tree(tree, is_constant_leaf)
 
 
 def combine(*trees: Params) -> Params:
@@ -142,39 +138,51 @@ def combine(*trees: Params) -> Params:
     out: dict = {}
     for tree in trees:
         for path, leaf in iter_leaves(tree):
-            if _has_path(out, path):
+            if has_path(out, path):
                 raise ValueError(f"combine: leaf {'.'.join(path)!r} is in more than one tree")
-            _set(out, path, leaf)
+            put(out, path, leaf)
     return out
-
-
-def _has_path(tree: Mapping, path: tuple[str, ...]) -> bool:
-    for k in path:
-        if not isinstance(tree, Mapping) or k not in tree:
-            return False
-        tree = tree[k]
-    return True
 
 
 def trainable_mask(params: Params) -> Params:
-    """Tree of bools, True exactly at LoRA leaves (for `optax.masked` and friends).
+    """Tree of bools, True exactly at the trained LoRA leaves (for `optax.masked` and friends).
 
-    >>> trainable_mask({"q": {"kernel": 1.0, "lora_a": 2.0}})
-    {'q': {'kernel': False, 'lora_a': True}}
+    >>> trainable_mask({"q": {"kernel": 1.0, "lora_a": 2.0, "lora_scale": 0.5}})
+    {'q': {'kernel': False, 'lora_a': True, 'lora_scale': False}}
     """
-    out: dict = {}
-    for path, _ in iter_leaves(params):
-        _set(out, path, path[-1] in LORA_LEAVES)
-    return out
+    return map_paths(lambda p, _: is_adapter_leaf(p) and not is_constant_leaf(p), params)
 
 
-def delta_weight(a: jax.Array, b: jax.Array, scale: float, kernel_shape: tuple[int, ...]) -> jax.Array:
-    """ΔW = A @ B · scale in fp32, shaped like the kernel (stacked axes batched).
+def adapter_scale(node: Any, config: LoraConfig | None, key: str) -> Any:
+    """The scale of the adapter in module `node` (its params dict) at module key `key`.
+
+    The adapter's own `lora_scale` leaf when it has one; otherwise `config`'s scale for `key`,
+    refusing an adapter whose rank is not the one `config` gives (its alpha would be a guess).
+
+    >>> adapter_scale({"lora_a": jnp.zeros((4, 2)), "lora_scale": 3.0}, None, "q")
+    3.0
+    """
+    if LORA_SCALE in node:
+        return node[LORA_SCALE]
+    if config is None:
+        raise ValueError(f"the adapter at {key!r} has no lora_scale leaf and no LoraConfig was given to scale it; "
+                         "pass the LoraConfig it was created with")
+    r = node[LORA_A].shape[-1]
+    if r != config.rank_for(key):
+        raise ValueError(f"the adapter at {key!r} has rank {r} but the LoraConfig gives {config.rank_for(key)}, and it "
+                         "carries no lora_scale; pass the adapter's own LoraConfig (or re-inject/load it)")
+    return config.scale_for(key, r)
+
+
+def delta_weight(a: jax.Array, b: jax.Array, scale: Any, kernel_shape: tuple[int, ...]) -> jax.Array:
+    """ΔW = A @ B · scale in fp32, shaped like the kernel (stacked axes batched; a stacked scale
+    [*stack] scales each layer's product).
 
     >>> delta_weight(jnp.ones((2, 1)), jnp.ones((1, 3)), 2.0, (2, 3)).sum()
     Array(12., dtype=float32)
     """
-    dw = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32)) * scale
+    scale = jnp.asarray(scale, jnp.float32)
+    dw = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32)) * scale[..., None, None]
     return dw.reshape(kernel_shape)
 
 
@@ -182,24 +190,27 @@ def _adapted_modules(params: Params) -> list[tuple[str, ...]]:
     return [p[:-1] for p, _ in iter_leaves(params) if p[-1] == LORA_A]
 
 
-def merge(params: Params, config: LoraConfig) -> Params:
-    """Fold every adapter into its kernel (W += A @ B · scale) and drop the LoRA leaves.
+def merge(params: Params, config: LoraConfig | None = None) -> Params:
+    """Fold every adapter into its kernel (W += A @ B · scale) and drop the adapter leaves.
+
+    The scale is each adapter's own `lora_scale`; `config` is needed only for adapters without one.
 
     >>> import jax
     >>> p = inject({"q": {"kernel": jnp.zeros((4, 4))}}, LoraConfig(r=2, target_modules=["q"]), jax.random.key(0))
-    >>> sorted(merge(p, LoraConfig(r=2, target_modules=["q"]))["q"])
+    >>> sorted(merge(p)["q"])
     ['kernel']
     """
-    out = _copy(params)
+    out = copy_tree(params)
     for mod in _adapted_modules(params):
-        node = _get(out, mod)
+        node = get(out, mod)
+        scale = adapter_scale(node, config, ".".join(mod))
         kernel, a, b = node[KERNEL], node.pop(LORA_A), node.pop(LORA_B)
-        scale = config.scale_for(".".join(mod), a.shape[-1])
+        node.pop(LORA_SCALE, None)
         node[KERNEL] = (kernel.astype(jnp.float32) + delta_weight(a, b, scale, kernel.shape)).astype(kernel.dtype)
     return out
 
 
-def unmerge(merged: Params, lora: Params, config: LoraConfig) -> Params:
+def unmerge(merged: Params, lora: Params, config: LoraConfig | None = None) -> Params:
     """Take the adapters in `lora` back out of merged kernels (W -= A @ B · scale) and re-attach them.
 
     Exact up to floating-point rounding of the kernel's dtype.
@@ -208,15 +219,15 @@ def unmerge(merged: Params, lora: Params, config: LoraConfig) -> Params:
     >>> cfg = LoraConfig(r=2, target_modules=["q"])
     >>> p = inject({"q": {"kernel": jnp.ones((4, 4))}}, cfg, jax.random.key(0))
     >>> lora, _ = split(p)
-    >>> sorted(unmerge(merge(p, cfg), lora, cfg)["q"])
-    ['kernel', 'lora_a', 'lora_b']
+    >>> sorted(unmerge(merge(p), lora)["q"])
+    ['kernel', 'lora_a', 'lora_b', 'lora_scale']
     """
-    out = _copy(merged)
+    out = copy_tree(merged)
     for mod in _adapted_modules(lora):
-        a, b = _get(lora, mod + (LORA_A,)), _get(lora, mod + (LORA_B,))
-        node = _get(out, mod)
+        adapter = get(lora, mod)
+        scale = adapter_scale(adapter, config, ".".join(mod))
+        node = get(out, mod)
         kernel = node[KERNEL]
-        scale = config.scale_for(".".join(mod), a.shape[-1])
-        node[KERNEL] = (kernel.astype(jnp.float32) - delta_weight(a, b, scale, kernel.shape)).astype(kernel.dtype)
-        node[LORA_A], node[LORA_B] = a, b
+        node[KERNEL] = (kernel.astype(jnp.float32) - delta_weight(adapter[LORA_A], adapter[LORA_B], scale, kernel.shape)).astype(kernel.dtype)
+        node.update({k: v for k, v in adapter.items()})
     return out

@@ -115,8 +115,9 @@ def test_lora_unmerged_equals_merged(tiny):
     cfg = lora_jax.LoraConfig(r=4, alpha=8, target_modules=lora_jax.ALL_LINEAR)
     adapted = lora_jax.inject(params, cfg, jax.random.key(1))
     lora, frozen = lora_jax.split(adapted)
+    lora, scales = lora_jax.split_constants(lora)
     lora = jax.tree.map(lambda x: x + 0.3 * jax.random.normal(jax.random.key(2), x.shape), lora)  # B != 0
-    adapted = lora_jax.combine(lora, frozen)
+    adapted = lora_jax.combine(lora, scales, frozen)
     ids, mask = left_pad(PROMPTS)
     unmerged = generate(model.clone(lora=cfg), adapted, ids, mask, max_new_tokens=N)
     merged = generate(model, lora_jax.merge(adapted, cfg), ids, mask, max_new_tokens=N)

@@ -54,7 +54,7 @@ def setup():
 def randomize_lora(params, seed=7):
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    out = [jax.random.normal(k, x.shape) * 0.1 if str(p[-1].key).startswith("lora_") else x for (p, x), k in zip(leaves, keys)]
+    out = [jax.random.normal(k, x.shape) * 0.1 if str(p[-1].key) in ("lora_a", "lora_b") else x for (p, x), k in zip(leaves, keys)]
     return jax.tree_util.tree_unflatten(treedef, out)
 
 

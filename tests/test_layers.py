@@ -62,8 +62,26 @@ def test_bf16_compute_with_fp32_adapters_gives_fp32_grads():
     assert g["proj"]["lora_a"].dtype == jnp.float32 and float(jnp.abs(g["proj"]["lora_a"]).sum()) > 0
 
 
-def test_adapter_leaves_without_a_config_is_an_error():
+def test_the_adapter_scale_is_its_own_leaf_and_dropout_needs_a_config():
     x = jnp.ones((1, 8))
-    _, params = _adapted(x)
-    with pytest.raises(ValueError, match="no LoraConfig to scale them"):
-        Dense(6, name="proj").apply({"params": params}, x)
+    model, params = _adapted(x)
+    # inference needs no config: the adapter carries its scale (alpha / r = 2)
+    assert float(params["lora_scale"]) == 2.0
+    np.testing.assert_allclose(Dense(6, name="proj").apply({"params": params}, x), model.apply({"params": params}, x))
+    # a swapped-in adapter with another scale is applied with its own, not the model config's
+    doubled = dict(params, lora_scale=jnp.float32(4.0))
+    base = model.apply({"params": {k: v for k, v in params.items() if not k.startswith("lora")}}, x)
+    np.testing.assert_allclose(model.apply({"params": doubled}, x) - base, 2 * (model.apply({"params": params}, x) - base),
+                               rtol=1e-5)
+    with pytest.raises(ValueError, match="no LoraConfig for their dropout"):
+        Dense(6, name="proj").apply({"params": params}, x, rngs={"dropout": jax.random.key(0)})
+
+
+def test_an_adapter_without_scale_whose_rank_disagrees_with_the_config_is_refused():
+    x = jnp.ones((1, 8))
+    model, params = _adapted(x)
+    legacy = {k: v for k, v in params.items() if k != "lora_scale"}
+    np.testing.assert_allclose(model.apply({"params": legacy}, x), model.apply({"params": params}, x))
+    other = dict(legacy, lora_a=legacy["lora_a"][:, :2], lora_b=legacy["lora_b"][:2])
+    with pytest.raises(ValueError, match="has rank 2 but the LoraConfig gives 4"):
+        model.apply({"params": other}, x)

@@ -15,6 +15,7 @@ import transformers
 
 import lora_jax
 from lora_jax.interop import save_merged
+from lora_jax.tree import filter_tree
 from lora_jax.models import from_pretrained
 from test_peft_export import assert_close, hf_logits, our_logits, ours
 
@@ -88,8 +89,9 @@ def test_sharded_with_index(adapted, tmp_path):
 def test_merged_errors(adapted, tmp_path):
     path, model, params, lcfg, _ = adapted("llama")
     hf = transformers.AutoConfig.from_pretrained(path)
-    with pytest.raises(ValueError, match="pass the LoraConfig"):
-        save_merged(params, None, tmp_path / "a", hf_config=hf)
+    unscaled = filter_tree(params, lambda p: p[-1] != "lora_scale")  # an adapter without its scale
+    with pytest.raises(ValueError, match="no lora_scale leaf and no LoraConfig"):
+        save_merged(unscaled, None, tmp_path / "a", hf_config=hf)
     with pytest.raises(ValueError, match="dtype 'int8' is not supported"):
         save_merged(params, lcfg, tmp_path / "a", hf_config=hf, dtype="int8")
     (tmp_path / "b").mkdir()

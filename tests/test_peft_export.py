@@ -28,8 +28,9 @@ def randomize_lora(params, seed=0, std=0.1):
     """Every lora_a / lora_b leaf redrawn N(0, std²): nonzero A and B."""
     rng = np.random.default_rng(seed)
     lora, frozen = lora_jax.split(params)
+    lora, scales = lora_jax.split_constants(lora)
     lora = jax.tree_util.tree_map(lambda x: jax.numpy.asarray(rng.normal(0, std, x.shape), x.dtype), lora)
-    return lora_jax.combine(frozen, lora)
+    return lora_jax.combine(frozen, lora, scales)
 
 
 def ours(path, lcfg, scan_layers=False, seed=0):

@@ -167,6 +167,7 @@ def test_each_device_holds_its_fraction_of_sharded_kernels(meshes, scan):
         for name, s in shards.items():
             axes = [[a for a in (e if isinstance(e, list) else [e]) if a] for e in s["spec"]]
             factors = [int(np.prod([n.get(a, 1) for a in ax])) for ax in axes]
+            factors += [1] * (len(s["global"]) - len(factors))  # a spec names only the leading axes
             assert s["local"] == [[d // f for d, f in zip(s["global"], factors)]], (name, s)  # one shard shape
             if name.endswith(("kernel", "embedding")):
                 used = {a for ax in axes for a in ax}

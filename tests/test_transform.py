@@ -31,9 +31,11 @@ def model_and_params():
 
 
 def randomize(lora, seed=0):
+    lora, scales = lora_jax.split_constants(lora)
     leaves, treedef = jax.tree_util.tree_flatten(lora)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(treedef, [jax.random.normal(k, x.shape) * 0.2 for x, k in zip(leaves, keys)])
+    lora = jax.tree_util.tree_unflatten(treedef, [jax.random.normal(k, x.shape) * 0.2 for x, k in zip(leaves, keys)])
+    return lora_jax.combine(lora, scales)
 
 
 def test_inject_is_pure_and_starts_at_the_base_model(model_and_params):
@@ -50,11 +52,11 @@ def test_split_combine_round_trip(model_and_params):
     _, _, params = model_and_params
     lp = lora_jax.inject(params, CFG, jax.random.key(2))
     lora, frozen = lora_jax.split(lp)
-    assert sorted(lora) == ["q_proj", "up_proj"] and sorted(lora["q_proj"]) == ["lora_a", "lora_b"]
+    assert sorted(lora) == ["q_proj", "up_proj"] and sorted(lora["q_proj"]) == ["lora_a", "lora_b", "lora_scale"]
     assert not lora_jax.has_lora(frozen)
     assert jax.tree_util.tree_structure(lora_jax.combine(lora, frozen)) == jax.tree_util.tree_structure(lp)
     mask = lora_jax.trainable_mask(lp)
-    assert mask["q_proj"] == {"kernel": False, "bias": False, "lora_a": True, "lora_b": True}
+    assert mask["q_proj"] == {"kernel": False, "bias": False, "lora_a": True, "lora_b": True, "lora_scale": False}
     with pytest.raises(ValueError, match="in more than one tree"):
         lora_jax.combine(lp, frozen)
 

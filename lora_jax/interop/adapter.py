@@ -10,11 +10,11 @@ key between a fixed prefix and suffix, and A/B are stored transposed:
     ('transformer','h','0','attn','c_attn','lora_a')      (GPT-2 Conv1D: same rule, fan_in_fan_out=true)
     stacked ('model','layers','self_attn','q_proj','lora_a') A [L, in, r]  -> one tensor per layer
 
-The scale PEFT applies is alpha/r (or alpha/sqrt(r)) looked up for the HF module name; ours is looked
-up for the model's module key, which for a scan_layers model has no layer index. Export therefore
-checks, module by module, that the written config gives PEFT the rank in the file and the alpha our
-model used, pinning exact-name rank/alpha patterns where the user's patterns alone would not; import
-does the reverse for stacked models and refuses per-layer ranks or alphas a stack cannot hold.
+The scale PEFT applies is alpha/r (or alpha/sqrt(r)) looked up for the HF module name; ours is the
+adapter's own `lora_scale` leaf (one per layer in a stack). Export therefore checks, module by
+module, that the written config gives PEFT the rank in the file and the alpha that reproduces our
+scale, pinning exact-name rank/alpha patterns where the user's patterns alone would not; import
+does the reverse (scales from the config) and refuses per-layer ranks a stack cannot hold.
 Every tensor in an adapter file must land somewhere, and every module the config targets must have
 weights: anything else is a one-line ValueError, never silently skipped.
 """
@@ -36,8 +36,9 @@ from lora_jax.interop.peft_config import lora_config_from_peft, peft_config_dict
 from lora_jax.models.build import build_model, param_shapes
 from lora_jax.models.config import ModelConfig
 from lora_jax.models.naming import CONV1D_MODULES, LAYER_CONTAINERS, hf_module_name, is_conv1d
-from lora_jax.targeting import KERNEL, LORA_A, LORA_B, OUTPUT_LAYER_NAMES, is_target, iter_leaves, module_key
+from lora_jax.targeting import OUTPUT_LAYER_NAMES, is_target, module_key
 from lora_jax.transform import combine, has_lora
+from lora_jax.tree import KERNEL, LORA_A, LORA_B, LORA_SCALE, iter_leaves
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -114,7 +115,7 @@ def save_peft_adapter(params: Any, lora_config: LoraConfig, out_dir: str, *, mod
     base = kernel_modules(param_shapes(build_model(cfg)))
     leaves: dict[str, dict[str, np.ndarray]] = {}
     for path, leaf in iter_leaves(params):
-        if path[-1] in (LORA_A, LORA_B):
+        if path[-1] in (LORA_A, LORA_B, LORA_SCALE):
             leaves.setdefault(module_key(path), {})[path[-1]] = np.asarray(leaf, np.float32)
     if not leaves:
         raise ValueError("params hold no LoRA leaves (lora_a/lora_b); inject or load an adapter first")
@@ -122,9 +123,9 @@ def save_peft_adapter(params: Any, lora_config: LoraConfig, out_dir: str, *, mod
     ranks, alphas = dict(lora_config.rank_pattern), dict(lora_config.alpha_pattern)
     names: list[str] = []
     for key, ab in sorted(leaves.items()):
-        if set(ab) != {LORA_A, LORA_B}:
+        if not {LORA_A, LORA_B} <= set(ab):
             raise ValueError(f"module {key!r} has only {sorted(ab)}; an adapter needs both lora_a and lora_b")
-        a, b = ab[LORA_A], ab[LORA_B]
+        a, b, scale = ab[LORA_A], ab[LORA_B], ab.get(LORA_SCALE)
         stacked = is_stacked_key(key)
         layers = range(a.shape[0]) if stacked else [None]
         for i in layers:
@@ -136,8 +137,11 @@ def save_peft_adapter(params: Any, lora_config: LoraConfig, out_dir: str, *, mod
             if a_i.shape[0] != need[0] or b_i.shape[1] != need[1] or a_i.shape[1] != b_i.shape[0]:
                 raise ValueError(f"adapter at {name!r} has A {a_i.shape} and B {b_i.shape} but the model's kernel is {need}; wrong model_config?")
             r = a_i.shape[1]
+            alpha = lora_config.alpha_for(key)
+            if scale is not None:
+                alpha = _alpha_of(float(scale[i] if stacked else scale), r, alpha, lora_config.use_rslora)
             ranks = _pin(ranks, name, r, pattern_value(ranks, name, lora_config.r))
-            alphas = _pin(alphas, name, lora_config.alpha_for(key), pattern_value(alphas, name, lora_config.alpha))
+            alphas = _pin(alphas, name, alpha, pattern_value(alphas, name, lora_config.alpha))
             tensors[f"{PREFIX}{name}.lora_A.weight"] = a_i.T
             tensors[f"{PREFIX}{name}.lora_B.weight"] = b_i.T
             names.append(name)
@@ -158,6 +162,12 @@ def save_peft_adapter(params: Any, lora_config: LoraConfig, out_dir: str, *, mod
             json.dump(config, f, indent=2)
             f.write("\n")
     return os.path.abspath(out_dir)
+
+
+def _alpha_of(scale: float, r: int, alpha: float, rslora: bool) -> float:
+    """The lora_alpha that gives PEFT `scale` at rank r: `alpha` itself when it does (to rounding)."""
+    implied = scale * (r**0.5 if rslora else r)
+    return alpha if abs(implied - alpha) <= 1e-6 * max(abs(alpha), 1.0) else implied
 
 
 def read_adapter(adapter_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
@@ -298,8 +308,10 @@ def _lora_tree(found: dict, kernels: dict, cfg: LoraConfig) -> tuple[dict, LoraC
                                  "(stacked) model cannot hold; load it into a model built with scan_layers=False")
             a = np.stack([found[m][LORA_A].T for m in mods])
             b = np.stack([found[m][LORA_B].T for m in mods])
+            scale = np.array([cfg.scale_for(m) for m in mods], np.float32)
         else:
             a, b = found[mods[0]][LORA_A].T, found[mods[0]][LORA_B].T
+            scale = np.float32(cfg.scale_for(mods[0]))
         (r,), (alpha,) = r_set, alpha_set
         ranks = _pin(ranks, key, r, cfg.rank_for(key))
         alphas = _pin(alphas, key, alpha, cfg.alpha_for(key))
@@ -308,4 +320,5 @@ def _lora_tree(found: dict, kernels: dict, cfg: LoraConfig) -> tuple[dict, LoraC
             node = node.setdefault(part, {})
         node[LORA_A] = jnp.asarray(np.ascontiguousarray(a), cfg.jnp_dtype)
         node[LORA_B] = jnp.asarray(np.ascontiguousarray(b), cfg.jnp_dtype)
+        node[LORA_SCALE] = jnp.asarray(scale, jnp.float32)
     return tree, dataclasses.replace(cfg, rank_pattern=ranks, alpha_pattern=alphas)

@@ -118,9 +118,7 @@ def save_merged(params: Any, lora_config: LoraConfig | None, out_dir: str, *, hf
     target = np_dtype(dtype)
     cfg = ModelConfig.from_hf(hf_config)
     if has_lora(params):
-        if lora_config is None:
-            raise ValueError("params hold LoRA leaves; pass the LoraConfig they were trained with to merge them")
-        params = merge(params, lora_config)
+        params = merge(params, lora_config)  # each adapter's own lora_scale (the config only for adapters without)
     tensors = {k: np.asarray(v, np.float32).astype(target) for k, v in to_hf_state_dict(params, cfg).items()}
     config = copy.deepcopy(hf_config)
     config.dtype = DTYPES[dtype]

@@ -26,7 +26,7 @@ import numpy as np
 
 from lora_jax.models.build import as_dtype, build_model, param_shapes
 from lora_jax.models.config import ModelConfig
-from lora_jax.targeting import LORA_LEAVES, iter_leaves
+from lora_jax.tree import ADAPTER_LEAVES, iter_leaves, put
 
 LAYER_CONTAINERS = (("model", "layers"), ("transformer", "h"))
 CONV1D_MODULES = ("c_attn", "c_proj", "c_fc")  # GPT-2's Conv1D: weight already [in, out]
@@ -77,7 +77,7 @@ def hf_param_name(path: tuple[str, ...], cfg: ModelConfig) -> tuple[str, bool]:
     ('model.layers.0.self_attn.q_proj.weight', True)
     """
     leaf, module = path[-1], ".".join(path[:-1])
-    if leaf in LORA_LEAVES:
+    if leaf in ADAPTER_LEAVES:
         raise ValueError(f"{module}.{leaf} is a LoRA leaf with no place in a base HF state dict; merge() first")
     if leaf not in _LEAF_NAMES:
         raise ValueError(f"param leaf {'.'.join(path)!r} has no HF counterpart")
@@ -132,12 +132,6 @@ def stack_layers(params: Any) -> Any:
     return {**params, outer: {**params[outer], inner: jax.tree_util.tree_map(stack, *blocks)}}
 
 
-def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
-    for k in path[:-1]:
-        tree = tree.setdefault(k, {})
-    tree[path[-1]] = value
-
-
 def _lookup(tensors: Mapping[str, Any], name: str) -> str | None:
     if name in tensors:
         return name
@@ -184,7 +178,7 @@ def from_hf_state_dict(
         if tuple(arr.shape) != hf_shape:
             raise ValueError(f"tensor {key!r} has shape {tuple(arr.shape)} but the config needs {hf_shape}; "
                              "config.json and the weights disagree")
-        _set(out, path, arr.T if transpose else arr)
+        put(out, path, arr.T if transpose else arr)
     unused = sorted(k for k in tensors if k not in used and not k.endswith(_IGNORED_SUFFIXES)
                     and not (k == "lm_head.weight" and cfg.tie_word_embeddings))
     if unused:

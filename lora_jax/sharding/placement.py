@@ -25,6 +25,7 @@ from lora_jax.config import LoraConfig
 from lora_jax.sharding.mesh import BATCH_AXES
 from lora_jax.targeting import KernelLayout
 from lora_jax.transform import inject, split
+from lora_jax.tree import LORA_A, LORA_SCALE
 
 
 def init_sharded(init_fn: Callable[..., Any], shardings: Any, *args: Any) -> Any:
@@ -64,7 +65,18 @@ def inject_sharded(
     (4, 2)
     """
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen)
-    return jax.jit(lambda key: split(inject(abstract, config, key, layouts=layouts))[0], out_shardings=shardings)(rng)
+    return jax.jit(lambda key: split(inject(abstract, config, key, layouts=layouts))[0],
+                   out_shardings=_with_scale_shardings(shardings))(rng)
+
+
+def _with_scale_shardings(shardings: Any) -> Any:
+    """Shardings for the adapters' `lora_scale` leaves where the caller gave only A/B's: replicated."""
+    if not isinstance(shardings, Mapping):
+        return shardings
+    out = {k: _with_scale_shardings(v) for k, v in shardings.items()}
+    if LORA_A in out and LORA_SCALE not in out and isinstance(out[LORA_A], NamedSharding):
+        out[LORA_SCALE] = NamedSharding(out[LORA_A].mesh, P())
+    return out
 
 
 def load_sharded(host_arrays: Any, shardings: Any, dtypes: Any = None) -> Any:

@@ -14,6 +14,7 @@ x @ A @ B):
     kernel  [*stack, in, out]  spec (*Nones, S_in, S_out)
     lora_a  [*stack, in,  r ]  spec (*Nones, S_in, None)
     lora_b  [*stack, r,  out]  spec (*Nones, None, S_out)
+    lora_scale [*stack]        replicated
 
 Errors are loud and name the param, its shape and the spec: a leaf with more than `min_size`
 elements that no rule matches (small ones — norms, biases — are replicated), or a spec whose mesh
@@ -35,8 +36,8 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lora_jax.targeting import KERNEL, LORA_A, LORA_B, LORA_LEAVES, KernelLayout, iter_leaves, resolve_layout
-from lora_jax.transform import _get, _set
+from lora_jax.targeting import KernelLayout, resolve_layout
+from lora_jax.tree import ADAPTER_LEAVES, KERNEL, LORA_A, LORA_SCALE, get, iter_leaves, put
 
 Rules = Sequence[tuple[str, P]]
 
@@ -152,7 +153,7 @@ def param_specs(
     out: dict = {}
     leaves = list(iter_leaves(params))
     for path, leaf in leaves:
-        if path[-1] in LORA_LEAVES:
+        if path[-1] in ADAPTER_LEAVES:
             continue
         name, shape = ".".join(path), tuple(leaf.shape)
         spec = _match(rules, name)
@@ -166,14 +167,17 @@ def param_specs(
         check_spec(name, shape, spec, None)
         full = P(*_expand(spec, len(shape)))
         check_spec(name, shape, full, mesh)
-        _set(out, path, full)
+        put(out, path, full)
     for path, leaf in leaves:
-        if path[-1] not in LORA_LEAVES:
+        if path[-1] not in ADAPTER_LEAVES:
+            continue
+        if path[-1] == LORA_SCALE:
+            put(out, path, P())
             continue
         name, shape = ".".join(path), tuple(leaf.shape)
         kpath = path[:-1] + (KERNEL,)
         try:
-            kernel, kspec = _get(params, kpath), tuple(_get(out, kpath))
+            kernel, kspec = get(params, kpath), tuple(get(out, kpath))
         except (KeyError, TypeError):
             raise ValueError(f"LoRA leaf {name!r} has no sibling 'kernel'; compute specs on the combined (lora + frozen) tree") from None
         stack, ins, _ = resolve_layout(kpath, tuple(kernel.shape), layouts).split(tuple(kernel.shape))
@@ -183,7 +187,7 @@ def param_specs(
         lead = (None,) * s
         spec = P(*lead, _joined(kspec[s:i]), None) if path[-1] == LORA_A else P(*lead, None, _joined(kspec[i:]))
         check_spec(name, shape, spec, mesh)
-        _set(out, path, spec)
+        put(out, path, spec)
     return out
 
 

@@ -1,10 +1,11 @@
 """The compiled LoRA train step: one `jax.jit` per run, explicit shardings, donation, accumulation.
 
-    state  = {"lora": adapters, "opt_state": optax state, "step": int32[], "rng": uint32[2]}
+    state  = {"lora": adapters, "opt_state": optax state of the trained leaves, "step": int32[], "rng": uint32[2]}
     step(state, frozen, batch) -> (new_state, {"loss", "grad_norm", "lr", "n_tokens"})
 
-- Only the LoRA partition is differentiated (`lora_jax.lora_value_and_grad`): no gradient and no
-  optimizer state ever exist for the frozen weights, which are an ordinary (not donated) argument.
+- Only the LoRA partition is differentiated: no gradient and no optimizer state ever exist for the
+  frozen weights, which are an ordinary (not donated) argument. The adapters' `lora_scale` leaves
+  ride along in `state["lora"]` as constants (no gradient, no optimizer state).
 - `state` is donated: adapters and Adam moments are updated in place, no second copy.
 - Gradient accumulation happens *inside* the compiled step: `batch` is [accum, micro_bsz, T] and
   a `lax.scan` runs the micro-batches, summing token-loss sums, token counts and gradients; the
@@ -44,12 +45,12 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from lora_jax.models.build import lm_head
-from lora_jax.optim import lora_value_and_grad
 from lora_jax.sharding.mesh import BATCH_AXES
 from lora_jax.sharding.rules import named_shardings
 from lora_jax.targeting import iter_leaves, path_key
 from lora_jax.training.loss import chunked_ce_sum, masked_ce_sum
-from lora_jax.transform import _get, combine, split
+from lora_jax.transform import combine, split, split_constants
+from lora_jax.tree import get
 
 State = dict[str, Any]
 Schedule = Callable[[jax.Array], jax.Array] | float | None
@@ -84,7 +85,7 @@ def state_specs(state: State, lora_specs: Any) -> State:
     >>> state_specs(st, {"q": {"lora_a": P("fsdp", None)}})["opt_state"][0].mu["q"]["lora_a"]
     P('fsdp', None)
     """
-    by_path = {p: (tuple(leaf.shape), _get(lora_specs, p)) for p, leaf in iter_leaves(state["lora"])}
+    by_path = {p: (tuple(leaf.shape), get(lora_specs, p)) for p, leaf in iter_leaves(state["lora"])}
 
     def opt_spec(path, leaf):
         keys = path_key(path)
@@ -106,13 +107,16 @@ def init_train_state(lora: Any, tx: optax.GradientTransformation, rng: jax.Array
                      mesh: Mesh | None = None, lora_specs: Any = None) -> State:
     """`{"lora", "opt_state", "step": 0, "rng"}`; with `mesh` + `lora_specs`, created sharded.
 
+    The optimizer state covers the trained leaves only (not the adapters' `lora_scale`).
+
     >>> st = init_train_state({"q": {"lora_a": jnp.zeros((4, 2))}}, optax.adam(1e-3), jax.random.key(0))
     >>> sorted(st), int(st["step"])
     (['lora', 'opt_state', 'rng', 'step'], 0)
     """
 
     def build(lora, rng):
-        return {"lora": lora, "opt_state": tx.init(lora), "step": jnp.zeros((), jnp.int32), "rng": _raw_key(rng)}
+        return {"lora": lora, "opt_state": tx.init(split_constants(lora)[0]), "step": jnp.zeros((), jnp.int32),
+                "rng": _raw_key(rng)}
 
     if mesh is None:
         return jax.jit(build)(lora, rng)
@@ -216,16 +220,16 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, mesh: Mesh, pa
     if trainable not in ("lora", "all"):
         raise ValueError(f"trainable must be 'lora' or 'all', got {trainable!r}")
     lora_specs, frozen_specs = split(param_specs) if trainable == "lora" else (param_specs, {})
-    lora_sh = named_shardings(lora_specs, mesh)
+    lora_sh = named_shardings(split_constants(lora_specs)[0], mesh)  # of the trained leaves (the gradients)
     loss_sum = _loss_sum_fn(model, model_inputs, loss_chunk)
-    value_and_grad = lora_value_and_grad(loss_sum, has_aux=True)
 
     def micro(lora, frozen, mb, key):
-        (s, n), g = value_and_grad(lora, frozen, mb, key)
+        (s, n), g = jax.value_and_grad(lambda lo: loss_sum(combine(lo, frozen), mb, key), has_aux=True)(lora)
         return s, n, jax.tree.map(lambda x: x.astype(jnp.float32), g)
 
     def step_fn(state, frozen, batch):
-        lora = state["lora"]
+        lora, constants = split_constants(state["lora"])  # the scales: part of the model, never trained
+        frozen = combine(frozen, constants)
         key = jax.random.fold_in(state["rng"], state["step"]) if dropout else None
         accum = batch["input_ids"].shape[0]
         if accum == 1:
@@ -244,7 +248,7 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, mesh: Mesh, pa
         denom = jnp.maximum(n, 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, lora)
         updates, opt_state = tx.update(grads, state["opt_state"], lora)
-        new_state = {"lora": optax.apply_updates(lora, updates), "opt_state": opt_state,
+        new_state = {"lora": combine(optax.apply_updates(lora, updates), constants), "opt_state": opt_state,
                      "step": state["step"] + 1, "rng": state["rng"]}
         lr = schedule(state["step"]) if callable(schedule) else jnp.asarray(jnp.nan if schedule is None else schedule)
         metrics = {"loss": s / denom, "grad_norm": optax.global_norm(grads),
