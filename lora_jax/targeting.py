@@ -78,9 +78,14 @@ def module_key(path: tuple[str, ...]) -> str:
     return ".".join(path[:-1])
 
 
+def is_param_leaf(x: Any) -> bool:
+    """A pytree node that stands for one param (a `lora_jax.quant.QuantizedKernel`) is one leaf here."""
+    return getattr(type(x), "is_param_leaf", False) is True
+
+
 def iter_leaves(params: Any) -> Iterator[tuple[tuple[str, ...], Any]]:
     """(string path, leaf) for every leaf of a nested-dict param tree."""
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_param_leaf)[0]:
         yield path_key(path), leaf
 
 
