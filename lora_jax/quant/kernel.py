@@ -32,6 +32,7 @@ a time; the full-precision weights are never stored.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -111,12 +112,15 @@ def is_quantized(x: Any) -> bool:
     return isinstance(x, QuantizedKernel)
 
 
-def _scales(absmax, nested_absmax, nested_code, offset) -> jax.Array:
-    """float32 block scales [out, nb] of one (unstacked) kernel."""
+def _scales(absmax, nested_absmax, nested_code, offset, transposed: bool = False) -> jax.Array:
+    """float32 block scales [out, nb] of one (unstacked) kernel ([nb, out] from transposed=True)."""
+    if transposed:
+        absmax = absmax.T
     if offset is None:
         return absmax.astype(jnp.float32)
-    out, nb = absmax.shape
-    flat = jax.lax.broadcasted_iota(jnp.int32, (out, nb), 0) * nb + jax.lax.broadcasted_iota(jnp.int32, (out, nb), 1)
+    rows, cols = absmax.shape
+    i, j = jax.lax.broadcasted_iota(jnp.int32, (rows, cols), 0), jax.lax.broadcasted_iota(jnp.int32, (rows, cols), 1)
+    flat = j * rows + i if transposed else i * cols + j  # position in bitsandbytes' flat [out * nb] order
     second = jnp.take(nested_absmax, flat // NESTED_BLOCK, axis=0)  # a gather from a tiny replicated table
     product = nested_code[absmax.astype(jnp.int32)] * second
     # bitsandbytes rounds the product, then the sum. XLA would contract the two into one FMA (one
@@ -126,20 +130,34 @@ def _scales(absmax, nested_absmax, nested_code, offset) -> jax.Array:
     return product + offset
 
 
-def _values(scheme: str, codes: jax.Array) -> jax.Array:
-    """The code values in [-1, 1], float32 [out, in], before scaling."""
+def _values(scheme: str, codes: jax.Array, transposed: bool) -> jax.Array:
+    """The code values in [-1, 1], float32 [out, in] ([in, out] from transposed=True), before scaling."""
     if scheme == "int8":
-        return codes.astype(jnp.float32) / jnp.float32(127.0)
-    out, half = codes.shape
-    idx = jnp.stack([codes >> 4, codes & 0xF], axis=-1).reshape(out, 2 * half)
+        values = codes.astype(jnp.float32) / jnp.float32(127.0)
+        return values.T if transposed else values
+    if transposed:  # unpack along the first axis: [in/2, out] -> [in/2, 2, out] -> [in, out]
+        c = codes.T
+        idx = jnp.stack([c >> 4, c & 0xF], axis=1).reshape(2 * c.shape[0], c.shape[1])
+    else:
+        idx = jnp.stack([codes >> 4, codes & 0xF], axis=-1).reshape(codes.shape[0], 2 * codes.shape[1])
     return jnp.asarray(NF4)[idx.astype(jnp.int32)]
 
 
-def _dequantize_one(q: QuantizedKernel) -> jax.Array:
-    scales = _scales(q.absmax, q.nested_absmax, q.nested_code, q.offset)
-    values = _values(q.scheme, q.codes)
+def _dequantize_one(q: QuantizedKernel, transposed: bool = False) -> jax.Array:
+    """[out, in] float32, or the kernel orientation [in, out] with transposed=True.
+
+    The two orientations compute the same values from differently laid out reads, so XLA cannot
+    merge the forward's dequantization (kernel orientation) with the backward's (CSE would keep
+    every layer's float weights alive between the two passes; XLA:CPU ignores optimization barriers).
+    """
+    scales = _scales(q.absmax, q.nested_absmax, q.nested_code, q.offset, transposed)
+    values = _values(q.scheme, q.codes, transposed)
+    bs = q.block_size
+    if transposed:
+        n_in, out = values.shape
+        return (values.reshape(n_in // bs, bs, out) * scales[:, None, :]).reshape(n_in, out)
     out, n_in = values.shape
-    return (values.reshape(out, n_in // q.block_size, q.block_size) * scales[..., None]).reshape(out, n_in)
+    return (values.reshape(out, n_in // bs, bs) * scales[..., None]).reshape(out, n_in)
 
 
 def dequantize_t(q: QuantizedKernel, dtype: Any = None) -> jax.Array:
@@ -149,7 +167,11 @@ def dequantize_t(q: QuantizedKernel, dtype: Any = None) -> jax.Array:
     >>> dequantize_t(q).tolist()
     [[0.5, -0.5]]
     """
-    fn = _dequantize_one
+    return _dequantize(q, dtype, transposed=False)
+
+
+def _dequantize(q: QuantizedKernel, dtype: Any, transposed: bool) -> jax.Array:
+    fn = functools.partial(_dequantize_one, transposed=transposed)
     for _ in range(q.codes.ndim - 2):  # stacked layers: one quantized tensor per layer
         fn = jax.vmap(fn)
     return fn(q).astype(q.dtype if dtype is None else dtype)
@@ -164,7 +186,7 @@ def dequantize(q: QuantizedKernel, dtype: Any = None) -> jax.Array:
     >>> float(np.abs(np.asarray(dequantize(q)) - w).max()) < 1 / 254
     True
     """
-    return jnp.swapaxes(dequantize_t(q, dtype), -1, -2)
+    return _dequantize(q, dtype, transposed=True)
 
 
 def partition_specs(q: QuantizedKernel, kernel_spec: tuple, fits: Any = None) -> QuantizedKernel:

@@ -42,6 +42,11 @@ def _zero_cotangent(x: Any) -> Any:
 
 
 def _qdot_bwd(dtype, q, g):
+    # Dequantized again from the codes. The barrier ties it to g: it is neither merged with the
+    # forward's dequantization (CSE) nor computed before it is needed, so one layer's float weights
+    # exist at a time. (XLA:CPU drops barriers; there, unrolled layers may keep them all for the
+    # step, scanned layers — the default — do not.)
+    q, g = jax.lax.optimization_barrier((q, g))
     dx = g @ dequantize_t(q, dtype).astype(g.dtype)
     return dx, jax.tree.map(_zero_cotangent, q)
 
