@@ -38,6 +38,7 @@ from lora_jax.targeting import (
     LORA_B,
     LORA_LEAVES,
     KernelLayout,
+    is_param_leaf,
     iter_leaves,
     module_key,
     resolve_layout,
@@ -194,6 +195,10 @@ def merge(params: Params, config: LoraConfig) -> Params:
     for mod in _adapted_modules(params):
         node = _get(out, mod)
         kernel, a, b = node[KERNEL], node.pop(LORA_A), node.pop(LORA_B)
+        if is_param_leaf(kernel):  # a quantized base (lora_jax.quant): the merge is into its float values
+            from lora_jax.quant.quantize import dequantize_params
+
+            kernel = dequantize_params({"k": kernel}, warn=True)["k"]
         scale = config.scale_for(".".join(mod), a.shape[-1])
         node[KERNEL] = (kernel.astype(jnp.float32) + delta_weight(a, b, scale, kernel.shape)).astype(kernel.dtype)
     return out

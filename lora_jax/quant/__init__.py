@@ -13,6 +13,7 @@
 ('nf4', (64, 16), 'uint8')
 """
 
+from lora_jax.quant.adamw8bit import adamw_8bit, scale_by_adam_8bit, state_bytes
 from lora_jax.quant.codebooks import NF4, dynamic_map
 from lora_jax.quant.kernel import QuantizedKernel, dequantize, dequantize_t, is_quantized, partition_specs
 from lora_jax.quant.matmul import quantized_dot
@@ -22,6 +23,7 @@ __all__ = [
     "NF4",
     "QuantConfig",
     "QuantizedKernel",
+    "adamw_8bit",
     "dequantize",
     "dequantize_params",
     "dequantize_t",
@@ -32,4 +34,6 @@ __all__ = [
     "quantize",
     "quantize_kernel",
     "quantized_dot",
+    "scale_by_adam_8bit",
+    "state_bytes",
 ]

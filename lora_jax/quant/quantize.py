@@ -155,8 +155,11 @@ def quantize(params: Any, scheme: str = "nf4", block_size: int = 64, double_quan
     return out
 
 
-def dequantize_params(params: Any, dtype: Any = None) -> Any:
+def dequantize_params(params: Any, dtype: Any = None, warn: bool = False) -> Any:
     """Every `QuantizedKernel` in the tree replaced by its float kernel (original dtype by default).
+
+    warn=True: a one-line warning that the result is the quantized base's values (what merging
+    into a quantized base and writing a full-precision checkpoint of it gives).
 
     >>> p = quantize({"q": {"kernel": np.ones((64, 4), np.float32)}}, "nf4")
     >>> dequantize_params(p)["q"]["kernel"].shape
@@ -166,8 +169,17 @@ def dequantize_params(params: Any, dtype: Any = None) -> Any:
     from lora_jax.transform import _set
 
     out: dict = {}
+    found = []
     for path, leaf in iter_leaves(params):
-        _set(out, path, dequantize(leaf, dtype) if is_quantized(leaf) else leaf)
+        if is_quantized(leaf):
+            found.append(leaf.scheme)
+            leaf = dequantize(leaf, dtype)
+        _set(out, path, leaf)
+    if warn and found:
+        import warnings
+
+        warnings.warn(f"merging into a {found[0]}-quantized base: the merged weights are the dequantized base + ΔW, "
+                      "so they differ from the original full-precision weights by the quantization rounding", stacklevel=3)
     return out
 
 
