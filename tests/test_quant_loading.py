@@ -58,6 +58,9 @@ def test_bitsandbytes_checkpoint_loads_as_stored_and_dequantizes_bit_for_bit(che
     with open(os.path.join(bnb_dir, "config.json")) as f:
         assert json.load(f)["quantization_config"]["bnb_4bit_use_double_quant"] is True
     model, params, _ = lora_jax.from_pretrained(bnb_dir, scan_layers=False)
+    from safetensors.torch import load_file
+
+    saved = load_file(os.path.join(bnb_dir, "model.safetensors"))
     for i in range(2):
         for mod in ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj", "mlp.up_proj"):
             ours = params["model"]["layers"][str(i)]
@@ -65,15 +68,17 @@ def test_bitsandbytes_checkpoint_loads_as_stored_and_dequantizes_bit_for_bit(che
                 ours = ours[part]
             ours = ours["kernel"]
             assert is_quantized(ours) and ours.double_quant
-            w = qmodel.get_submodule(f"model.layers.{i}.{mod}").weight
-            expected = F.dequantize_4bit(w.data, w.quant_state).float().numpy()  # bitsandbytes' own
+            name = f"model.layers.{i}.{mod}.weight"  # bitsandbytes' own reading and dequantization of the file
+            state = F.QuantState.from_dict({k[len(name) + 1:]: v for k, v in saved.items() if k.startswith(name + ".")},
+                                           device=torch.device("cpu"))
+            expected = F.dequantize_4bit(saved[name], state).float().numpy()
             got = jax.jit(lambda q: dequantize_t(q, jnp.float32))(ours)
             np.testing.assert_array_equal(np.asarray(got), expected)
     # and the model computes what transformers' 4-bit model computes (fp32 compute)
     ids = np.arange(12)[None] % 96
     ref = qmodel(torch.tensor(ids)).logits.detach().numpy()
     ours = model.apply({"params": params}, jnp.asarray(ids))[0]
-    np.testing.assert_allclose(np.asarray(ours), ref, atol=2e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-3, rtol=1e-3)
     with pytest.raises(ValueError, match="already NF4"):
         lora_jax.from_pretrained(bnb_dir, quantize="int8")
 

@@ -123,10 +123,12 @@ def _scales(absmax, nested_absmax, nested_code, offset, transposed: bool = False
     flat = j * rows + i if transposed else i * cols + j  # position in bitsandbytes' flat [out * nb] order
     second = jnp.take(nested_absmax, flat // NESTED_BLOCK, axis=0)  # a gather from a tiny replicated table
     product = nested_code[absmax.astype(jnp.int32)] * second
-    # bitsandbytes rounds the product, then the sum. XLA would contract the two into one FMA (one
-    # rounding); a select between them (an identity: a NaN scale gives a NaN product anyway) stops
-    # that, and the scales stay bit-identical to bitsandbytes' under jit as well.
-    product = jnp.where(jnp.isnan(second), second, product)
+    # bitsandbytes rounds the product, then the sum; XLA would contract the two into one FMA (one
+    # rounding). An integer xor between them stops that: with a value that is 0 unless the offset
+    # is NaN (and then the sum is NaN anyway), so it is an identity, and the scales stay
+    # bit-identical to bitsandbytes' under jit too (tested).
+    nan_bit = jnp.isnan(offset).astype(jnp.int32)
+    product = jax.lax.bitcast_convert_type(jax.lax.bitcast_convert_type(product, jnp.int32) ^ nan_bit, jnp.float32)
     return product + offset
 
 

@@ -71,8 +71,9 @@ def quantizing_reader(tensors: Mapping[str, Any], hf_config: Any, quantize: Any)
             raise ValueError(f"the checkpoint is already NF4 (bitsandbytes); quantize={config.scheme!r} would round it "
                              "again: load it with quantize=None or 'nf4'")
         hidden = {a for w in prequantized for a in bnb.aux_names(w)}
-        loaders = {k: (lambda k=k: tensors[k]) for k in tensors if k not in hidden}
-        loaders.update({w: (lambda w=w: _Prequantized(tensors, w)) for w in prequantized})
+        stored = tensors
+        loaders = {k: (lambda k=k: stored[k]) for k in stored if k not in hidden}
+        loaders.update({w: (lambda w=w: _Prequantized(stored, w)) for w in prequantized})
         tensors = LazyTensors(loaders)
     elif config is None:
         return tensors, None
