@@ -233,3 +233,29 @@ def test_memory_plan_keeps_no_dequantized_model():
         layers.quantized_dot = real
     assert ours < 0.5 * bf16_bytes, (ours, bf16_bytes)
     assert plain > ours + bf16_bytes, (plain, ours)  # the float32 weights of all 16 layers
+
+
+@pytest.mark.slow
+def test_sharded_qlora_on_8_devices_equals_one_device(tmp_path):
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    here = pathlib.Path(__file__).resolve().parent
+    flags = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {flags}", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]))
+    out = tmp_path / "q.json"
+    proc = subprocess.run([sys.executable, str(here / "quant_sharding_worker.py"), str(out)], env=env, timeout=600,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads(out.read_text())
+    assert res["n_devices"] == 8
+    for name in ("2data4fsdp", "2fsdp4tensor"):
+        rec = res[name]
+        assert rec["frozen_identical"] and rec["loss_rel"] < 1e-5 and rec["lora_rel"] < 1e-4, (name, rec)
+    # down_proj [L, 64, 32] kernel: codes [L, out=32, in/2=32], split like the kernel (in by 'tensor' there)
+    assert res["2fsdp4tensor"]["codes_local"] == [[2, 16, 8]], res["2fsdp4tensor"]
+    assert res["1"]["codes_local"] == [[2, 32, 32]]
