@@ -201,7 +201,7 @@ def partition_specs(q: QuantizedKernel, kernel_spec: tuple, fits: Any = None) ->
     >>> from jax.sharding import PartitionSpec as P
     >>> q = QuantizedKernel("nf4", "float32", 4, np.zeros((3, 4), np.uint8), np.ones((3, 2), np.float32))
     >>> partition_specs(q, ("fsdp", "tensor")).codes
-    PartitionSpec('tensor', 'fsdp')
+    P('tensor', 'fsdp')
     """
     from jax.sharding import PartitionSpec as P
 
