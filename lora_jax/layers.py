@@ -11,6 +11,7 @@ otherwise inserts before the two tiny matmuls (measured in benchmarks/bench_forw
     {'kernel': W[in, out], 'bias'?: b[out]}                       # plain: y = x W + b
     {'kernel': W, 'bias'?: b, 'lora_a': A[in, r], 'lora_b': B[r, out], 'lora_scale': s}
                                                                   # y += dropout(x) A B · s
+    {'kernel': QuantizedKernel(...), ...}                         # QLoRA: W dequantized on the fly
 
 It never creates the LoRA leaves itself — `lora_jax.inject` adds them to the param tree — so one
 module definition serves the base model, the adapted model and the merged model. The scale is the
@@ -28,8 +29,10 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.config import LoraConfig
+from lora_jax.quant.kernel import is_quantized
+from lora_jax.quant.matmul import quantized_dot
 from lora_jax.transform import adapter_scale
-from lora_jax.tree import LORA_A, LORA_B, LORA_SCALE
+from lora_jax.tree import KERNEL, LORA_A, LORA_B, LORA_SCALE
 
 
 @jax.custom_vjp
@@ -114,10 +117,14 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
         dtype = self.dtype or x.dtype
         x = x.astype(dtype)
-        y = jnp.dot(x, kernel.astype(dtype))
+        stored = self.get_variable("params", KERNEL) if self.has_variable("params", KERNEL) else None
+        if is_quantized(stored):  # a 4/8-bit frozen base (lora_jax.quant): dequantized on the fly
+            y = quantized_dot(x, stored, dtype)
+        else:
+            kernel = self.param(KERNEL, self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+            y = jnp.dot(x, kernel.astype(dtype))
         delta = adapter_delta(self, x, self.lora)
         if delta is not None:
             y = y + delta

@@ -48,6 +48,7 @@ from lora_jax.tree import (
     has_path,
     is_adapter_leaf,
     is_constant_leaf,
+    is_param_leaf,
     iter_leaves,
     map_paths,
     put,
@@ -206,6 +207,10 @@ def merge(params: Params, config: LoraConfig | None = None) -> Params:
         scale = adapter_scale(node, config, ".".join(mod))
         kernel, a, b = node[KERNEL], node.pop(LORA_A), node.pop(LORA_B)
         node.pop(LORA_SCALE, None)
+        if is_param_leaf(kernel):  # a quantized base (lora_jax.quant): the merge is into its float values
+            from lora_jax.quant.quantize import dequantize_params
+
+            kernel = dequantize_params({"k": kernel}, warn=True)["k"]
         node[KERNEL] = (kernel.astype(jnp.float32) + delta_weight(a, b, scale, kernel.shape)).astype(kernel.dtype)
     return out
 

@@ -50,13 +50,23 @@ def path_key(path: tuple) -> Path:
     return tuple(out)
 
 
+def is_param_leaf(x: Any) -> bool:
+    """Whether `x` is a pytree node that stands for one param (a `lora_jax.quant.QuantizedKernel`).
+
+    >>> is_param_leaf(1.0)
+    False
+    """
+    return getattr(type(x), "is_param_leaf", False) is True
+
+
 def iter_leaves(tree: Any) -> Iterator[tuple[Path, Any]]:
-    """(string path, leaf) for every leaf of a nested-dict tree, in tree order.
+    """(string path, leaf) for every leaf of a nested-dict tree, in tree order; a quantized kernel
+    is one leaf at its kernel's path.
 
     >>> list(iter_leaves({"a": {"b": 1}, "c": 2}))
     [(('a', 'b'), 1), (('c',), 2)]
     """
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_param_leaf)[0]:
         yield path_key(path), leaf
 
 

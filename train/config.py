@@ -52,16 +52,38 @@ class ModelSection:
     remat: Any = _f(False, "recompute activations in the backward pass: false | true (= full: least memory, "
                            "~+25% compute) | save_projections (keeps projection outputs: most of the saving, "
                            "little recompute) | a jax.checkpoint_policies name")
+    quantize: str = _f("none", "frozen base kernels in 4 or 8 bits (QLoRA): none | nf4 | int8 (embeddings, norms, "
+                               "LM head stay in model.dtype; a bitsandbytes 4-bit checkpoint is NF4 as stored)")
+    quant_block_size: int = _f(64, "weights per quantization block (absmax scale) for model.quantize")
+    double_quant: bool = _f(True, "quantize the block scales again to 8 bits (QLoRA's double quantization)")
 
     def __post_init__(self):
         _check(bool(self.path), "model.path is empty; give an HF model directory, a .gguf file or 'default'")
         _one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
+        _one_of("model.quantize", self.quantize, ("none", "nf4", "int8"))
+        try:
+            self.quant_config()
+        except ValueError as e:
+            raise ValueError(f"model.quant_block_size: {e}") from None
         from lora_jax.models.stack import remat_policy
 
         try:
             remat_policy(self.remat_option())
         except ValueError as e:
             raise ValueError(f"model.remat: {e}") from None
+
+    def quant_config(self):
+        """`lora_jax.quant.QuantConfig` for `from_pretrained(quantize=...)`, or None.
+
+        >>> ModelSection(quantize="nf4").quant_config().scheme, ModelSection().quant_config()
+        ('nf4', None)
+        """
+        from lora_jax.quant import QuantConfig
+
+        if self.quantize == "none":
+            QuantConfig("nf4", self.quant_block_size)  # validate the block size anyway
+            return None
+        return QuantConfig(self.quantize, self.quant_block_size, self.double_quant)
 
     def remat_option(self) -> str | None:
         """The models' `remat` argument: None, "full" or a policy name.
@@ -137,6 +159,7 @@ class DataSection:
 
 @dataclasses.dataclass(frozen=True)
 class OptimSection:
+    name: str = _f("adamw", "optimizer: adamw | adamw_8bit (both moments in blockwise 8-bit, as bitsandbytes' AdamW8bit)")
     lr: float = _f(2e-4, "peak learning rate of AdamW")
     b1: float = _f(0.9, "AdamW beta1")
     b2: float = _f(0.999, "AdamW beta2")
@@ -149,6 +172,7 @@ class OptimSection:
     min_lr_ratio: float = _f(0.0, "final lr of cosine/linear decay, as a fraction of lr")
 
     def __post_init__(self):
+        _one_of("optim.name", self.name, ("adamw", "adamw_8bit"))
         _check(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
         _check(0 <= self.b1 < 1 and 0 <= self.b2 < 1, f"optim.b1 and optim.b2 must be in [0, 1), got {self.b1}, {self.b2}")
         _check(self.eps > 0, f"optim.eps must be > 0, got {self.eps}")

@@ -96,7 +96,8 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> int
     model, params, hf_config = from_pretrained(model_path, dtype=compute, param_dtype=recipe.model.dtype,
                                                scan_layers=recipe.model.scan_layers,
                                                remat=recipe.model.remat_option(), lora=lora_cfg,
-                                               host=True)  # numpy in host RAM: each device gets only its slice
+                                               host=True,  # numpy in host RAM: each device gets only its slice
+                                               quantize=recipe.model.quant_config())
     times = {"setup": time.time() - t_start}
     rng = jax.random.key(recipe.seed)
     abstract = jax.eval_shape(lambda p: lora_jax.inject(p, lora_cfg, rng), params)
@@ -105,8 +106,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> int
     frozen = shd.load_sharded(params, shd.named_shardings(frozen_specs, mesh))
     del params
     lora = shd.inject_sharded(frozen, lora_cfg, jax.random.fold_in(rng, 1), shd.named_shardings(lora_specs, mesh))
-    n_lora = sum(x.size for x in jax.tree.leaves(lora))
-    n_all = n_lora + sum(x.size for x in jax.tree.leaves(frozen))
+    n_lora, n_all = lora_jax.count_parameters(lora_jax.combine(lora, frozen))
     _say(f"model: {model_path} ({model.cfg.model_type}, {n_all / 1e6:.1f}M params); "
          f"LoRA r={lora_cfg.r} on {lora_cfg.target_modules}: {n_lora:,} trainable ({100 * n_lora / n_all:.3f}%)")
 
@@ -115,6 +115,11 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> int
     o = recipe.optim
     tx = training.default_optimizer(schedule, max_grad_norm=o.grad_clip or None, weight_decay=o.weight_decay,
                                     b1=o.b1, b2=o.b2, eps=o.eps)
+    if o.name == "adamw_8bit":  # the same chain with 8-bit moments
+        import optax
+
+        clip = optax.clip_by_global_norm(o.grad_clip) if o.grad_clip else optax.identity()
+        tx = optax.chain(clip, lora_jax.quant.adamw_8bit(schedule, o.b1, o.b2, o.eps, o.weight_decay))
     state = training.init_train_state(lora, tx, jax.random.fold_in(rng, 2), mesh=mesh, lora_specs=lora_specs)
     train_step = training.make_train_step(model, tx, mesh, specs, schedule=schedule, dropout=lora_cfg.dropout > 0)
     eval_step = training.make_eval_step(model, mesh, specs)

@@ -10,6 +10,7 @@
 Names and orientation come from `lora_jax.models.naming.to_hf_state_dict`; a tied LM head is not
 written (the model ties it on load), so `AutoModelForCausalLM.from_pretrained(out_dir)` reports no
 missing or unexpected keys. The merge happens in float32; the cast to `dtype` is the last step.
+A quantized (QLoRA) base is dequantized first and written in full precision, with a warning.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from lora_jax.config import LoraConfig
 from lora_jax.interop._files import atomic_dir, save_safetensors
 from lora_jax.models.config import ModelConfig
 from lora_jax.models.naming import to_hf_state_dict
+from lora_jax.quant.quantize import dequantize_params, has_quantized
 from lora_jax.transform import has_lora, merge
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -117,6 +119,8 @@ def save_merged(params: Any, lora_config: LoraConfig | None, out_dir: str, *, hf
     """
     target = np_dtype(dtype)
     cfg = ModelConfig.from_hf(hf_config)
+    if has_quantized(params):  # a QLoRA base: written in full precision, with a warning about rounding
+        params = dequantize_params(params, "float32", warn=True)
     if has_lora(params):
         params = merge(params, lora_config)  # each adapter's own lora_scale (the config only for adapters without)
     tensors = {k: np.asarray(v, np.float32).astype(target) for k, v in to_hf_state_dict(params, cfg).items()}

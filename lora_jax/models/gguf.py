@@ -158,12 +158,13 @@ def _config(reader):
     return config
 
 
-def read_gguf(path: str | os.PathLike):
+def read_gguf(path: str | os.PathLike, lazy: bool = False):
     """Read a llama-architecture GGUF file: `(hf_config, tensors)` in HF names and orientation.
 
     `hf_config` is a `transformers.LlamaConfig`; `tensors` maps HF parameter names
     (`model.layers.0.self_attn.q_proj.weight`, [out, in]) to dequantized float32 numpy arrays.
-    With tied embeddings there is no `lm_head.weight`.
+    With tied embeddings there is no `lm_head.weight`. `lazy=True` returns a
+    `lora_jax.models.lazy_tensors.LazyTensors` that dequantizes each tensor when it is read.
 
     >>> config, tensors = read_gguf(default_model_path())            # doctest: +SKIP
     >>> config.hidden_size, tensors["model.layers.0.self_attn.k_proj.weight"].shape  # doctest: +SKIP
@@ -172,22 +173,26 @@ def read_gguf(path: str | os.PathLike):
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
+    from lora_jax.models.lazy_tensors import LazyTensors
+
     reader = GGUFReader(_check_path(path))
     config = _config(reader)
     heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
-    tensors: dict[str, np.ndarray] = {}
+
+    def load(t) -> np.ndarray:
+        w = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)  # a copy: no memmap kept
+        w = w.reshape(tuple(int(d) for d in reversed(t.shape)))
+        kind = t.name.split(".")[2] if t.name.startswith("blk.") else ""
+        return unpermute_qk(w, heads[kind]) if kind in heads else w
+
+    loaders = {}
     unknown = []
     for t in reader.tensors:
         hf_name = hf_tensor_name(t.name)
         if hf_name is None:
             unknown.append(t.name)
             continue
-        w = np.array(dequantize(t.data, t.tensor_type), dtype=np.float32)  # a copy: no memmap kept
-        w = w.reshape(tuple(int(d) for d in reversed(t.shape)))
-        kind = t.name.split(".")[2] if t.name.startswith("blk.") else ""
-        if kind in heads:
-            w = unpermute_qk(w, heads[kind])
-        tensors[hf_name] = w
+        loaders[hf_name] = lambda t=t: load(t)
     if "rope_freqs.weight" in unknown:  # Llama 3.1+ GGUFs: rope scaling stored as a frequency tensor
         raise ValueError(f"GGUF file {os.fspath(path)!r} uses llama3 rope scaling (rope_freqs), which read_gguf "
                          "does not support; load the model from its HF safetensors checkpoint instead")
@@ -196,7 +201,8 @@ def read_gguf(path: str | os.PathLike):
             f"GGUF file {os.fspath(path)!r} holds tensors read_gguf cannot map to a Llama model: "
             f"{', '.join(unknown[:5])}{' …' if len(unknown) > 5 else ''}"
         )
-    return config, tensors
+    tensors = LazyTensors(loaders)
+    return config, (tensors if lazy else {name: tensors[name] for name in tensors})
 
 
 def default_model_path() -> str:

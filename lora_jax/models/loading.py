@@ -72,8 +72,11 @@ def _read_pickles(files: list[str]) -> dict[str, np.ndarray]:
     return out
 
 
-def read_checkpoint(path: str) -> tuple[Any, dict[str, np.ndarray]]:
+def read_checkpoint(path: str, lazy: bool = False) -> tuple[Any, dict[str, np.ndarray]]:
     """(transformers config, HF-named tensors) of a checkpoint directory or a .gguf file.
+
+    lazy=True: safetensors and GGUF tensors are read one at a time, when accessed
+    (`lora_jax.models.lazy_tensors.LazyTensors`); pickled checkpoints are read whole regardless.
 
     >>> read_checkpoint("/nonexistent")
     Traceback (most recent call last):
@@ -86,7 +89,7 @@ def read_checkpoint(path: str) -> tuple[Any, dict[str, np.ndarray]]:
             raise FileNotFoundError(f"GGUF file {path} does not exist")
         from lora_jax.models.gguf import read_gguf
 
-        return read_gguf(path)
+        return read_gguf(path, lazy=lazy)
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint path {path} does not exist")
     if not os.path.isdir(path):
@@ -98,10 +101,13 @@ def read_checkpoint(path: str) -> tuple[Any, dict[str, np.ndarray]]:
     hf_config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
     ModelConfig.from_hf(hf_config)  # an unsupported architecture fails before any weights are read
     join = lambda name: os.path.join(path, name)  # noqa: E731
+    from lora_jax.models.lazy_tensors import lazy_safetensors
+
+    read = lazy_safetensors if lazy else read_safetensors
     if os.path.isfile(join(SAFETENSORS)):
-        return hf_config, read_safetensors([join(SAFETENSORS)])
+        return hf_config, read([join(SAFETENSORS)])
     if os.path.isfile(join(SAFETENSORS_INDEX)):
-        return hf_config, read_safetensors(_shards(path, SAFETENSORS_INDEX))
+        return hf_config, read(_shards(path, SAFETENSORS_INDEX))
     if os.path.isfile(join(PICKLE)):
         return hf_config, _read_pickles([join(PICKLE)])
     if os.path.isfile(join(PICKLE_INDEX)):
@@ -117,6 +123,7 @@ def from_pretrained(
     remat: str | Callable | None = None,
     lora: LoraConfig | None = None,
     host: bool = False,
+    quantize: Any = None,
 ) -> tuple[Any, dict, Any]:
     """Load an HF checkpoint: (flax model, params, transformers config).
 
@@ -125,7 +132,10 @@ def from_pretrained(
     a jax.checkpoint_policies name; lora: the LoraConfig the model scales adapters with
     (`model.clone(lora=cfg)` later works too); host: return numpy leaves in host memory instead of
     arrays on the default device — what `lora_jax.sharding.load_sharded` takes, so a model larger
-    than one accelerator is never gathered on one.
+    than one accelerator is never gathered on one. quantize: None, "nf4", "int8" or a
+    `lora_jax.quant.QuantConfig` — each kernel is quantized as soon as it is read, so the
+    full-precision model is never held whole; a bitsandbytes 4-bit checkpoint (`*-bnb-4bit`) is
+    loaded into the same NF4 layout as is, without re-quantization (`lora_jax.quant.loading`).
 
     >>> import tempfile, transformers, torch
     >>> d = tempfile.mkdtemp()
@@ -138,8 +148,12 @@ def from_pretrained(
     >>> type(from_pretrained(d, host=True)[1]["lm_head"]["kernel"]).__name__
     'ndarray'
     """
-    hf_config, tensors = read_checkpoint(path)
+    from lora_jax.quant.loading import quantizing_reader
+
+    hf_config, tensors = read_checkpoint(path, lazy=True)
     cfg = ModelConfig.from_hf(hf_config)
     model = build_model(cfg, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat=remat, lora=lora)
-    params = from_hf_state_dict(tensors, cfg, scan_layers=scan_layers, param_dtype=model.param_dtype, host=host)
+    tensors, convert = quantizing_reader(tensors, hf_config, quantize)
+    params = from_hf_state_dict(tensors, cfg, scan_layers=scan_layers, param_dtype=model.param_dtype, host=host,
+                                convert=convert)
     return model, params, hf_config

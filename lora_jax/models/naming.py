@@ -18,7 +18,7 @@ from the model itself (`jax.eval_shape` of its init), so naming can never drift 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +26,7 @@ import numpy as np
 
 from lora_jax.models.build import as_dtype, build_model, param_shapes
 from lora_jax.models.config import ModelConfig
-from lora_jax.tree import ADAPTER_LEAVES, iter_leaves, put
+from lora_jax.tree import ADAPTER_LEAVES, is_param_leaf, iter_leaves, put
 
 LAYER_CONTAINERS = (("model", "layers"), ("transformer", "h"))
 CONV1D_MODULES = ("c_attn", "c_proj", "c_fc")  # GPT-2's Conv1D: weight already [in, out]
@@ -142,7 +142,7 @@ def _lookup(tensors: Mapping[str, Any], name: str) -> str | None:
 
 def from_hf_state_dict(
     tensors: Mapping[str, Any], cfg: ModelConfig, scan_layers: bool = False, param_dtype: Any = "float32",
-    host: bool = False,
+    host: bool = False, convert: Callable | None = None,
 ) -> dict:
     """Our param tree from HF-named, HF-oriented tensors (numpy or any array type).
 
@@ -150,7 +150,9 @@ def from_hf_state_dict(
     which hands each device only its slice); otherwise they are `jax.Array`s on the default device.
 
     Missing tensors and shape mismatches raise ValueError naming the tensor (and both shapes);
-    tensors the model has no use for are reported with a warning.
+    tensors the model has no use for are reported with a warning. `convert(path, tensor,
+    transpose, dtype)` may turn a tensor into its final leaf (e.g. a quantized kernel, from
+    `lora_jax.quant.loading`) as soon as it is read; it returns None to leave one as is.
 
     >>> from lora_jax.models.config import ModelConfig
     >>> cfg = ModelConfig("llama", 32, 16, 32, 1, 4, 2, 4, tie_word_embeddings=True)
@@ -174,7 +176,15 @@ def from_hf_state_dict(
         if key is None:
             raise ValueError(f"checkpoint has no tensor {name!r} (the {cfg.model_type} config needs shape {hf_shape})")
         used.add(key)
-        arr = np.asarray(tensors[key])
+        raw = tensors[key]
+        leaf = convert(path, raw, transpose, dtype) if convert is not None else None
+        if leaf is not None:
+            if tuple(leaf.shape) != tuple(sds.shape):
+                raise ValueError(f"tensor {key!r} stands for a kernel of shape {tuple(leaf.shape)} but the config needs "
+                                 f"{tuple(sds.shape)}; config.json and the weights disagree")
+            put(out, path, leaf)
+            continue
+        arr = np.asarray(raw)
         if tuple(arr.shape) != hf_shape:
             raise ValueError(f"tensor {key!r} has shape {tuple(arr.shape)} but the config needs {hf_shape}; "
                              "config.json and the weights disagree")
@@ -186,8 +196,11 @@ def from_hf_state_dict(
     if scan_layers:
         out = stack_layers(out)
     if host:
-        return jax.tree_util.tree_map(lambda x: np.asarray(x).astype(dtype, copy=False), out)
-    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype=dtype), out)
+        return jax.tree_util.tree_map(lambda x: x if is_param_leaf(x) else np.asarray(x).astype(dtype, copy=False), out,
+                                      is_leaf=is_param_leaf)
+    # quantized kernels keep their fields' own dtypes (uint8 codes, float32 scales)
+    return jax.tree_util.tree_map(lambda x: jax.tree.map(jnp.asarray, x) if is_param_leaf(x) else jnp.asarray(x, dtype=dtype),
+                                  out, is_leaf=is_param_leaf)
 
 
 def to_hf_state_dict(params: Any, cfg: ModelConfig) -> dict[str, np.ndarray]:

@@ -16,6 +16,10 @@ x @ A @ B):
     lora_b  [*stack, r,  out]  spec (*Nones, None, S_out)
     lora_scale [*stack]        replicated
 
+A quantized kernel (`lora_jax.quant.QuantizedKernel`) is matched by the kernel's rule and its
+fields take specs derived from the kernel's (`lora_jax.quant.partition_specs`): codes and block
+scales [*stack, out, in/k] get (*Nones, S_out, S_in), the tiny second-level tables replicated.
+
 Errors are loud and name the param, its shape and the spec: a leaf with more than `min_size`
 elements that no rule matches (small ones — norms, biases — are replicated), or a spec whose mesh
 axes do not divide the dimension they split.
@@ -36,6 +40,7 @@ import jax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lora_jax.quant.kernel import is_quantized, partition_specs
 from lora_jax.targeting import KernelLayout, resolve_layout
 from lora_jax.tree import ADAPTER_LEAVES, KERNEL, LORA_A, LORA_SCALE, get, iter_leaves, put
 
@@ -151,6 +156,7 @@ def param_specs(
     (P(None, 'fsdp', None), P(None, None, 'tensor'))
     """
     out: dict = {}
+    kernel_specs: dict = {}  # the logical spec of each kernel, quantized ones included
     leaves = list(iter_leaves(params))
     for path, leaf in leaves:
         if path[-1] in ADAPTER_LEAVES:
@@ -167,6 +173,11 @@ def param_specs(
         check_spec(name, shape, spec, None)
         full = P(*_expand(spec, len(shape)))
         check_spec(name, shape, full, mesh)
+        kernel_specs[path] = full
+        if is_quantized(leaf):  # codes and block scales take specs derived from the kernel's
+            full = partition_specs(leaf, tuple(full), lambda s, p: _fits(s, p, mesh))
+            for field in ("codes", "absmax"):
+                check_spec(f"{name}.{field}", tuple(getattr(leaf, field).shape), getattr(full, field), mesh)
         put(out, path, full)
     for path, leaf in leaves:
         if path[-1] not in ADAPTER_LEAVES:
@@ -177,7 +188,7 @@ def param_specs(
         name, shape = ".".join(path), tuple(leaf.shape)
         kpath = path[:-1] + (KERNEL,)
         try:
-            kernel, kspec = get(params, kpath), tuple(get(out, kpath))
+            kernel, kspec = get(params, kpath), tuple(kernel_specs[kpath])
         except (KeyError, TypeError):
             raise ValueError(f"LoRA leaf {name!r} has no sibling 'kernel'; compute specs on the combined (lora + frozen) tree") from None
         stack, ins, _ = resolve_layout(kpath, tuple(kernel.shape), layouts).split(tuple(kernel.shape))
@@ -189,6 +200,14 @@ def param_specs(
         check_spec(name, shape, spec, mesh)
         put(out, path, spec)
     return out
+
+
+def _fits(shape: tuple[int, ...], spec: P, mesh: Mesh | None) -> bool:
+    try:
+        check_spec("", shape, spec, mesh)
+    except ValueError:
+        return False
+    return True
 
 
 def named_shardings(specs: Any, mesh: Mesh) -> Any:

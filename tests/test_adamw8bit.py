@@ -1,0 +1,95 @@
+"""8-bit AdamW: tracks fp32 AdamW and bitsandbytes' AdamW8bit on a small regression, at ~1/4 of the state."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lora_jax.quant import adamw_8bit, state_bytes
+from lora_jax.quant.adamw8bit import dequantize_blockwise, quantize_blockwise
+
+
+def regression(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((256, 64)).astype(np.float32)
+    w_true = rng.standard_normal((64, 32)).astype(np.float32)
+    y = x @ w_true + 0.1 * rng.standard_normal((256, 32)).astype(np.float32)
+    w0 = (0.01 * rng.standard_normal((64, 32))).astype(np.float32)
+    return x, y, {"w": w0, "b": np.zeros(32, np.float32)}
+
+
+def loss_fn(p, x, y):
+    return jnp.mean((x @ p["w"] + p["b"] - y) ** 2)
+
+
+def train(tx, steps=150):
+    x, y, params = regression()
+    params = jax.tree.map(jnp.asarray, params)
+    state = tx.init(params)
+
+    @jax.jit
+    def step(params, state):
+        loss, g = jax.value_and_grad(loss_fn)(params, x, y)
+        u, state = tx.update(g, state, params)
+        return optax.apply_updates(params, u), state, loss
+
+    losses = []
+    for _ in range(steps):
+        params, state, loss = step(params, state)
+        losses.append(float(loss))
+    return np.array(losses), params, state
+
+
+def test_blockwise_round_trip_is_within_the_dynamic_code_step():
+    x = jax.random.normal(jax.random.key(0), (1000,)) * jnp.repeat(jnp.logspace(-3, 1, 4), 250)
+    for signed, vals in ((True, x), (False, x * x)):
+        q, absmax = quantize_blockwise(vals, signed)
+        back = dequantize_blockwise(q, absmax, signed)
+        assert q.dtype == jnp.uint8 and absmax.shape == (4,)
+        rel = jnp.abs(back - vals) / jnp.repeat(absmax, 256)[:1000]
+        assert float(rel.max()) < 0.0125  # the dynamic type's widest step in [0.1, 1] of absmax
+
+
+def test_tracks_fp32_adamw_on_a_regression_with_a_quarter_of_the_state():
+    lr = 3e-2
+    ref_losses, ref_params, ref_state = train(optax.adamw(lr, weight_decay=0.0), 400)
+    losses, params, state = train(adamw_8bit(lr, weight_decay=0.0, min_8bit_size=1), 400)
+    assert losses[-1] < 2e-3 * losses[0]  # it trains, to the noise floor
+    assert abs(losses[-1] - ref_losses[-1]) < 0.02 * ref_losses[-1]  # measured: 0.2%
+    assert np.max(np.abs(losses - ref_losses) / ref_losses) < 0.35  # on the way down it lags a little (measured 29%)
+    np.testing.assert_allclose(params["w"], ref_params["w"], atol=0.02)
+    assert state_bytes(state) <= 0.3 * state_bytes(ref_state)
+
+
+def test_matches_bitsandbytes_adamw8bit():
+    torch = pytest.importorskip("torch")
+    bnb = pytest.importorskip("bitsandbytes")
+    x, y, p0 = regression()
+    lr, steps = 3e-2, 40
+    losses, params, _ = train(adamw_8bit(lr, weight_decay=0.01, min_8bit_size=1), steps)
+    w = torch.nn.Parameter(torch.from_numpy(p0["w"].copy()))
+    b = torch.nn.Parameter(torch.from_numpy(p0["b"].copy()))
+    opt = bnb.optim.AdamW8bit([w, b], lr=lr, weight_decay=0.01, min_8bit_size=1)
+    tx, ty = torch.from_numpy(x), torch.from_numpy(y)
+    theirs = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = ((tx @ w + b - ty) ** 2).mean()
+        loss.backward()
+        opt.step()
+        theirs.append(loss.item())
+    assert opt.state[w]["state1"].dtype == torch.uint8  # bitsandbytes really ran 8-bit here
+    np.testing.assert_allclose(losses, theirs, rtol=2e-3)  # measured: 2e-4 at step 40
+    # bitsandbytes' CPU kernel rounds to its code book through a 65536-entry table, so a few codes
+    # land one level apart; on average the parameters agree to ~2e-3 (they move by ~1)
+    assert float(np.abs(np.asarray(params["w"]) - w.detach().numpy()).mean()) < 5e-3
+
+
+def test_small_leaves_keep_float32_moments():
+    tx = adamw_8bit(1e-3)
+    state = tx.init({"big": jnp.zeros((64, 128)), "small": jnp.zeros(16)})[0]
+    assert state.mu["big"].dtype == jnp.uint8 and state.mu_scale["big"].shape == (32,)
+    assert state.mu["small"].dtype == jnp.float32 and state.mu_scale["small"].shape == (0,)
