@@ -59,7 +59,7 @@ def test_unknown_key_in_yaml(tmp_path):
         load_recipe(y)
 
 
-@pytest.mark.parametrize("value,option", [("false", None), ("true", "full"), ("full", "full"),
+@pytest.mark.parametrize("value,option", [("auto", "auto"), ("false", None), ("true", "full"), ("full", "full"),
                                           ("save_projections", "save_projections"), ("dots_saveable", "dots_saveable")])
 def test_remat_accepts_bools_and_policies(value, option):
     assert load_recipe(None, [f"model.remat={value}"]).model.remat_option() == option
@@ -75,6 +75,7 @@ def test_remat_accepts_bools_and_policies(value, option):
     ("max_steps=-1", "max_steps must be >= 0"), ("mesh.data=0", "mesh.data"),
     ("optim.b1=1.0", "optim.b1"), ("save_total_limit=0", "save_total_limit"),
     ("model.remat=sometimes", "model.remat: remat='sometimes' is not a known policy"),
+    ("model.attention=flash", "model.attention must be one of auto, reference, xla, cudnn, splash"),
 ])
 def test_invalid_values(override, message):
     with pytest.raises(ValueError) as e:
@@ -111,3 +112,10 @@ def test_cli_one_line_errors(argv, fragment, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert fragment in err and err.count("\n") == 1
 
+
+
+def test_bf16_precision_means_bf16_frozen_weights_and_attention_option_passes_through():
+    r = load_recipe(None, ["precision=bf16", "model.attention=xla"])
+    assert r.dtypes() == ("bfloat16", "bfloat16") and r.model.attention == "xla"
+    assert load_recipe(None, ["precision=bf16", "model.dtype=float32"]).dtypes() == ("bfloat16", "float32")
+    assert load_recipe(None, []).dtypes() == ("float32", "float32")

@@ -160,3 +160,31 @@ def test_chunked_loss_step_equals_full_logits_step(setup):
     assert m_got["grad_norm"] == pytest.approx(m_ref["grad_norm"], rel=1e-5)
     for a, b in zip(jax.tree.leaves(lora_got), jax.tree.leaves(lora_ref)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_precision_policy():
+    """bf16 compute and bf16 frozen weights; fp32 LoRA master weights and AdamW state; the attention
+    softmax and the loss's log-sum-exp in fp32 (read off the compiled step)."""
+    model = build_model(CFG, dtype="bfloat16", param_dtype="bfloat16", scan_layers=True, lora=LORA)
+    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    params = lora_jax.inject(params, LORA, jax.random.key(1))  # LoraConfig dtype float32: fp32 adapters
+    mesh = shd.make_mesh(devices=jax.devices()[:1])
+    specs = shd.param_specs(params, shd.default_rules("llama"), mesh)
+    lora, frozen = lora_jax.split(params)
+    assert {x.dtype for x in jax.tree.leaves(frozen)} == {jnp.dtype("bfloat16")}
+    assert {x.dtype for x in jax.tree.leaves(lora)} == {jnp.dtype("float32")}
+    tx = training.default_optimizer(1e-2)
+    state = training.init_train_state(lora, tx, jax.random.key(2), mesh=mesh, lora_specs=lora_jax.split(specs)[0])
+    b = shd.shard_batch(batch(0), mesh, batch_axis=1)
+    lowered = training.make_train_step(model, tx, mesh, specs).lower(state, frozen, b)
+    state, metrics = lowered.compile()(state, frozen, dict(b))
+    assert {x.dtype for x in jax.tree.leaves(state["lora"])} == {jnp.dtype("float32")}
+    assert {x.dtype for x in jax.tree.leaves(state["opt_state"]) if x.ndim} == {jnp.dtype("float32")}
+    assert metrics["loss"].dtype == jnp.float32 and 0 < float(metrics["loss"]) < 10
+    hlo = lowered.as_text().splitlines()
+    exps = [line.rsplit("tensor<", 1)[1].rstrip(">").split("x") for line in hlo if "stablehlo.exponential" in line]
+    types = {(len(t) - 1, t[-1]) for t in exps}  # (rank, element type)
+    # attention softmax [B, K, G, T, S] and the loss [tokens, V] in fp32; the [B, T, F] activation
+    # (SiLU) runs in the compute dtype, as transformers' does
+    assert types == {(5, "f32"), (2, "f32"), (3, "bf16")}, types
+    assert any("stablehlo.dot_general" in line and "bf16" in line for line in hlo)  # bf16 compute

@@ -47,11 +47,15 @@ def _one_of(name: str, value: Any, choices: tuple) -> None:
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     path: str = _f("default", "HF model directory (config.json + safetensors), a .gguf file, or 'default' = the embedded SmolLM2-135M-Instruct GGUF")
-    dtype: str = _f("float32", "dtype of the frozen base weights: float32 | bfloat16")
+    dtype: str = _f("auto", "dtype of the frozen base weights: auto (= the compute precision: bfloat16 under "
+                            "precision bf16) | float32 | bfloat16")
     scan_layers: bool = _f(True, "stack the decoder layers under nn.scan (faster compile)")
-    remat: Any = _f(False, "recompute activations in the backward pass: false | true (= full: least memory, "
-                           "~+25% compute) | save_projections (keeps projection outputs: most of the saving, "
-                           "little recompute) | a jax.checkpoint_policies name")
+    remat: Any = _f("auto", "recompute activations in the backward pass: auto (the platform's default: none on "
+                            "CPU, save_projections on GPU/TPU) | false | true (= full: least memory, ~+25% compute) | "
+                            "save_projections (keeps projection outputs: most of the saving, little recompute) | "
+                            "a jax.checkpoint_policies name")
+    attention: str = _f("auto", "attention implementation: auto (the fastest exact one for the platform, logged) | "
+                                "reference | xla | cudnn (NVIDIA GPU, bf16) | splash (TPU)")
     quantize: str = _f("none", "frozen base kernels in 4 or 8 bits (QLoRA): none | nf4 | int8 (embeddings, norms, "
                                "LM head stay in model.dtype; a bitsandbytes 4-bit checkpoint is NF4 as stored)")
     quant_block_size: int = _f(64, "weights per quantization block (absmax scale) for model.quantize")
@@ -59,7 +63,8 @@ class ModelSection:
 
     def __post_init__(self):
         _check(bool(self.path), "model.path is empty; give an HF model directory, a .gguf file or 'default'")
-        _one_of("model.dtype", self.dtype, ("float32", "bfloat16"))
+        _one_of("model.dtype", self.dtype, ("auto", "float32", "bfloat16"))
+        _one_of("model.attention", self.attention, ("auto", "reference", "xla", "cudnn", "splash"))
         _one_of("model.quantize", self.quantize, ("none", "nf4", "int8"))
         try:
             self.quant_config()
@@ -68,7 +73,8 @@ class ModelSection:
         from lora_jax.models.stack import remat_policy
 
         try:
-            remat_policy(self.remat_option())
+            if self.remat_option() != "auto":
+                remat_policy(self.remat_option())
         except ValueError as e:
             raise ValueError(f"model.remat: {e}") from None
 
@@ -86,7 +92,7 @@ class ModelSection:
         return QuantConfig(self.quantize, self.quant_block_size, self.double_quant)
 
     def remat_option(self) -> str | None:
-        """The models' `remat` argument: None, "full" or a policy name.
+        """The models' `remat` argument: "auto", None, "full" or a policy name.
 
         >>> ModelSection(remat=True).remat_option(), ModelSection(remat="save_projections").remat_option()
         ('full', 'save_projections')
@@ -207,7 +213,8 @@ class Recipe:
     grad_accum: int = _f(1, "micro-batches per optimizer step (memory knob: the update is the same)")
     max_steps: int = _f(0, "optimizer steps (0 = derive from epochs)")
     epochs: float = _f(1.0, "passes over the training data when max_steps = 0")
-    precision: str = _f("fp32", "compute dtype: fp32 | bf16 (LoRA master weights and optimizer stay fp32)")
+    precision: str = _f("fp32", "compute dtype: fp32 | bf16 (bf16 compute and frozen weights; LoRA master weights, "
+                                "optimizer state, softmax and loss in fp32)")
     logging_steps: int = _f(10, "log loss / lr / grad norm / throughput every N steps")
     eval_steps: int = _f(0, "eval loss every N steps (0 = only before and after)")
     save_steps: int = _f(0, "checkpoint every N steps (0 = only at the end)")
@@ -232,6 +239,16 @@ class Recipe:
 
     def to_lora_config(self) -> LoraConfig:
         return self.lora.to_lora_config()
+
+    def dtypes(self) -> tuple[str, str]:
+        """(compute dtype, frozen-weight dtype): precision bf16 = bf16 compute and bf16 frozen weights
+        (model.dtype overrides the latter); LoRA leaves and optimizer state stay float32 regardless.
+
+        >>> Recipe(precision="bf16").dtypes(), Recipe(precision="bf16", model=ModelSection(dtype="float32")).dtypes()
+        (('bfloat16', 'bfloat16'), ('bfloat16', 'float32'))
+        """
+        compute = "bfloat16" if self.precision == "bf16" else "float32"
+        return compute, compute if self.model.dtype == "auto" else self.model.dtype
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -21,6 +21,7 @@ is the last good one.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -45,8 +46,23 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
+class _Say(logging.Handler):
+    """Library INFO lines the run should show (which attention implementation serves the step)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _say(record.getMessage())
+
+
+def _show_library_choices() -> None:
+    log = logging.getLogger("lora_jax.attention")
+    if not any(isinstance(h, _Say) for h in log.handlers):
+        log.addHandler(_Say())
+        log.setLevel(logging.INFO)
+
+
 def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> int:
     t_start = time.time()
+    _show_library_choices()
     lora_cfg = recipe.to_lora_config()
     out = recipe.output_dir
 
@@ -92,10 +108,11 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> int
     # ================================================================ model + LoRA init
     from lora_jax.models import from_pretrained
 
-    compute = "bfloat16" if recipe.precision == "bf16" else "float32"
-    model, params, hf_config = from_pretrained(model_path, dtype=compute, param_dtype=recipe.model.dtype,
+    compute, frozen_dtype = recipe.dtypes()
+    model, params, hf_config = from_pretrained(model_path, dtype=compute, param_dtype=frozen_dtype,
                                                scan_layers=recipe.model.scan_layers,
                                                remat=recipe.model.remat_option(), lora=lora_cfg,
+                                               attention=recipe.model.attention,
                                                host=True,  # numpy in host RAM: each device gets only its slice
                                                quantize=recipe.model.quant_config())
     times = {"setup": time.time() - t_start}
@@ -275,7 +292,7 @@ def _export(recipe, lora_cfg, host_lora, frozen, model, hf_config, tokenizer, mo
     if recipe.export_merged:
         full = lora_jax.combine(host_lora, jax.tree.map(np.asarray, frozen))
         interop.save_merged(full, lora_cfg, os.path.join(out, "merged"), hf_config=hf_config,
-                            dtype=recipe.model.dtype, tokenizer=tokenizer, overwrite=True)
+                            dtype=np.dtype(model.param_dtype).name, tokenizer=tokenizer, overwrite=True)
 
 
 def _report(prompts, before, after, metric_name, out) -> None:

@@ -5,8 +5,10 @@ Qwen2, Qwen3) and GPT-2, with param paths equal to HF module names (docs/CONVENT
     logits, cache = model.apply({"params": params}, input_ids, attention_mask=None, positions=None, cache=None)
     cache = init_cache(model.cfg, batch, max_len, dtype)   # KV cache for incremental decoding
 
-Files: config.py (ModelConfig), llama.py / gpt2.py (modules), attention.py (masks, KV cache,
-attention), rope.py, stack.py (unrolled / scanned / rematerialised blocks), build.py
+Files: config.py (ModelConfig), llama.py / gpt2.py (modules), attention.py (the attention entry
+point, mask description, KV cache), masks.py (AttentionMask), attn_dispatch.py (which
+implementation serves a call), attn_reference.py / attn_cudnn.py / attn_splash.py (the
+implementations), rope.py, stack.py (unrolled / scanned / rematerialised blocks), build.py
 (build_model), naming.py (HF state dict <-> param tree), loading.py (from_pretrained).
 
 >>> from lora_jax.models import ModelConfig, build_model

@@ -1,4 +1,12 @@
-"""Masks, the KV cache and grouped-query dot-product attention shared by every model.
+"""The attention entry point of every model (`attend`), its mask description (`prepare`) and the
+KV cache.
+
+`attend(q, k, v, mask, scale, kv, index, softcap=None)` serves training, eval, generation prefill
+and decoding for every model family: it writes the KV cache when given one, then runs the
+implementation the model's `attention` option selects (`lora_jax.models.attn_dispatch`:
+"auto" | "reference" | "xla" | "cudnn" | "splash"). `prepare` describes the mask (an
+`AttentionMask`, `lora_jax.models.masks`) instead of building a dense [B, 1, T, S] one; each
+implementation turns the description into what it needs.
 
 KV cache (`init_cache(cfg, batch, max_len, dtype)`), one pytree for scanned and unrolled models:
 
@@ -16,8 +24,8 @@ number of valid slots: position = valid_before + cumsum(attention_mask) - 1 (cli
 left-padded prompt gets positions 0.. on its real tokens and decoding continues from there.
 Writing past S is not checked under jit (dynamic_update_slice clamps): size S >= prompt + new tokens.
 
-Attention is computed with scores and softmax in float32 and masked with the dtype's most negative
-value (not -inf), so fully-masked rows (padding queries) stay finite.
+Every implementation computes the softmax in float32. Outputs of padding queries are not defined
+(the reference lets them attend to every valid key, fused kernels give zeros); nothing reads them.
 """
 
 from __future__ import annotations
@@ -27,7 +35,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lora_jax.errors import UserError
+from lora_jax.models import attn_dispatch
+from lora_jax.models.attn_cudnn import cudnn
+from lora_jax.models.attn_reference import reference, xla
+from lora_jax.models.attn_splash import splash
 from lora_jax.models.config import ModelConfig
+from lora_jax.models.masks import AttentionMask, build, for_layer
+
+IMPLEMENTATIONS = {"reference": reference, "xla": xla, "cudnn": cudnn, "splash": splash}
 
 Cache = dict[str, jax.Array]
 
@@ -51,30 +67,32 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype: Any = jnp.floa
 
 
 def prepare(
-    cfg: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array | None, positions: jax.Array | None, cache: Cache | None
-) -> tuple[jax.Array, jax.Array, jax.Array | None, Cache | None]:
-    """(positions [B, T], mask [B, 1, T, S], window mask or None, cache with the new mask/index).
+    cfg: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array | None, positions: jax.Array | None,
+    cache: Cache | None, attention: str = "auto",
+) -> tuple[jax.Array, AttentionMask, AttentionMask | None, Cache | None]:
+    """(positions [B, T], mask, windowed mask or None, cache with the new mask/index).
 
-    The masks are bool, True = may attend; S = T without a cache, the cache length with one.
-    Without a cache, `attention_mask` may hold segment ids (packed rows: 1, 2, …, 0 = padding) and
-    tokens attend only within their segment; pass the per-segment `positions` alongside.
+    The masks are `AttentionMask` descriptions (`lora_jax.models.masks.dense` gives the bool
+    [B, 1, T, S] they stand for); S = T without a cache, the cache length with one. Without a
+    cache, `attention_mask` may hold segment ids (packed rows: 1, 2, …, 0 = padding) and tokens
+    attend only within their segment; pass the per-segment `positions` alongside. `attention`: the
+    implementation option the masks carry to `attend`.
 
     >>> from lora_jax.models.config import ModelConfig
+    >>> from lora_jax.models.masks import dense
     >>> cfg = ModelConfig("llama", 32, 16, 32, 2, 4, 2, 4)
     >>> pos, mask, _, _ = prepare(cfg, jnp.zeros((1, 3), jnp.int32), jnp.array([[0, 1, 1]]), None, None)
-    >>> pos.tolist(), mask.shape
-    ([[0, 0, 1]], (1, 1, 3, 3))
+    >>> pos.tolist(), mask.kind
+    ([[0, 0, 1]], 'segments')
     >>> _, mask, _, _ = prepare(cfg, jnp.zeros((1, 3), jnp.int32), jnp.array([[1, 1, 2]]), None, None)
-    >>> mask[0, 0, 2].tolist()  # the token of segment 2 sees only itself
+    >>> dense(mask, 3)[0, 0, 2].tolist()  # the token of segment 2 sees only itself
     [False, False, True]
     """
     b, t = input_ids.shape
     am = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
     if cache is None:
         seen = jnp.zeros((b,), jnp.int32)
-        index = jnp.zeros((), jnp.int32)
-        valid = am
-        new_cache = None
+        index = valid = new_cache = None
     else:
         index = cache["index"].astype(jnp.int32)
         seen = cache["mask"].sum(-1).astype(jnp.int32)
@@ -82,38 +100,40 @@ def prepare(
         new_cache = dict(cache, mask=valid, index=index + t)
     if positions is None:
         positions = jnp.maximum(seen[:, None] + jnp.cumsum(am.astype(jnp.int32), axis=-1) - 1, 0)
-    q_slot = index + jnp.arange(t)[:, None]  # [T, 1]
-    k_slot = jnp.arange(valid.shape[1])[None, :]  # [1, S]
-    mask = valid[:, None, None, :] & (k_slot <= q_slot)[None, None]
-    if cache is None and attention_mask is not None:
-        # Packed rows carry segment ids (1, 2, …; 0 = padding) in attention_mask: a token attends only
-        # inside its own example. A 0/1 mask gives the same mask as before; padding queries (0) keep
-        # attending to every valid key, as transformers' padded rows do.
-        seg = attention_mask.astype(jnp.int32)
-        same = (seg[:, :, None] == seg[:, None, :]) | (seg[:, :, None] == 0)
-        mask = mask & same[:, None]
-    window = None
-    if cfg.sliding_window is not None:
-        window = mask & (k_slot > q_slot - cfg.sliding_window)[None, None]
+    mask, window = build(attention_mask, cache, valid, index, t, cfg.sliding_window, attention)
     return positions.astype(jnp.int32), mask, window, new_cache
+
+
+def layer_mask(mask: AttentionMask, window: AttentionMask | None, sliding) -> AttentionMask:
+    """The mask of one layer: `window` where `sliding` (a bool, or a bool array under nn.scan).
+
+    >>> from lora_jax.models.masks import build
+    >>> layer_mask(*build(None, None, None, None, 4, 2, "auto"), True).window
+    2
+    """
+    return for_layer(mask, window, sliding)
 
 
 def attend(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
-    mask: jax.Array,
+    mask: AttentionMask,
     scale: float,
     kv: tuple[jax.Array, jax.Array] | None = None,
     index: jax.Array | None = None,
+    *,
+    softcap: float | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
     """Grouped-query attention of q [B, T, H, d] over k, v [B, T, n_kv, d] (or the cache).
 
     With `kv` (this layer's cache [B, S, n_kv, d] pair) the new k/v are written at `index` and the
-    queries attend over all S slots; returns (out [B, T, H*d], updated kv or None).
+    queries attend over all S slots; returns (out [B, T, H*d], updated kv or None). `softcap`:
+    logit soft-capping cap · tanh(logits / cap) (Gemma 2/3). The implementation is
+    `mask.implementation` ("auto" picks per call; `lora_jax.models.attn_dispatch`).
 
     >>> q = jnp.ones((1, 2, 4, 8)); k = v = jnp.ones((1, 2, 2, 8))
-    >>> out, _ = attend(q, k, v, jnp.ones((1, 1, 2, 2), bool), 8 ** -0.5)
+    >>> out, _ = attend(q, k, v, AttentionMask(), 8 ** -0.5)
     >>> out.shape
     (1, 2, 32)
     """
@@ -123,11 +143,17 @@ def attend(
         v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
         kv = (k, v)
     b, t, h, d = q.shape
-    n_kv = k.shape[2]
-    qg = q.reshape(b, t, n_kv, h // n_kv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
-    scores = scores.astype(jnp.float32) * scale
-    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)  # mask [B, 1, T, S]
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(probs.dtype))
-    return out.reshape(b, t, h * d).astype(q.dtype), kv
+    requested = mask.implementation
+    call = attn_dispatch.describe(q, k, mask, softcap)
+    candidates, passed = attn_dispatch.plan(requested, call)
+    for impl in candidates:
+        try:
+            out = IMPLEMENTATIONS[impl](q, k, v, mask, scale, softcap)
+        except NotImplementedError as e:  # jax refused the kernel while tracing
+            if requested != "auto":
+                raise UserError(f"attention={impl!r} cannot serve this call ({call.summary()}): {e}") from None
+            passed[impl] = f"jax refused it: {e}"
+            continue
+        attn_dispatch.log_once(requested, call, impl, passed)
+        return out.reshape(b, t, h * d).astype(q.dtype), kv
+    raise AssertionError("unreachable: 'reference' serves every call")  # pragma: no cover

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.config import LoraConfig
+from lora_jax.defaults import platform_defaults
+from lora_jax.models.attn_dispatch import check_choice
 from lora_jax.models.config import ModelConfig
 from lora_jax.models.gpt2 import GPT2LMHeadModel
 from lora_jax.models.llama import LlamaForCausalLM
@@ -38,20 +40,28 @@ def build_model(
     dtype: Any = "float32",
     param_dtype: Any = None,
     scan_layers: bool = False,
-    remat: str | Callable | None = None,
+    remat: str | Callable | None = "auto",
     lora: LoraConfig | None = None,
+    attention: str = "auto",
 ) -> nn.Module:
     """The causal LM for `cfg`: compute `dtype`, params in `param_dtype` (None = `dtype`).
+
+    `remat`: "auto" (the platform's default, `lora_jax.defaults`), None, "full" or a policy name.
+    `attention`: "auto" | "reference" | "xla" | "cudnn" | "splash" (`lora_jax.models.attn_dispatch`).
 
     >>> from lora_jax.models.config import ModelConfig
     >>> type(build_model(ModelConfig("llama", 32, 16, 32, 2, 4, 2, 4))).__name__
     'LlamaForCausalLM'
     """
+    if isinstance(remat, str) and remat == "auto":
+        remat = platform_defaults().remat
     remat_policy(remat)  # validate
+    check_choice(attention)
     dtype = as_dtype(dtype)
     param_dtype = dtype if param_dtype is None else as_dtype(param_dtype)
     cls = GPT2LMHeadModel if cfg.family == "gpt2" else LlamaForCausalLM
-    return cls(cfg, dtype=dtype, param_dtype=param_dtype, lora=lora, scan_layers=scan_layers, remat=remat)
+    return cls(cfg, dtype=dtype, param_dtype=param_dtype, lora=lora, scan_layers=scan_layers, remat=remat,
+               attention=attention)
 
 
 def param_shapes(model: nn.Module) -> Any:
@@ -62,6 +72,8 @@ def param_shapes(model: nn.Module) -> Any:
     ['lm_head', 'model']
     """
     ids = jnp.zeros((1, 1), jnp.int32)
+    if hasattr(model, "attention"):  # the params do not depend on it; a fused kernel may refuse 1 token
+        model = model.clone(attention="reference")
     return jax.eval_shape(lambda: model.init(jax.random.key(0), ids))["params"]
 
 

@@ -92,11 +92,13 @@ class GPT2Model(nn.Module):
     lora: LoraConfig | None = None
     scan_layers: bool = False
     remat: Any = None
+    attention: str = "auto"  # implementation (lora_jax.models.attn_dispatch)
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
         c = self.cfg
-        positions, mask, _, new_cache = attention.prepare(c, input_ids, attention_mask, positions, cache)
+        positions, mask, _, new_cache = attention.prepare(c, input_ids, attention_mask, positions, cache,
+                                                          self.attention)
         wte = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name="wte")
         wpe = nn.Embed(c.max_position_embeddings, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name="wpe")
         x = wte(input_ids) + wpe(positions)
@@ -130,12 +132,13 @@ class GPT2LMHeadModel(nn.Module):
     lora: LoraConfig | None = None
     scan_layers: bool = False
     remat: Any = None
+    attention: str = "auto"  # implementation (lora_jax.models.attn_dispatch)
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, return_hidden=False):
         # return_hidden=True: (final hidden states after ln_f, cache), no head (see LlamaForCausalLM).
         transformer = GPT2Model(self.cfg, self.dtype, self.param_dtype, self.lora, self.scan_layers, self.remat,
-                                name="transformer")
+                                self.attention, name="transformer")
         h, cache = transformer(input_ids, attention_mask, positions, cache)
         if return_hidden:
             return h, cache

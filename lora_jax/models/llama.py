@@ -122,8 +122,7 @@ class LlamaDecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x, cos, sin, mask, window, index, sliding, kv):
         c, kw = self.cfg, dict(cfg=self.cfg, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
-        if window is not None:
-            mask = jnp.where(sliding, window, mask)
+        mask = attention.layer_mask(mask, window, sliding)
         h = RMSNorm(c.norm_eps, self.dtype, self.param_dtype, name="input_layernorm")(x)
         h, kv = LlamaAttention(**kw, name="self_attn")(h, cos, sin, mask, index, kv)
         x = saved(x + h)
@@ -140,11 +139,13 @@ class LlamaModel(nn.Module):
     lora: LoraConfig | None = None
     scan_layers: bool = False
     remat: Any = None
+    attention: str = "auto"  # implementation (lora_jax.models.attn_dispatch)
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
         c = self.cfg
-        positions, mask, window, new_cache = attention.prepare(c, input_ids, attention_mask, positions, cache)
+        positions, mask, window, new_cache = attention.prepare(c, input_ids, attention_mask, positions, cache,
+                                                               self.attention)
         embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name="embed_tokens")
         x = embed(input_ids)
         cos, sin = cos_sin(c, positions, self.dtype)
@@ -178,12 +179,14 @@ class LlamaForCausalLM(nn.Module):
     lora: LoraConfig | None = None
     scan_layers: bool = False
     remat: Any = None
+    attention: str = "auto"  # implementation (lora_jax.models.attn_dispatch)
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None, return_hidden=False):
         # return_hidden=True: (final normed hidden states [B, T, D], cache) instead of the logits, for a
         # loss that applies the head itself in chunks (lora_jax.training.loss.chunked_ce_sum).
-        decoder = LlamaModel(self.cfg, self.dtype, self.param_dtype, self.lora, self.scan_layers, self.remat, name="model")
+        decoder = LlamaModel(self.cfg, self.dtype, self.param_dtype, self.lora, self.scan_layers, self.remat,
+                             self.attention, name="model")
         h, cache = decoder(input_ids, attention_mask, positions, cache)
         if return_hidden:
             return h, cache

@@ -120,22 +120,25 @@ def from_pretrained(
     dtype: Any = "float32",
     param_dtype: Any = None,
     scan_layers: bool = False,
-    remat: str | Callable | None = None,
+    remat: str | Callable | None = "auto",
     lora: LoraConfig | None = None,
     host: bool = False,
     quantize: Any = None,
+    attention: str = "auto",
 ) -> tuple[Any, dict, Any]:
     """Load an HF checkpoint: (flax model, params, transformers config).
 
     dtype: compute dtype; param_dtype: storage dtype of the params (None = dtype); scan_layers:
-    stack the blocks under nn.scan (params gain a leading layer axis); remat: None / "full" /
-    a jax.checkpoint_policies name; lora: the LoraConfig the model scales adapters with
+    stack the blocks under nn.scan (params gain a leading layer axis); remat: "auto" (the
+    platform's default, `lora_jax.defaults`) / None / "full" / "save_projections" / a
+    jax.checkpoint_policies name; lora: the LoraConfig the model scales adapters with
     (`model.clone(lora=cfg)` later works too); host: return numpy leaves in host memory instead of
     arrays on the default device — what `lora_jax.sharding.load_sharded` takes, so a model larger
     than one accelerator is never gathered on one. quantize: None, "nf4", "int8" or a
     `lora_jax.quant.QuantConfig` — each kernel is quantized as soon as it is read, so the
     full-precision model is never held whole; a bitsandbytes 4-bit checkpoint (`*-bnb-4bit`) is
-    loaded into the same NF4 layout as is, without re-quantization (`lora_jax.quant.loading`).
+    loaded into the same NF4 layout as is, without re-quantization (`lora_jax.quant.loading`);
+    attention: "auto" | "reference" | "xla" | "cudnn" | "splash" (`lora_jax.models.attn_dispatch`).
 
     >>> import tempfile, transformers, torch
     >>> d = tempfile.mkdtemp()
@@ -152,7 +155,8 @@ def from_pretrained(
 
     hf_config, tensors = read_checkpoint(path, lazy=True)
     cfg = ModelConfig.from_hf(hf_config)
-    model = build_model(cfg, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat=remat, lora=lora)
+    model = build_model(cfg, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat=remat, lora=lora,
+                        attention=attention)
     tensors, convert = quantizing_reader(tensors, hf_config, quantize)
     params = from_hf_state_dict(tensors, cfg, scan_layers=scan_layers, param_dtype=model.param_dtype, host=host,
                                 convert=convert)

@@ -36,6 +36,7 @@ Example — the whole sharded loop (what `train/` runs):
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable, Mapping
 
 import jax
@@ -44,6 +45,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from lora_jax.defaults import PLATFORM_DEFAULTS, platform_defaults
 from lora_jax.models.build import lm_head
 from lora_jax.sharding.mesh import BATCH_AXES
 from lora_jax.sharding.rules import named_shardings
@@ -54,8 +56,9 @@ from lora_jax.tree import get
 
 State = dict[str, Any]
 Schedule = Callable[[jax.Array], jax.Array] | float | None
-LOSS_CHUNK = 256  # tokens per LM-head/loss chunk: 256 x 49152 fp32 logits = 50 MB (SmolLM2) at a time;
-# smaller chunks re-read the [V, D] head weight more often (128: +2-3% step time on 2 CPU cores)
+LOSS_CHUNK = PLATFORM_DEFAULTS["cpu"].loss_chunk  # 256 tokens per LM-head/loss chunk: 256 x 49152 fp32 logits = 50 MB (SmolLM2) at a time;
+# smaller chunks re-read the [V, D] head weight more often (128: +2-3% step time on 2 CPU cores).
+# loss_chunk="auto" takes the platform's value (lora_jax.defaults; 256 on every platform today).
 
 
 def default_optimizer(schedule: Callable | float, max_grad_norm: float | None = 1.0, weight_decay: float = 0.0,
@@ -141,6 +144,8 @@ def default_model_inputs(batch: Mapping[str, jax.Array]) -> dict[str, Any]:
 
 
 def _loss_sum_fn(model, model_inputs, loss_chunk):
+    if loss_chunk == "auto":
+        loss_chunk = platform_defaults().loss_chunk
     def loss_sum(params, batch, key):
         rngs = {"dropout": key} if key is not None else {}
         head = lm_head(model, params) if loss_chunk else None
@@ -176,10 +181,24 @@ class TrainStep:
         return self._jitted[key]
 
     def __call__(self, state: State, frozen: Any, batch: Mapping[str, jax.Array]):
-        return self._jit(state, frozen, batch)(state, frozen, dict(batch))
+        with mesh_context(self.mesh):
+            return self._jit(state, frozen, batch)(state, frozen, dict(batch))
 
     def lower(self, state: State, frozen: Any, batch: Mapping[str, jax.Array]):
-        return self._jit(state, frozen, batch).lower(state, frozen, dict(batch))
+        with mesh_context(self.mesh):
+            return self._jit(state, frozen, batch).lower(state, frozen, dict(batch))
+
+
+def mesh_context(mesh: Mesh):
+    """The mesh as jax's context mesh while a step traces and runs: kernels that GSPMD cannot split
+    (Pallas splash attention) read it to `shard_map` themselves over batch and heads.
+
+    >>> with mesh_context(jax.make_mesh((1,), ("data",))):
+    ...     jax.sharding.get_abstract_mesh().axis_names
+    ('data',)
+    """
+    set_mesh = getattr(jax, "set_mesh", None)
+    return set_mesh(mesh) if set_mesh is not None and mesh is not None else contextlib.nullcontext()
 
 
 def _batch_sharding(mesh: Mesh, ndim: int, axis: int) -> NamedSharding:
@@ -190,13 +209,14 @@ def _batch_sharding(mesh: Mesh, ndim: int, axis: int) -> NamedSharding:
 
 def make_train_step(model: Any, tx: optax.GradientTransformation, mesh: Mesh, param_specs: Any, *,
                     schedule: Schedule = None, model_inputs: Callable = default_model_inputs,
-                    dropout: bool = True, trainable: str = "lora", loss_chunk: int | None = LOSS_CHUNK) -> TrainStep:
+                    dropout: bool = True, trainable: str = "lora", loss_chunk: int | str | None = "auto") -> TrainStep:
     """Build the jitted train step (module docstring). `param_specs`: specs of the combined tree.
 
     `trainable="all"` is full fine-tuning with the same machinery (state["lora"] then holds the
     whole param tree and `frozen` is `{}`) — the baseline our benchmarks compare against.
     `loss_chunk`: for our models, the LM head and the loss run `loss_chunk` tokens at a time
-    (`training.loss.chunked_ce_sum`: the [tokens, vocab] logits never exist); None = plain logits.
+    (`training.loss.chunked_ce_sum`: the [tokens, vocab] logits never exist); None = plain logits;
+    "auto" = the platform's chunk (`lora_jax.defaults`).
 
     >>> import flax.linen as nn, lora_jax
     >>> from lora_jax.sharding import make_mesh, param_specs as specs_of
@@ -259,7 +279,7 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, mesh: Mesh, pa
 
 
 def make_eval_step(model: Any, mesh: Mesh, param_specs: Any, *, model_inputs: Callable = default_model_inputs,
-                   loss_chunk: int | None = LOSS_CHUNK):
+                   loss_chunk: int | str | None = "auto"):
     """`eval_step(lora, frozen, batch[B, T]) -> {"loss", "loss_sum", "n_tokens"}` (no dropout).
 
     Sum `loss_sum` and `n_tokens` over eval batches and divide for the dataset's token mean.
@@ -279,7 +299,8 @@ def make_eval_step(model: Any, mesh: Mesh, param_specs: Any, *, model_inputs: Ca
                 lambda lo, fr, b: _metrics(*loss_sum(combine(lo, fr), b, None)),
                 in_shardings=(named_shardings(lora_specs, mesh), named_shardings(frozen_specs, mesh), b_sh),
                 out_shardings=NamedSharding(mesh, P()))
-        return compiled[key](lora, frozen, dict(batch))
+        with mesh_context(mesh):
+            return compiled[key](lora, frozen, dict(batch))
 
     return eval_step
 
