@@ -14,6 +14,9 @@ tracked fp32 more closely (smaller mean gap) than the other.
 from __future__ import annotations
 
 import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's lora_jax
 
 import jax
 import jax.numpy as jnp

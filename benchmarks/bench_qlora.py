@@ -35,7 +35,8 @@ from lora_jax.tree import KERNEL, iter_leaves
 
 
 def child(code: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", PRELUDE + code], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", PRELUDE + code], capture_output=True, text=True,
+                         cwd=os.path.dirname(HERE))  # this checkout's lora_jax
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
