@@ -199,7 +199,8 @@ def is_target(config: LoraConfig, key: str, output_module: str | None = None) ->
         raise ValueError("LoraConfig.target_modules is None; resolve it with lora_jax.targeting.resolve_targets(config, model_type)")
     if not _matches(config.target_modules, key):
         return False
-    return isinstance(config.target_modules, str) or config.layer_selected(key)
+    # PEFT checks layers_to_transform only for suffix matches: a list entry equal to the whole name adapts it.
+    return isinstance(config.target_modules, str) or key in config.target_modules or config.layer_selected(key)
 
 
 @dataclasses.dataclass(frozen=True)

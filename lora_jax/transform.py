@@ -90,10 +90,10 @@ def _adapter(target: Target, kernel_shape: tuple[int, ...], config: LoraConfig, 
     stack, ins, outs = target.layout.split(kernel_shape)
     d_in, d_out = math.prod(ins), math.prod(outs)
     scales = [_scale(a, r, config.use_rslora) for a, r in zip(target.alphas, target.ranks)]
-    if target.uniform:
+    if len(set(target.ranks)) == 1:  # one rank everywhere (per-layer alphas live in the scale vector)
         r = target.ranks[0]
         return {LORA_A: _init_a(rng, stack + (d_in, r), config, r), LORA_B: jnp.zeros(stack + (r, d_out), config.jnp_dtype),
-                LORA_SCALE: jnp.full(stack, scales[0], jnp.float32)}
+                LORA_SCALE: jnp.asarray(scales, jnp.float32).reshape(stack)}
     ranks = jnp.asarray(target.ranks, jnp.int32).reshape(stack)
     r_max = max(target.ranks)
     slots = jnp.arange(r_max) < ranks[..., None]  # [*stack, R]: True where a layer's rank reaches
@@ -113,6 +113,29 @@ def rank_slots(node: Mapping) -> jax.Array | None:
     ranks = jnp.asarray(node[LORA_RANK])
     r_max = node[LORA_A].shape[-1] if LORA_A in node else int(ranks.max())
     return jnp.arange(r_max) < ranks[..., None]
+
+
+def zero_padded_slots(tree: Params) -> Params:
+    """`tree` with every padded rank slot (past a layer's `lora_rank`) of A and B set to zero.
+
+    Idempotent and cheap; `lora_jax.optimizer` and the train step apply it to each update so no
+    optimizer (weight decay, noise, ...) ever moves a slot PEFT would not have.
+
+    >>> t = {"q": {"lora_a": jnp.ones((2, 3, 2)), "lora_b": jnp.ones((2, 2, 3)), "lora_rank": jnp.array([1, 0])}}
+    >>> zero_padded_slots(t)["q"]["lora_a"].sum(axis=1).tolist()
+    [[3.0, 0.0], [0.0, 0.0]]
+    """
+    out = copy_tree(tree)
+    for path, leaf in iter_leaves(tree):
+        if path[-1] != LORA_RANK:
+            continue
+        node = get(out, path[:-1])
+        slots = rank_slots(node)
+        if LORA_A in node:
+            node[LORA_A] = jnp.where(slots[..., None, :], node[LORA_A], 0).astype(node[LORA_A].dtype)
+        if LORA_B in node:
+            node[LORA_B] = jnp.where(slots[..., :, None], node[LORA_B], 0).astype(node[LORA_B].dtype)
+    return out
 
 
 def inject(params: Params, config: LoraConfig, rng: jax.Array, *, layouts: Mapping[str, KernelLayout] | None = None,
