@@ -13,4 +13,4 @@ def test_any_flax_model_examples_run_verbatim(capsys):
     assert len(blocks) == 2
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {})
-    assert capsys.readouterr().out.== "trainable params: 192 || all params: 1,264 || trainable%: 15.1899\n"
+    assert capsys.readouterr().out == "trainable params: 192 || all params: 1,264 || trainable%: 15.1899\n"
