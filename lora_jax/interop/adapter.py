@@ -38,6 +38,7 @@ from lora_jax.interop._files import atomic_dir, save_safetensors
 from lora_jax.interop.peft_config import lora_config_from_peft, peft_config_dict
 from lora_jax.models.build import build_model, param_shapes
 from lora_jax.models.config import ModelConfig
+from lora_jax.models.gguf import base_model_name
 from lora_jax.models.naming import CONV1D_MODULES, LAYER_CONTAINERS, hf_module_name, is_conv1d
 from lora_jax.targeting import OUTPUT_LAYER_NAMES, is_target, module_key, resolve_targets
 from lora_jax.transform import combine, has_lora
@@ -165,9 +166,14 @@ def save_peft_adapter(params: Any, lora_config: LoraConfig, out_dir: str, *, mod
         what = f"targets {sorted(extra)[0]!r}, which has no adapter in params" if extra else f"does not target {sorted(missing)[0]!r}, which has an adapter in params"
         raise ValueError(f"lora_config {what}; pass the LoraConfig the adapters were created with")
     conv1d = any(is_conv1d(n, cfg) for n in names)
-    config = peft_config_dict(written, fan_in_fan_out=conv1d, base_model_name_or_path=base_model_name_or_path)
+    base_name, gguf_file = base_model_name(base_model_name_or_path)
+    config = peft_config_dict(written, fan_in_fan_out=conv1d, base_model_name_or_path=base_name)
     with atomic_dir(out_dir, overwrite) as tmp:
         save_safetensors(tensors, os.path.join(tmp, WEIGHTS_FILE))
+        if gguf_file is not None:  # PEFT's model card (README.md) names the base and notes the GGUF file
+            with open(os.path.join(tmp, "README.md"), "w") as f:
+                f.write(f"---\nbase_model: {base_name}\nlibrary_name: peft\n---\n\nLoRA adapter trained with lora_jax on "
+                        f"the GGUF file `{gguf_file}` (converted from `{base_name}`; load the adapter onto `{base_name}`).\n")
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             json.dump(config, f, indent=2)
             f.write("\n")

@@ -54,6 +54,7 @@ class ModelConfig:
     sliding_layers: tuple[bool, ...] = ()  # per layer: does it use the sliding window
     hidden_act: str = "silu"
     attn_scale: float | None = None  # None = head_dim ** -0.5
+    eos_token_id: int | tuple[int, ...] | None = None  # the checkpoint's EOS: lora_jax.generate's default
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_ARCHITECTURES:
@@ -138,6 +139,7 @@ class ModelConfig:
             sliding_window=int(window) if window is not None and any(sliding) else None,
             sliding_layers=sliding if window is not None and any(sliding) else (),
             hidden_act=g("hidden_act", "silu"),
+            eos_token_id=_eos(g("eos_token_id")),
         )
 
 
@@ -165,7 +167,15 @@ def _gpt2_from_hf(hf_config: Any, g) -> ModelConfig:
         mlp_bias=True,
         hidden_act=g("activation_function", "gelu_new"),
         attn_scale=head_dim**-0.5 if g("scale_attn_weights", True) else 1.0,
+        eos_token_id=_eos(g("eos_token_id")),
     )
+
+
+def _eos(value: Any) -> int | tuple[int, ...] | None:
+    """An HF config's eos_token_id (an id or a list), hashable."""
+    if value is None or isinstance(value, int):
+        return value
+    return tuple(int(v) for v in value)
 
 
 def unsupported_message(model_type: Any, architectures: Any = None) -> str:
