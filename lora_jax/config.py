@@ -253,7 +253,7 @@ class LoraConfig:
     def to_peft_dict(self) -> dict[str, Any]:
         """The keys PEFT writes in `adapter_config.json` that this config determines.
 
-        >>> LoraConfig(r=4, alpha=8).to_peft_dict()["lora_alpha"]
+        >>> LoraConfig(r=4, alpha=8, target_modules=["q_proj"]).to_peft_dict()["lora_alpha"]
         8.0
         """
         targets = self.target_modules

@@ -196,3 +196,15 @@ def test_padded_rank_slots_never_move():
     assert float(jnp.abs(node["lora_a"][1, :, 1:]).max()) == 0 and float(jnp.abs(node["lora_b"][1, 1:]).max()) == 0
     assert float(jnp.abs(node["lora_b"][0]).min()) > 0 and float(jnp.abs(node["lora_b"][1, :1]).min()) > 0
     assert node["lora_rank"].tolist() == [4, 1]
+
+
+def test_swapped_in_adapter_gives_peft_logits(tiny_checkpoint, tmp_path):
+    from test_peft_export import our_logits, ours, peft_logits
+
+    path, _ = tiny_checkpoint("llama")
+    other = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"])  # scale 8
+    model, base, params = ours(path, other)
+    other_lora, frozen = lora_jax.split(params)
+    model = model.clone(lora=LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "v_proj"]))  # the model's own: scale 1
+    out = lora_jax.save_peft_adapter(other_lora, other, tmp_path / "a", model_config=model.cfg)
+    np.testing.assert_allclose(our_logits(model, lora_jax.combine(other_lora, frozen)), peft_logits(path, out), atol=1e-4, rtol=0)
