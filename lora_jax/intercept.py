@@ -45,6 +45,11 @@ def _lora_interceptor(config: LoraConfig) -> Callable:
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
         if context.method_name != "__call__" or not isinstance(module, _INTERCEPTED):
+            if (context.method_name == "__call__" and not isinstance(module, Dense) and module.scope is not None
+                    and module.has_variable("params", LORA_A)):
+                raise ValueError(f"module {'.'.join(module.path)!r} ({type(module).__name__}) holds LoRA leaves, but "
+                                 "lora_jax.apply adapts only nn.Dense / nn.DenseGeneral / nn.Einsum (and lora_jax.Dense); "
+                                 "target those modules, or merge the adapters into the params (lora_jax.merge)")
             return next_fun(*args, **kwargs)
         y = next_fun(*args, **kwargs)
         if not module.has_variable("params", LORA_A):

@@ -33,6 +33,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from flax.core import unfreeze
 
 from lora_jax.config import LoraConfig
@@ -163,6 +164,9 @@ def inject(params: Params, config: LoraConfig, rng: jax.Array, *, layouts: Mappi
     >>> p["q_proj"]["lora_a"].shape, p["q_proj"]["lora_b"].shape
     ((16, 4), (4, 32))
     """
+    if isinstance(params, (nnx.Module, nnx.State)):
+        raise ValueError(f"inject takes a linen param tree, got a flax.nnx {type(params).__name__}; for nnx models use "
+                         "lora_jax.nnx.inject(model, config, rngs)")
     if has_lora(params):
         raise ValueError("params already hold LoRA leaves; merge() or split() them off before injecting again")
     out = copy_tree(params)

@@ -196,3 +196,28 @@ def test_peft_export_and_import_match_peft(tmp_path):
     back, cfg = lnnx.load_peft_adapter(TinyLM(nnx.Rngs(0)), out)
     np.testing.assert_allclose(np.asarray(back(IDS)), ours, atol=1e-6)
     assert cfg.rank_for("model.layers.1.self_attn.q_proj") == 2
+
+
+def test_linen_entry_points_refuse_nnx_objects_and_unadaptable_modules():
+    import flax.linen as nn
+
+    model = TinyLM(nnx.Rngs(0))
+    for obj in (model, nnx.state(model)):
+        with pytest.raises(ValueError, match="use lora_jax.nnx.inject"):
+            lora_jax.inject(obj, LoraConfig(target_modules=["q_proj"]), jax.random.key(0))
+
+    class Custom(nn.Module):  # owns a 'kernel' but is not a Dense: lora_jax.apply cannot add its adapter
+        @nn.compact
+        def __call__(self, x):
+            return x @ self.param("kernel", nn.initializers.ones, (x.shape[-1], 3))
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return Custom(name="q_proj")(x)
+
+    x, net = jnp.ones((1, 2)), Net()
+    cfg = LoraConfig(r=1, target_modules=["q_proj"])
+    params = lora_jax.inject(net.init(jax.random.key(0), x)["params"], cfg, jax.random.key(1))
+    with pytest.raises(ValueError, match="'q_proj' .Custom. holds LoRA leaves, but lora_jax.apply adapts only"):
+        lora_jax.apply(net.apply, cfg)({"params": params}, x)
