@@ -24,7 +24,7 @@ Errors are loud and name the param, its shape and the spec: a leaf with more tha
 elements that no rule matches (small ones — norms, biases — are replicated), or a spec whose mesh
 axes do not divide the dimension they split.
 
-Default rules (`default_rules('llama' | 'gpt2')`): FSDP over each matrix's model-dim axis, Megatron
+Default rules (`default_rules(family or model_type)`, declared by each family): FSDP over each matrix's model-dim axis, Megatron
 tensor parallelism — q/k/v/gate/up (GPT-2 c_attn/c_fc) column-parallel (output axis over
 'tensor'), o/down (GPT-2 c_proj) row-parallel (input axis over 'tensor'), embeddings and the LM
 head split over the vocabulary by 'tensor' and the model dim by 'fsdp'.
@@ -48,43 +48,31 @@ Rules = Sequence[tuple[str, P]]
 
 COLUMN = P("fsdp", "tensor")  # [in, out]: output features split by 'tensor'
 ROW = P("tensor", "fsdp")  # [in, out]: input features split by 'tensor'
-
-LLAMA_RULES: Rules = (
-    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.kernel$", COLUMN),
-    (r"(o_proj|down_proj)\.kernel$", ROW),
-    (r"embed_tokens\.embedding$", P("tensor", "fsdp")),  # [vocab, d]
-    (r"lm_head\.kernel$", P("fsdp", "tensor")),  # [d, vocab]
-    (r"(norm|layernorm)\.(scale|bias)$", P()),
-    (r"\.bias$", P()),
-)
-
-GPT2_RULES: Rules = (
-    (r"(c_attn|c_fc)\.kernel$", COLUMN),
-    (r"c_proj\.kernel$", ROW),
-    (r"wte\.embedding$", P("tensor", "fsdp")),  # [vocab, d]
-    (r"wpe\.embedding$", P(None, "fsdp")),  # [positions, d]
-    (r"lm_head\.kernel$", P("fsdp", "tensor")),
-    (r"ln_(1|2|f)\.(scale|bias)$", P()),
-    (r"\.bias$", P()),
-)
-
-_ARCHS = {
-    "llama": LLAMA_RULES, "mistral": LLAMA_RULES, "qwen2": LLAMA_RULES, "qwen3": LLAMA_RULES,
-    "smollm": LLAMA_RULES, "smollm2": LLAMA_RULES, "gpt2": GPT2_RULES,
-}
 DEFAULT_MIN_SIZE = 2**16  # leaves up to this many elements may go unmatched (replicated)
 
 
 def default_rules(arch: str) -> Rules:
-    """The default rules of a supported architecture ('llama' family: llama/mistral/qwen2/qwen3, 'gpt2').
+    """The default rules of a model family, named by family or HF model_type ('llama', 'qwen2', 'gpt2',
+    'gemma2', 'qwen3_moe', ...): each family declares them (`lora_jax.models.families`).
 
     >>> default_rules("llama")[0][1]
     P('fsdp', 'tensor')
     """
-    key = arch.lower().replace("-", "").replace("_", "")
-    if key not in _ARCHS:
-        raise ValueError(f"no default partition rules for architecture {arch!r}; supported: {sorted(_ARCHS)} (or pass rules=)")
-    return _ARCHS[key]
+    from lora_jax.models import families
+
+    key = arch.lower().replace("-", "_")
+    key = {"smollm": "llama", "smollm2": "llama"}.get(key, key)
+    try:
+        return tuple(families.for_name(key).rules)
+    except ValueError:
+        known = sorted({t for f in families.families() for t in (f.name, *f.model_types)})
+        raise ValueError(f"no default partition rules for architecture {arch!r}; supported: {known} (or pass rules=)") from None
+
+
+def __getattr__(name: str) -> Any:  # LLAMA_RULES / GPT2_RULES: the families' own lists
+    if name in ("LLAMA_RULES", "GPT2_RULES"):
+        return default_rules(name.split("_")[0])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _axis_size(mesh_shape: Mapping[str, int], entry: Any) -> int:
