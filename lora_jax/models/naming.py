@@ -31,7 +31,7 @@ from lora_jax.tree import ADAPTER_LEAVES, is_param_leaf, iter_leaves, put
 
 LAYER_CONTAINERS = families.layer_containers()  # (('model', 'layers'), ('transformer', 'h'))
 CONV1D_MODULES = tuple(m for f in families.families() for m in f.conv1d)  # weight already [in, out] (GPT-2)
-_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias", "weight": "weight"}
 
 
 def is_conv1d(module_key: str, cfg: ModelConfig) -> bool:

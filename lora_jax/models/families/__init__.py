@@ -21,7 +21,7 @@ import dataclasses
 import importlib
 from typing import Any, Callable, Sequence
 
-_MODULES = ("llama", "gpt2", "gemma")
+_MODULES = ("llama", "gpt2", "gemma", "qwen3_moe")
 
 
 @dataclasses.dataclass(frozen=True)
