@@ -11,10 +11,13 @@ LoRA leaves are never matched by rules: their specs are *derived* from the kerne
 so the low-rank matmuls line up with the kernel's own sharding (no resharding between x @ W and
 x @ A @ B):
 
-    kernel  [*stack, in, out]  spec (*Nones, S_in, S_out)
-    lora_a  [*stack, in,  r ]  spec (*Nones, S_in, None)
-    lora_b  [*stack, r,  out]  spec (*Nones, None, S_out)
+    kernel  [*stack, in, out]  spec (*S_stack, S_in, S_out)
+    lora_a  [*stack, in,  r ]  spec (*S_stack, S_in, None)
+    lora_b  [*stack, r,  out]  spec (*S_stack, None, S_out)
     lora_scale [*stack]        replicated
+
+(S_stack is None for scanned layers; MoE expert tensors [E, in, out] split E over 'expert'.) Rules
+may name the optional axis 'expert' (OPTIONAL_AXES): on a mesh without it that entry is unsharded.
 
 A quantized kernel (`lora_jax.quant.QuantizedKernel`) is matched by the kernel's rule and its
 fields take specs derived from the kernel's (`lora_jax.quant.partition_specs`): codes and block
@@ -48,6 +51,7 @@ Rules = Sequence[tuple[str, P]]
 
 COLUMN = P("fsdp", "tensor")  # [in, out]: output features split by 'tensor'
 ROW = P("tensor", "fsdp")  # [in, out]: input features split by 'tensor'
+OPTIONAL_AXES = ("expert",)  # named by MoE rules; dropped (unsharded) on a mesh without them
 DEFAULT_MIN_SIZE = 2**16  # leaves up to this many elements may go unmatched (replicated)
 
 
@@ -115,6 +119,22 @@ def _match(rules: Rules, name: str) -> P | None:
     return None
 
 
+def _drop_absent(spec: P, mesh: Mesh | None) -> P:
+    """`spec` without the OPTIONAL_AXES the mesh lacks (all of them without a mesh).
+
+    >>> _drop_absent(P("expert", "fsdp", None), None)
+    P(None, 'fsdp', None)
+    """
+    have = set(mesh.axis_names) if mesh is not None else set()
+
+    def keep(entry):
+        names = entry if isinstance(entry, tuple) else (entry,)
+        kept = tuple(n for n in names if n is not None and (n not in OPTIONAL_AXES or n in have))
+        return None if not kept else kept[0] if len(kept) == 1 else kept
+
+    return P(*(keep(e) for e in spec))
+
+
 def _joined(entries: Sequence[Any]) -> Any:
     """One spec entry for a flattened group of axes (major-to-minor), e.g. DenseGeneral inputs."""
     names: list[str] = []
@@ -158,6 +178,7 @@ def param_specs(
                     f"{min_size:,}); add a (regex, PartitionSpec) rule for it (P() replicates it)"
                 )
             spec = P()
+        spec = _drop_absent(spec, mesh)
         check_spec(name, shape, spec, None)
         full = P(*_expand(spec, len(shape)))
         check_spec(name, shape, full, mesh)
@@ -181,9 +202,7 @@ def param_specs(
             raise ValueError(f"LoRA leaf {name!r} has no sibling 'kernel'; compute specs on the combined (lora + frozen) tree") from None
         stack, ins, _ = resolve_layout(kpath, tuple(kernel.shape), layouts).split(tuple(kernel.shape))
         s, i = len(stack), len(stack) + len(ins)
-        if any(e is not None for e in kspec[:s]):
-            raise ValueError(f"kernel {'.'.join(kpath)!r} spec {P(*kspec)} shards its stacked layer axis; LoRA needs it unsharded")
-        lead = (None,) * s
+        lead = tuple(kspec[:s])  # stacked axes keep the kernel's split (MoE experts over 'expert')
         spec = P(*lead, _joined(kspec[s:i]), None) if path[-1] == LORA_A else P(*lead, None, _joined(kspec[i:]))
         check_spec(name, shape, spec, mesh)
         put(out, path, spec)
