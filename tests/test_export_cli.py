@@ -10,7 +10,7 @@ import pytest
 import transformers
 
 import lora_jax
-from lora_jax.cli import main as lora_jax_main
+from train.cli import main as lora_jax_main
 from lora_jax.interop import save_peft_adapter
 from test_merged_export import load_hf
 from test_peft_export import assert_close, hf_logits, our_logits, ours, peft_logits

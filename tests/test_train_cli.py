@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from lora_jax.cli import main as cli
+from train.cli import main as cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(ROOT, "recipes", "seeds_format.yaml")
@@ -112,7 +112,7 @@ def test_nan_stops_naming_the_step_keeping_last_good(tiny, tmp_path, capsys):
 @pytest.mark.slow
 def test_sigint_saves_and_exits_then_resumes(tiny, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "lora_jax.cli"] + args(tiny, out, "max_steps=400", "save_steps=0", "max_new_tokens=0")
+    cmd = [sys.executable, "-m", "train"] + args(tiny, out, "max_steps=400", "save_steps=0", "max_new_tokens=0")
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     deadline = time.time() + 120
     while time.time() < deadline and not _steps_logged(out / "metrics.jsonl"):
@@ -157,7 +157,7 @@ def test_fsdp_mesh_on_two_host_devices(tiny, tmp_path):
     """The same program on a 2-device mesh (fsdp=2): frozen weights and LoRA sharded, batch split."""
     out = tmp_path / "run"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", LORA_JAX_NO_REEXEC="1")
-    cmd = [sys.executable, "-m", "lora_jax.cli"] + args(tiny, out, "mesh.data=1", "mesh.fsdp=2", "max_steps=2", "max_new_tokens=0")
+    cmd = [sys.executable, "-m", "train"] + args(tiny, out, "mesh.data=1", "mesh.fsdp=2", "max_steps=2", "max_new_tokens=0")
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
