@@ -126,13 +126,15 @@ def read_hf_config(path: str):
     from lora_jax.files import read_json
     from lora_jax.models.config import unsupported_message
 
-    raw = read_json(os.path.join(path, "config.json"))
+    file = os.path.join(path, "config.json")
+    raw = read_json(file)
+    if raw.get("model_type") not in transformers.CONFIG_MAPPING:  # unknown to transformers too: name it first
+        raise UserError(unsupported_message(raw.get("model_type"), raw.get("architectures")))
     try:
         hf_config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
-    except (ValueError, KeyError) as e:  # transformers does not know the model_type either
-        if "model_type" in raw:
-            raise UserError(unsupported_message(raw.get("model_type"), raw.get("architectures"))) from None
-        raise UserError(f"{os.path.join(path, 'config.json')} is not a transformers config ({' '.join(str(e).split())[:100]})") from None
+    except Exception as e:  # noqa: BLE001 - transformers' validators raise several types
+        cause = " ".join(str(e.__cause__ or e).split())[:160]
+        raise CorruptFileError(f"{file} is not a valid {raw['model_type']} config ({cause}); fix or re-create it") from None
     ModelConfig.from_hf(hf_config)  # an unsupported architecture fails before any weights are read
     return hf_config
 
