@@ -66,7 +66,7 @@ def _run_dir(tmp_path, *overrides):
 @pytest.mark.parametrize("change,fields", [
     (["optim.lr=1e-3", "batch_size=4", "data.path=x.jsonl", "data.max_length=64"],
      "batch_size: 8 -> 4, data.max_length: 128 -> 64, data.path: \"data/sql/train.jsonl\" -> \"x.jsonl\", optim.lr: 0.0002 -> 0.001"),
-    (["max_steps=20"], "max_steps: 10 -> 20) (max_steps bends the cosine schedule"),
+    (["max_steps=20"], "max_steps: 10 -> 20) (max_steps would reshape the cosine decay; only a constant schedule"),
     (["seed=1"], "seed: 0 -> 1"),
 ])
 def test_resume_refuses_trajectory_changes_listing_them(tmp_path, change, fields):

@@ -27,8 +27,7 @@ import linecache
 import os
 import sys
 
-from lora_jax.errors import UserError
-
+# Nothing heavy at import time (lora_jax imports JAX): `train` installs the signal handlers first.
 USAGE = """usage: lora-jax COMMAND [ARGS]
 
 commands:
@@ -56,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE, end="")
         return 0
     command, rest = argv[0], argv[1:]
+    if command == "train":
+        from . import signals
+
+        signals.install()  # first: a Ctrl-C during imports, loading or compiling is not lost
+    from lora_jax.errors import UserError
+
     try:
         if command == "train":
             return train(rest)
@@ -74,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def is_user_error(e: BaseException) -> bool:
     """A UserError, or a ValueError/OSError raised by a `raise` statement in lora_jax or this program."""
+    from lora_jax.errors import UserError
+
     if isinstance(e, UserError):
         return True
     tb = e.__traceback__
@@ -89,6 +96,8 @@ def is_user_error(e: BaseException) -> bool:
 # -- lora-jax train --------------------------------------------------------------------------------
 def parse_args(argv: list[str]) -> tuple[str | None, list[str], dict]:
     """(recipe path, overrides, flags) of `lora-jax train`'s arguments."""
+    from lora_jax.errors import UserError
+
     flags = {"resume": False, "overwrite": False, "help": False}
     path, overrides = None, []
     for a in argv:
@@ -117,9 +126,11 @@ def _maybe_reexec(argv: list[str]) -> None:
 
 
 def train(argv: list[str]) -> int:
+    from lora_jax.errors import UserError
+
     from . import signals
 
-    signals.install()  # first: a Ctrl-C during imports, loading or compiling is not lost
+    signals.install()  # (again: `main` did it already unless train() is called directly)
     try:
         path, overrides, flags = parse_args(list(argv))
         if flags["help"]:

@@ -71,6 +71,7 @@ def _show_library_choices() -> None:
     if not any(isinstance(h, _Say) for h in log.handlers):
         log.addHandler(_Say())
         log.setLevel(logging.INFO)
+        log.propagate = False  # shown once, by _Say (not again by a root handler another library set up)
 
 
 def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> int:
@@ -302,6 +303,12 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> int
             hist.close()
             writer.flush()
         ckpt.wait()
+
+    if hosts.agree(signals.requested() is not None):  # a signal during the last step: the final checkpoint is saved
+        sig = signals.requested() or signals.SIGNALS[1]
+        _say(f"{signals.Interrupted(sig).signame}: stopped after the last step (checkpoint saved at step {ckpt.latest_step()}); "
+             "--resume writes the results and the adapter")
+        return 128 + int(sig)
 
     # ================================================================ export
     times["train"], t_after = time.time() - t_train, time.time()

@@ -138,7 +138,10 @@ def resume_changes(recipe) -> dict[str, tuple]:
     refused = [k for k in changes if not is_safe(k) and k not in STEPS_FIELDS]
     if any(k in STEPS_FIELDS for k in changes) and not steps_change_ok(old.optim):
         refused += [k for k in changes if k in STEPS_FIELDS]
-        why = f" ({'/'.join(k for k in STEPS_FIELDS if k in changes)} bends the {old.optim.schedule} schedule; only a constant schedule with warmup in steps may be extended)"
+        what = "/".join(k for k in STEPS_FIELDS if k in changes)
+        why = (f" ({what} would reshape the {old.optim.schedule} decay" if old.optim.schedule != "constant"
+               else f" ({what} would move the warmup set by optim.warmup_ratio")
+        why += "; only a constant schedule with warmup in steps may change length)"
     else:
         why = ""
     if refused:

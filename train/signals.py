@@ -47,10 +47,10 @@ def _handler(signum, frame) -> None:
 
 def install() -> None:
     """Route SIGINT and SIGTERM to the flag (main thread only; a no-op elsewhere)."""
-    _state["signum"] = None
     for s in SIGNALS:
         try:
-            _state["old"].setdefault(s, signal.signal(s, _handler))
+            if signal.getsignal(s) is not _handler:
+                _state["old"].setdefault(s, signal.signal(s, _handler))
         except ValueError:  # not the main thread
             return
 
