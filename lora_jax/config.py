@@ -37,7 +37,7 @@ _PEFT_KWARGS: dict[str, tuple | None] = {
     "task_type": None, "inference_mode": None, "base_model_name_or_path": None, "revision": None,
     "peft_type": None, "fan_in_fan_out": None, "auto_mapping": None,
     "bias": ("none",), "use_dora": (False,), "lora_bias": (False,), "modules_to_save": (None, [], ()),
-    "layer_replication": (None,), "target_parameters": (None, [], ()), "trainable_token_indices": (None,),
+    "layer_replication": (None,), "trainable_token_indices": (None,),
     "megatron_config": (None,), "use_qalora": (False,), "alora_invocation_tokens": (None,),
 }
 
@@ -88,6 +88,10 @@ class LoraConfig:
         `"all-linear"` (any case) = every dense kernel except the model's output layer, or None =
         PEFT's default for the architecture (GPT-2: `c_attn`; Llama: `q_proj`, `v_proj`).
       exclude_modules: same forms as `target_modules`; excluded keys are never adapted.
+      target_parameters: PEFT's `target_parameters`: names of HF *parameters* (not modules), matched as
+        the full name or a `.`-suffix of it, e.g. `["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]`
+        for the stacked MoE expert tensors (`lora_jax.models.moe`: one A/B per expert). PEFT allows no
+        dropout with it.
       rank_pattern / alpha_pattern: {regex: value} overriding r / alpha for matching modules.
       use_rslora: rank-stabilised scale alpha / sqrt(r).
       init: "default" (A Kaiming-uniform as PEFT, B = 0) or "gaussian" (A ~ N(0, 1/r), B = 0).
@@ -110,6 +114,7 @@ class LoraConfig:
     dropout: float = 0.0
     target_modules: str | tuple[str, ...] | None = None
     exclude_modules: str | tuple[str, ...] | None = None
+    target_parameters: tuple[str, ...] | None = None
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     use_rslora: bool = False
@@ -119,7 +124,8 @@ class LoraConfig:
     layers_pattern: str | tuple[str, ...] | None = None
 
     def __init__(self, r: int = 8, alpha: float | Any = _UNSET, dropout: float | Any = _UNSET,
-                 target_modules: Any = None, exclude_modules: Any = None, rank_pattern: Mapping | None = None,
+                 target_modules: Any = None, exclude_modules: Any = None, target_parameters: Any = None,
+                 rank_pattern: Mapping | None = None,
                  alpha_pattern: Mapping | None = None, use_rslora: bool = False, init: str | Any = _UNSET,
                  dtype: str = "float32", layers_to_transform: Any = None, layers_pattern: Any = None, *,
                  lora_alpha: Any = _UNSET, lora_dropout: Any = _UNSET, init_lora_weights: Any = _UNSET, **peft_kwargs):
@@ -140,7 +146,8 @@ class LoraConfig:
                                  f"leave {key} at {off[0]!r}")
         values = dict(r=r, alpha=8.0 if alpha is _UNSET and lora_alpha is _UNSET else alpha if alpha is not _UNSET else lora_alpha,
                       dropout=0.0 if dropout is _UNSET and lora_dropout is _UNSET else dropout if dropout is not _UNSET else lora_dropout,
-                      target_modules=target_modules, exclude_modules=exclude_modules, rank_pattern=rank_pattern,
+                      target_modules=target_modules, exclude_modules=exclude_modules, target_parameters=target_parameters,
+                      rank_pattern=rank_pattern,
                       alpha_pattern=alpha_pattern, use_rslora=use_rslora, init="default" if init is _UNSET else init,
                       dtype=dtype, layers_to_transform=layers_to_transform, layers_pattern=layers_pattern)
         for k, v in values.items():
@@ -156,6 +163,9 @@ class LoraConfig:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
         set_("target_modules", _as_tuple(self.target_modules, "target_modules"))
         set_("exclude_modules", _as_tuple(self.exclude_modules, "exclude_modules"))
+        if isinstance(self.target_parameters, str):
+            raise ValueError("LoraConfig.target_parameters must be a list of parameter names, e.g. ['mlp.experts.down_proj']")
+        set_("target_parameters", _as_tuple(self.target_parameters, "target_parameters") or None)
         set_("rank_pattern", dict(self.rank_pattern or {}))
         set_("alpha_pattern", dict(self.alpha_pattern or {}))
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -164,7 +174,9 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.alpha must be > 0, got {self.alpha!r}")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if self.target_modules is not None and not self.target_modules:
+        if self.target_parameters and self.dropout:
+            raise ValueError("LoraConfig.target_parameters does not work with dropout != 0 (PEFT refuses it too); set dropout=0")
+        if self.target_modules is not None and not self.target_modules and not self.target_parameters:
             raise ValueError("LoraConfig.target_modules is empty; name modules (e.g. ['q_proj', 'v_proj']) or use 'all-linear'")
         self._check_layers()
         if self.init not in _INITS:
@@ -259,7 +271,7 @@ class LoraConfig:
         targets = self.target_modules
         excludes = self.exclude_modules
         layers = self.layers_to_transform
-        if targets is None:
+        if targets is None and not self.target_parameters:
             raise ValueError("LoraConfig.target_modules is None (the architecture's default); resolve it first with "
                              "lora_jax.targeting.resolve_targets(config, model_type)")
         return {
@@ -267,8 +279,9 @@ class LoraConfig:
             "r": self.r,
             "lora_alpha": float(self.alpha),
             "lora_dropout": float(self.dropout),
-            "target_modules": targets if isinstance(targets, str) else list(targets),
+            "target_modules": targets if targets is None or isinstance(targets, str) else list(targets),
             "exclude_modules": excludes if excludes is None or isinstance(excludes, str) else list(excludes),
+            "target_parameters": None if not self.target_parameters else list(self.target_parameters),
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
             "use_rslora": self.use_rslora,
@@ -291,6 +304,7 @@ class LoraConfig:
             alpha=d.get("lora_alpha", 8),
             dropout=d.get("lora_dropout", 0.0) or 0.0,
             target_modules=d.get("target_modules"),
+            target_parameters=d.get("target_parameters") or None,
             exclude_modules=d.get("exclude_modules"),
             rank_pattern=d.get("rank_pattern") or {},
             alpha_pattern=d.get("alpha_pattern") or {},

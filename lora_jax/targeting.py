@@ -40,6 +40,11 @@ from typing import Any, Mapping
 from lora_jax.config import ALL_LINEAR, LoraConfig
 from lora_jax.tree import KERNEL, LORA_A, LORA_B, LORA_LEAVES, LORA_SCALE, is_param_leaf, iter_leaves, path_key  # noqa: F401  (re-exported)
 
+# The stacked expert tensors of MoE models live under a module named "experts" (HF's `mlp.experts`,
+# `lora_jax.models.moe`): our key `model.layers.0.mlp.experts.gate_up_proj` is an HF *parameter*
+# name, which PEFT adapts only through `target_parameters`, never through target_modules/all-linear.
+PARAMETER_OWNER = "experts"
+
 # Names of the output layer in the project's model families (used when the model is not given).
 OUTPUT_LAYER_NAMES = ("lm_head", "embed_out", "output")
 
@@ -125,16 +130,18 @@ def _in_project_tree(params: Any) -> bool:
 
 
 def default_layout(shape: tuple[int, ...], key: str = "") -> KernelLayout:
-    """[in, out] -> plain Dense; [L, in, out] inside a project layer container -> stacked Dense;
-    any other kernel of more than two axes is ambiguous and refused (one line naming the fix).
+    """[in, out] -> plain Dense; [L, (E,) in, out] inside a project layer container (scanned layers,
+    MoE experts) -> stacked Dense; any other kernel of more than two axes is ambiguous and refused
+    (one line naming the fix).
 
     >>> default_layout((4, 8)), default_layout((2, 4, 8), "model.layers.mlp.up_proj")
     (KernelLayout(stack=0, n_in=1), KernelLayout(stack=1, n_in=1))
     """
     if len(shape) <= 2:
         return KernelLayout(stack=0, n_in=1)
-    if stack_container(key) is not None and len(shape) == 3:
-        return KernelLayout(stack=1, n_in=1)
+    in_container = any(key.startswith(f"{o}.{i}.") for o, i in _layer_containers())
+    if in_container or is_parameter_key(key):  # project models: scanned layers and/or MoE experts lead
+        return KernelLayout(stack=len(shape) - 2, n_in=1)
     raise ValueError(
         f"kernel {key!r} has shape {tuple(shape)}: its axes could be stacked layers or DenseGeneral/Einsum input/output "
         "axes; pass layouts=lora_jax.kernel_layouts(model, sample_input) (or {key: KernelLayout(stack, n_in)}) to inject"
@@ -161,13 +168,23 @@ def is_output_layer(key: str) -> bool:
     return key.split(".")[-1] in OUTPUT_LAYER_NAMES
 
 
+def is_parameter_key(key: str) -> bool:
+    """Whether `key` names an HF parameter (a stacked MoE expert tensor), not a module.
+
+    >>> is_parameter_key("model.layers.0.mlp.experts.down_proj"), is_parameter_key("model.layers.0.mlp.down_proj")
+    (True, False)
+    """
+    parts = key.split(".")
+    return len(parts) >= 2 and parts[-2] == PARAMETER_OWNER
+
+
 def resolve_targets(config: LoraConfig, model_type: str | None) -> LoraConfig:
     """`config` with `target_modules=None` replaced by PEFT's default for `model_type`.
 
     >>> resolve_targets(LoraConfig(), "gpt2").target_modules
     ('c_attn',)
     """
-    if config.target_modules is not None:
+    if config.target_modules is not None or config.target_parameters:  # PEFT: parameters alone target no module
         return config
     if model_type not in DEFAULT_TARGET_MODULES:
         raise ValueError(f"LoraConfig.target_modules is None and PEFT has no default for model_type {model_type!r}; "
@@ -190,7 +207,17 @@ def is_target(config: LoraConfig, key: str, output_module: str | None = None) ->
 
     >>> is_target(LoraConfig(target_modules=["q_proj"]), "model.layers.0.self_attn.q_proj")
     True
+    >>> is_target(LoraConfig(target_parameters=["mlp.experts.down_proj"]), "model.layers.0.mlp.experts.down_proj")
+    True
     """
+    if is_parameter_key(key):  # PEFT's _inject_parameters: full name or '.'-suffix, no exclude_modules
+        return bool(config.target_parameters) and any(key == t or key.endswith("." + t) for t in config.target_parameters)
+    if config.target_modules is None:
+        return False
+    if is_parameter_key(key):  # PEFT's _inject_parameters: full name or '.'-suffix, no exclude_modules
+        return bool(config.target_parameters) and any(key == t or key.endswith("." + t) for t in config.target_parameters)
+    if config.target_modules is None and config.target_parameters:
+        return False
     if config.exclude_modules and _matches(config.exclude_modules, key):
         return False
     if config.target_modules == ALL_LINEAR:
@@ -324,7 +351,8 @@ def plan_targets(params: Any, config: LoraConfig, layouts: Mapping[str, KernelLa
         shown = sorted(set(kernels))
         more = f" (and {len(shown) - 30} more)" if len(shown) > 30 else ""
         raise ValueError(
-            f"LoraConfig.target_modules={config.target_modules!r} matched no kernel; modules with kernels are: "
+            f"LoraConfig.target_modules={config.target_modules!r} / target_parameters={config.target_parameters!r} "
+            "matched no kernel; modules with kernels are: "
             f"{', '.join(shown[:30])}{more}"
         )
     return plans

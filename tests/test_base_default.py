@@ -19,7 +19,7 @@ def test_default_base_is_accepted_by_from_pretrained_and_export(tiny_checkpoint,
     assert model.cfg.vocab_size == 96
     cfg = lora_jax.LoraConfig(r=2, target_modules=["q_proj"])
     adapter = lora_jax.save_peft_adapter(lora_jax.inject(params, cfg, jax.random.key(0)), cfg, tmp_path / "a", model_config=model.cfg)
-    from lora_jax.interop.cli import main
+    from train.export import main
 
     assert main(["--base", "default", "--adapter", adapter, "--format", "peft", "--out", str(tmp_path / "o")]) == 0
     assert json.load(open(tmp_path / "o" / "adapter_config.json"))["base_model_name_or_path"] == os.path.abspath(path)
