@@ -170,6 +170,8 @@ def inject(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs | jax.Array, *,
     for i, t in enumerate(probe):
         mkey = ".".join(t.path[:-1])
         path, module = by_key[mkey]
+        if not path:
+            raise ValueError(f"the model itself is a {type(module).__name__}; inject adapts submodules: wrap it in an nnx.Module")
         layout = _layout(module, mkey)
         _, ins, outs = layout.split(tuple(module.kernel.shape))
         (r,), (alpha,) = set(t.ranks), set(t.alphas)
@@ -182,7 +184,15 @@ def inject(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs | jax.Array, *,
 
 
 def merge(model: nnx.Module) -> nnx.Module:
-    """Fold every adapter into its base kernel (W += ΔW) in place; the forward then skips it."""
+    """Fold every adapter into its base kernel (W += ΔW) in place; the forward then skips it.
+
+    >>> class Net(nnx.Module):
+    ...     def __init__(self, rngs):
+    ...         self.q_proj = nnx.Linear(2, 3, rngs=rngs)
+    >>> net = inject(Net(nnx.Rngs(0)), LoraConfig(r=1, target_modules=["q_proj"]), nnx.Rngs(1))
+    >>> merge(net).q_proj.merged, unmerge(net).q_proj.merged
+    (True, False)
+    """
     for m in adapters(model).values():
         if not m.merged:
             k = m.base.kernel
@@ -202,7 +212,15 @@ def unmerge(model: nnx.Module) -> nnx.Module:
 
 
 def merge_and_unload(model: nnx.Module) -> nnx.Module:
-    """Merge every adapter and put the plain base modules back: the model without LoRA."""
+    """Merge every adapter and put the plain base modules back: the model without LoRA.
+
+    >>> class Net(nnx.Module):
+    ...     def __init__(self, rngs):
+    ...         self.q_proj = nnx.Linear(2, 3, rngs=rngs)
+    >>> net = inject(Net(nnx.Rngs(0)), LoraConfig(r=1, target_modules=["q_proj"]), nnx.Rngs(1))
+    >>> type(merge_and_unload(net).q_proj).__name__
+    'Linear'
+    """
     merge(model)
     for path, _, m in _modules(model):
         if isinstance(m, LoraLinear):
@@ -218,7 +236,14 @@ def count_parameters(model: nnx.Module) -> tuple[int, int]:
 
 
 def trainable_parameters_line(model: nnx.Module) -> str:
-    """PEFT's `print_trainable_parameters` line for an nnx model."""
+    """PEFT's `print_trainable_parameters` line for an nnx model.
+
+    >>> class Net(nnx.Module):
+    ...     def __init__(self, rngs):
+    ...         self.q_proj = nnx.Linear(4, 4, use_bias=False, rngs=rngs)
+    >>> trainable_parameters_line(inject(Net(nnx.Rngs(0)), LoraConfig(r=2, target_modules=["q_proj"]), nnx.Rngs(1)))
+    'trainable params: 16 || all params: 32 || trainable%: 50.0000'
+    """
     trainable, total = count_parameters(model)
     pct = 100 * trainable / total if total else 0.0
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}"
