@@ -197,6 +197,8 @@ def _guess_model_type(params: Any) -> str | None:
     Llama-like (every such family shares PEFT's default, q_proj/v_proj)."""
     if isinstance(params, Mapping) and isinstance(params.get("transformer"), Mapping) and "h" in params["transformer"]:
         return "gpt2"
+    if any(PARAMETER_OWNER in path for path, _ in iter_leaves(params)):
+        return None  # a mixture of experts: PEFT's table has no entry for most; ask for model_type
     if isinstance(params, Mapping) and isinstance(params.get("model"), Mapping) and "layers" in params["model"]:
         return "llama"
     return None
