@@ -21,7 +21,9 @@ so an nnx model whose attributes follow Hugging Face's names exports to PEFT
 unmerged `x @ W + dropout(x) @ A @ B · scale` as the linen path (`lora_jax.layers.lora_delta`);
 an `nnx.Einsum` forms ΔW and runs it through the module's own equation. `merge` / `unmerge` fold
 ΔW in and out of the base kernels in place; `merge_and_unload` returns the plain model.
-Modules stacked by `nnx.vmap`/`nnx.scan` (kernels with extra leading axes) are refused for now.
+Modules stacked by `nnx.vmap` (kernels with extra leading layer axes, run under `nnx.scan`) get
+stacked adapters A [L, in, r], B [L, r, out] and a scale per layer, which `nnx.scan` slices with
+the kernel; they take one rank for all layers and no dropout (refused otherwise, one line).
 """
 
 from __future__ import annotations
@@ -72,10 +74,9 @@ def _layout(module: nnx.Module, key: str) -> KernelLayout:
             raise ValueError(f"nnx.Einsum {key!r} ({module.einsum_str!r}) contracts kernel axes {in_axes}, not its leading ones; "
                              "lora_jax adapts Einsum kernels whose input axes come first: reorder the equation or leave it out")
         n_in, own = len(in_axes), kernel.ndim
-    if kernel.ndim != own:
-        raise ValueError(f"{type(module).__name__} {key!r} has a kernel of shape {kernel.shape} with stacked axes (nnx.vmap/scan); "
-                         "LoRA on stacked nnx modules is not supported yet: build the layers as a list")
-    return KernelLayout(stack=0, n_in=n_in)
+    if kernel.ndim < own:
+        raise ValueError(f"{type(module).__name__} {key!r} has a kernel of shape {kernel.shape}, fewer axes than it declares")
+    return KernelLayout(stack=kernel.ndim - own, n_in=n_in)  # leading axes beyond the module's own: nnx.vmap'd layers
 
 
 class LoraLinear(nnx.Module):
@@ -162,7 +163,12 @@ def inject(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs | jax.Array, *,
     by_key = {k: (p, m) for p, k, m in found}
     if not by_key:
         raise ValueError("the model has no nnx.Linear / nnx.LinearGeneral / nnx.Einsum module to adapt")
-    layouts = {k: KernelLayout() for k in by_key}  # the real layout is checked per target below
+    layouts, problems = {}, {}
+    for k, (_, m) in by_key.items():
+        try:
+            layouts[k] = _layout(m, k)
+        except ValueError as e:  # raised only if the module is a target
+            layouts[k], problems[k] = KernelLayout(), e
     if output_module is not None:
         layouts = Layouts(layouts, output_module=output_module)
     probe = plan_targets(tree, config, layouts, model_type)
@@ -172,13 +178,21 @@ def inject(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs | jax.Array, *,
         path, module = by_key[mkey]
         if not path:
             raise ValueError(f"the model itself is a {type(module).__name__}; inject adapts submodules: wrap it in an nnx.Module")
-        layout = _layout(module, mkey)
-        _, ins, outs = layout.split(tuple(module.kernel.shape))
-        (r,), (alpha,) = set(t.ranks), set(t.alphas)
+        if mkey in problems:
+            raise problems[mkey]
+        stack, ins, outs = layouts[mkey].split(tuple(module.kernel.shape))
+        if len(set(t.ranks)) != 1 or 0 in t.ranks:
+            raise ValueError(f"LoraConfig gives the layers stacked in nnx module {mkey!r} different ranks or skips some; "
+                             "lora_jax.nnx supports one rank per stacked module: use one rank, or build the layers as a list")
+        if stack and config.dropout > 0:
+            raise ValueError(f"lora_dropout on the stacked (nnx.vmap'd) module {mkey!r} is not supported; set lora_dropout=0 "
+                             "or build the layers as a list")
+        r = t.ranks[0]
         d_in, d_out = math.prod(ins), math.prod(outs)
-        a = _init_a(jax.random.fold_in(key, i), (d_in, r), config, r)
-        b = jnp.zeros((r, d_out), config.jnp_dtype)
-        scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r
+        a = _init_a(jax.random.fold_in(key, i), stack + (d_in, r), config, r)
+        b = jnp.zeros(stack + (r, d_out), config.jnp_dtype)
+        scale = jnp.asarray([alpha / math.sqrt(r) if config.use_rslora else alpha / r for alpha in t.alphas],
+                            jnp.float32).reshape(stack)
         _set(model, path, LoraLinear(module, a, b, scale, config.dropout, rngs if config.dropout > 0 else None))
     return model
 
@@ -251,6 +265,29 @@ def trainable_parameters_line(model: nnx.Module) -> str:
 
 # ---- PEFT interop (module keys = HF module names) ------------------------------------------------
 
+def _layer_names(key: str, m: LoraLinear) -> list[str]:
+    """PEFT module names of an adapted module: itself, or one per layer of a stacked (nnx.vmap'd) one."""
+    from lora_jax.targeting import _peft_names
+
+    if m.lora_a.ndim == 2:
+        return [key]
+    names = _peft_names(key, m.lora_a.shape[0]) if m.lora_a.ndim == 3 else [key]
+    if len(set(names)) != m.lora_a.shape[0] or m.lora_a.ndim != 3:
+        raise ValueError(f"the stacked nnx module {key!r} has no per-layer HF names (not under model.layers / transformer.h); "
+                         "PEFT export needs HF module names")
+    return names
+
+
+def _per_layer(key: str, m: LoraLinear):
+    """(PEFT name, A [in, r], B [r, out], scale) for each PEFT module an adapted nnx module stands for."""
+    a, b = np.asarray(m.lora_a[...], np.float32), np.asarray(m.lora_b[...], np.float32)
+    scale = np.asarray(m.lora_scale[...], np.float32)
+    names = _layer_names(key, m)
+    if len(names) == 1 and a.ndim == 2:
+        return [(names[0], a, b, float(scale))]
+    return [(n, a[i], b[i], float(scale[i])) for i, n in enumerate(names)]
+
+
 def save_peft_adapter(model: nnx.Module, config: LoraConfig, out_dir: str, *, base_model_name_or_path: str | None = None,
                       model_type: str | None = None, overwrite: bool = False) -> str:
     """Write the adapters of an nnx model whose module paths are HF names as a PEFT adapter directory.
@@ -272,13 +309,13 @@ def save_peft_adapter(model: nnx.Module, config: LoraConfig, out_dir: str, *, ba
         raise ValueError("the adapters are merged into the kernels; unmerge(model) before saving the adapter")
     tensors, ranks, alphas = {}, dict(config.rank_pattern), dict(config.alpha_pattern)
     for key, m in sorted(found.items()):
-        a, b = np.asarray(m.lora_a[...], np.float32), np.asarray(m.lora_b[...], np.float32)
-        r = a.shape[1]
-        alpha = _alpha_of(float(m.lora_scale[...]), r, config.alpha_for(key), config.use_rslora)
-        ranks = _pin(ranks, key, r, pattern_value(ranks, key, config.r))
-        alphas = _pin(alphas, key, alpha, pattern_value(alphas, key, config.alpha))
-        tensors[f"{PREFIX}{key}.lora_A.weight"] = np.ascontiguousarray(a.T)
-        tensors[f"{PREFIX}{key}.lora_B.weight"] = np.ascontiguousarray(b.T)
+        for name, a, b, scale in _per_layer(key, m):
+            r = a.shape[1]
+            alpha = _alpha_of(scale, r, config.alpha_for(name), config.use_rslora)
+            ranks = _pin(ranks, name, r, pattern_value(ranks, name, config.r))
+            alphas = _pin(alphas, name, alpha, pattern_value(alphas, name, config.alpha))
+            tensors[f"{PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a.T)
+            tensors[f"{PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b.T)
     targets = config.target_modules
     if targets == ALL_LINEAR:
         targets = tuple(sorted({k.rsplit(".", 1)[-1] for k in found}))
@@ -307,16 +344,22 @@ def load_peft_adapter(model: nnx.Module, adapter_dir: str, rngs: nnx.Rngs | jax.
     found = adapters(model)
     used = set()
     for key, m in found.items():
-        for leaf, suffix, transpose_shape in (("lora_a", "lora_A", m.lora_a.shape[::-1]), ("lora_b", "lora_B", m.lora_b.shape[::-1])):
-            name = f"{PREFIX}{key}.{suffix}.weight"
-            if name not in tensors:
-                raise ValueError(f"adapter_config.json targets {key!r} but the adapter has no {name!r}; the files do not match")
-            arr = np.asarray(tensors[name], np.float32)
-            if arr.shape != tuple(transpose_shape):
-                raise ValueError(f"adapter tensor {name!r} has shape {arr.shape} but this model needs {tuple(transpose_shape)}; "
-                                 "the adapter was trained for another model")
-            getattr(m, leaf)[...] = jnp.asarray(arr.T, cfg.jnp_dtype)
-            used.add(name)
+        names = _layer_names(key, m)
+        for leaf, suffix in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
+            var = getattr(m, leaf)
+            need = tuple(var.shape[-2:])[::-1]
+            layers = []
+            for mod in names:
+                name = f"{PREFIX}{mod}.{suffix}.weight"
+                if name not in tensors:
+                    raise ValueError(f"adapter_config.json targets {mod!r} but the adapter has no {name!r}; the files do not match")
+                arr = np.asarray(tensors[name], np.float32)
+                if arr.shape != need:
+                    raise ValueError(f"adapter tensor {name!r} has shape {arr.shape} but this model needs {need}; "
+                                     "the adapter was trained for another model")
+                layers.append(arr.T)
+                used.add(name)
+            var[...] = jnp.asarray(layers[0] if var.ndim == 2 else np.stack(layers), cfg.jnp_dtype)
     extra = sorted(set(tensors) - used)
     if extra:
         raise ValueError(f"adapter tensor {extra[0]!r} matches no adapted nnx module (is it targeted, and do module paths follow HF names?)")

@@ -226,3 +226,60 @@ def test_linen_entry_points_refuse_nnx_objects_and_unadaptable_modules():
     params = lora_jax.inject(net.init(jax.random.key(0), x)["params"], cfg, jax.random.key(1))
     with pytest.raises(ValueError, match="'q_proj' .Custom. holds LoRA leaves, but lora_jax.apply adapts only"):
         lora_jax.apply(net.apply, cfg)({"params": params}, x)
+
+
+class StackedDecoder(nnx.Module):  # the same network with its layers made by nnx.vmap and run by nnx.scan
+    def __init__(self, rngs):
+        self.embed_tokens = nnx.Embed(V, D, rngs=rngs)
+
+        @nnx.split_rngs(splits=L)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return Block(rngs)
+
+        self.layers = make(rngs)
+
+
+class StackedLM(nnx.Module):
+    def __init__(self, rngs):
+        self.model = StackedDecoder(rngs)
+        self.lm_head = nnx.Linear(D, V, use_bias=False, rngs=rngs)
+
+    def __call__(self, ids):
+        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+        def run(layer, x):
+            return layer(x)
+
+        return self.lm_head(run(self.model.layers, self.model.embed_tokens(ids)))
+
+
+def stacked_copy_of(listed):
+    """A StackedLM holding exactly the weights of a TinyLM (layer i = slice i)."""
+    flat = {tuple(p): v[...] for p, v in nnx.to_flat_state(nnx.state(listed, nnx.Param))}
+    stacked = StackedLM(nnx.Rngs(5))
+    for p, var in nnx.to_flat_state(nnx.state(stacked, nnx.Param)):
+        p = tuple(p)
+        value = np.stack([flat[p[:2] + (i,) + p[2:]] for i in range(L)]) if p[:2] == ("model", "layers") else flat[p]
+        var[...] = jnp.asarray(value)
+    nnx.update(stacked, nnx.state(stacked, nnx.Param))
+    return stacked
+
+
+def test_stacked_layers_adapters_match_the_list_model_and_peft(tmp_path):
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], alpha_pattern={"layers.1.self_attn.q_proj": 2})
+    listed = TinyLM(nnx.Rngs(0))
+    stacked = stacked_copy_of(listed)
+    np.testing.assert_allclose(stacked(IDS), listed(IDS), atol=1e-5)
+    lnnx.inject(stacked, cfg, nnx.Rngs(1))
+    q = stacked.model.layers.self_attn.q_proj
+    assert q.lora_a.shape == (L, D, 4) and q.lora_scale[...].tolist() == [2.0, 0.5]  # per-layer alpha, PEFT's names
+    for i, m in enumerate(lnnx.adapters(stacked).values()):
+        m.lora_b[...] = 0.3 * jax.random.normal(jax.random.key(20 + i), m.lora_b.shape)
+    ours = np.asarray(stacked(IDS))
+    out = lnnx.save_peft_adapter(stacked, cfg, tmp_path / "a")
+    back, _ = lnnx.load_peft_adapter(TinyLM(nnx.Rngs(0)), out)  # into the list model: same function
+    np.testing.assert_allclose(np.asarray(back(IDS)), ours, atol=1e-5)
+    again, _ = lnnx.load_peft_adapter(stacked_copy_of(TinyLM(nnx.Rngs(0))), out)  # and into a stacked one
+    np.testing.assert_allclose(np.asarray(again(IDS)), ours, atol=1e-5)
+    lnnx.merge(stacked)
+    np.testing.assert_allclose(np.asarray(stacked(IDS)), ours, atol=1e-5)
