@@ -263,7 +263,8 @@ class LoraConfig:
 
     # -- PEFT adapter_config.json ------------------------------------------------------------
     def to_peft_dict(self) -> dict[str, Any]:
-        """The keys PEFT writes in `adapter_config.json` that this config determines.
+        """The keys PEFT writes in `adapter_config.json` that this config determines (target_modules
+        None, as in PEFT's own config before it sees the model, until `resolve_targets` fills it).
 
         >>> LoraConfig(r=4, alpha=8, target_modules=["q_proj"]).to_peft_dict()["lora_alpha"]
         8.0
@@ -271,9 +272,6 @@ class LoraConfig:
         targets = self.target_modules
         excludes = self.exclude_modules
         layers = self.layers_to_transform
-        if targets is None and not self.target_parameters:
-            raise ValueError("LoraConfig.target_modules is None (the architecture's default); resolve it first with "
-                             "lora_jax.targeting.resolve_targets(config, model_type)")
         return {
             "peft_type": "LORA",
             "r": self.r,
