@@ -97,6 +97,10 @@ class KernelLayout:
                 raise ValueError(f"KernelLayout.in_axes must be n_in distinct increasing axis positions, got {self}")
             object.__setattr__(self, "in_axes", None if axes == tuple(range(self.n_in)) else axes)
 
+    def __repr__(self) -> str:
+        extra = "" if self.in_axes is None else f", in_axes={self.in_axes}"
+        return f"KernelLayout(stack={self.stack}, n_in={self.n_in}{extra})"
+
     def own_axes(self, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(input axes, output axes) as absolute positions in a kernel of `ndim` axes."""
         own = ndim - self.stack
