@@ -195,7 +195,7 @@ def default_layout(shape: tuple[int, ...], key: str = "") -> KernelLayout:
         return KernelLayout(stack=len(shape) - 2, n_in=1)
     raise ValueError(
         f"kernel {key!r} has shape {tuple(shape)}: its axes could be stacked layers or DenseGeneral/Einsum input/output "
-        "axes; pass layouts=lora_jax.kernel_layouts(model, sample_input) (or {key: KernelLayout(stack, n_in)}) to inject"
+        "axes; pass layouts=lora_jax.kernel_layouts(model, sample_input) (or {key: KernelLayout(stack, n_in)})"
     )
 
 
