@@ -16,6 +16,7 @@ from conftest import TINY_CONFIGS, VOCAB
 from lora_jax.generation import generate
 from lora_jax.interop import load_peft_adapter, save_peft_adapter
 from lora_jax.models import from_pretrained, to_hf_state_dict
+from lora_jax.models import moe
 from lora_jax.models.moe import experts_forward
 from test_models_llama import torch_logits
 from test_peft_export import hf_base, hf_logits, our_logits, randomize_lora
@@ -122,8 +123,11 @@ def test_greedy_generation_matches_transformers(tiny_checkpoint):
     np.testing.assert_array_equal(generate(model, params, ids, mask, max_new_tokens=5)[:, 6:], out[:, 6:].numpy())
 
 
-def test_grouped_experts_equal_a_dense_loop_with_gradients():
-    """ragged_dot experts (+ per-expert LoRA) == a per-token loop over its top-k experts, values and grads."""
+@pytest.mark.parametrize("impl", ["ragged", "tiled"])
+def test_grouped_experts_equal_a_dense_loop_with_gradients(impl, monkeypatch):
+    """Grouped experts (+ per-expert LoRA) == a per-token loop over its top-k experts, values and grads,
+    with jax.lax.ragged_dot and with the CPU tiled form."""
+    monkeypatch.setattr(moe, "GROUPED", impl)
     rng = np.random.default_rng(0)
     n, k, e, d, f, r = 6, 2, 4, 8, 5, 2
     x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
@@ -145,7 +149,7 @@ def test_grouped_experts_equal_a_dense_loop_with_gradients():
             out.append(acc)
         return jnp.stack(out)
 
-    grouped = lambda x, gu, dn: experts_forward(x, top_w, top_i, gu, dn, "silu")  # noqa: E731
+    grouped = jax.jit(lambda x, gu, dn: experts_forward(x, top_w, top_i, gu, dn, "silu"))  # traced under the patch
     np.testing.assert_allclose(grouped(x, gu, dn), dense(x, gu, dn), atol=1e-5)
     loss = lambda fn: lambda *a: jnp.sum(fn(*a) ** 2)  # noqa: E731
     g1, g2 = jax.grad(loss(grouped), argnums=(0, 1, 2))(x, gu, dn), jax.grad(loss(dense), argnums=(0, 1, 2))(x, gu, dn)
