@@ -197,8 +197,9 @@ def read_adapter(adapter_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
     cfg_path = os.path.join(adapter_dir, CONFIG_FILE)
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{adapter_dir} has no {CONFIG_FILE}; pass a PEFT adapter directory")
-    with open(cfg_path) as f:
-        config = json.load(f)
+    from lora_jax.files import read_json
+
+    config = read_json(cfg_path)
     st, pt = os.path.join(adapter_dir, WEIGHTS_FILE), os.path.join(adapter_dir, "adapter_model.bin")
     if os.path.isfile(st):
         from lora_jax.models.loading import read_safetensors

@@ -91,9 +91,9 @@ def read_gguf_config(path: str | os.PathLike):
     >>> read_gguf_config(default_model_path()).num_key_value_heads   # doctest: +SKIP
     3
     """
-    from gguf import GGUFReader
+    from lora_jax.files import open_gguf
 
-    return _config(GGUFReader(_check_path(path)))
+    return _config(open_gguf(_check_path(path)))
 
 
 def _check_path(path) -> str:
@@ -149,12 +149,13 @@ def read_gguf(path: str | os.PathLike, lazy: bool = False):
     >>> config.hidden_size, tensors["model.layers.0.self_attn.k_proj.weight"].shape  # doctest: +SKIP
     (576, (192, 576))
     """
-    from gguf import GGUFReader
     from gguf.quants import dequantize
 
     from lora_jax.models.lazy_tensors import LazyTensors
 
-    reader = GGUFReader(_check_path(path))
+    from lora_jax.files import open_gguf
+
+    reader = open_gguf(_check_path(path))
     config = _config(reader)
     heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
 
