@@ -106,6 +106,7 @@ def test_peft_target_parameters_both_ways(tiny_checkpoint, tmp_path):
     adapted = randomize_lora(lora_jax.inject(params, lcfg, jax.random.key(0)), seed=2)
     assert adapted["model"]["layers"]["mlp"]["experts"]["down_proj"]["lora_a"].shape == (2, 4, 16, 3)
     ours = our_logits(model.clone(lora=lcfg), adapted)
+    np.testing.assert_allclose(our_logits(model, lora_jax.merge(adapted)), ours, atol=1e-4, rtol=0)  # per-expert merge
     save_peft_adapter(adapted, lcfg, tmp_path / "ours", model_config=model.cfg)
     back = peft.PeftModel.from_pretrained(hf_base(path), tmp_path / "ours").eval()
     np.testing.assert_allclose(hf_logits(back), ours, atol=1e-4, rtol=0)
