@@ -69,7 +69,12 @@ def main():
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--steps", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--grouped", default="auto", choices=["auto", "ragged", "tiled"],
+                    help="grouped-matmul implementation (lora_jax.models.moe.GROUPED); auto = tiled on CPU")
     args = ap.parse_args()
+    from lora_jax.models import moe
+
+    moe.GROUPED = args.grouped
     runs = {"attention": setup(ATTENTION, args.batch, args.seq), "attention + experts": setup(EXPERTS, args.batch, args.seq)}
     states = {k: v[1] for k, v in runs.items()}
     times: dict[str, list[float]] = {k: [] for k in runs}
@@ -87,7 +92,7 @@ def main():
         "# MoE train step: LoRA on attention vs attention + experts",
         "",
         f"Command: `python benchmarks/bench_moe.py --batch {args.batch} --seq {args.seq} --steps {args.steps} "
-        f"--warmup {args.warmup}`  ",
+        f"--warmup {args.warmup} --grouped {args.grouped}`  ",
         f"Model: Qwen3-MoE shapes {SHAPE}; batch {args.batch} x {args.seq} tokens; medians of {args.steps} steps.",
         "",
         "| device | LoRA targets | trained params | step time (median) | ratio vs attention only |",

@@ -13,8 +13,8 @@ renormalised when norm_topk_prob, cast back. Experts: the T·k (token, expert) a
 sorted by expert, the tokens gathered in that order, and every expert's rows multiplied by its own
 kernel in one `ragged_dot` (group sizes = assignments per expert); no dense loop over experts. Each
 row's output is weighted by its router weight and scattered back (summed) to its token. On CPU,
-where XLA lowers ragged_dot to a dense masked matmul over every expert (measured: 100x one dense
-matmul at 16 experts), the same grouped product runs as `tiled_dot` (each expert's rows padded to
+where XLA lowers ragged_dot to a dense masked matmul over every expert (E times the FLOPs; see its
+HLO), the same grouped product runs as `tiled_dot` (each expert's rows padded to
 whole tiles, one batched matmul over tiles); `GROUPED` forces either.
 
 LoRA on an expert tensor is per expert: row group e gets x A[e] B[e] · scale[e] (again two
