@@ -7,6 +7,9 @@ last key says what kind of leaf it is — the one vocabulary every module uses:
     lora_a, lora_b             the adapter (trainable): A [*stack, in, r], B [*stack, r, out]
     lora_scale                 the adapter's scale (fp32 [*stack]): alpha/r or alpha/sqrt(r) per
                                module and layer; part of the adapter, never trained
+    lora_rank                  (only in stacks whose layers differ in rank, or skip layers) each
+                               layer's true rank (int32 [*stack]); A/B are padded to the largest,
+                               the slots past a layer's rank stay zero and are never trained
 
 `ADAPTER_LEAVES` go with the adapter (`lora_jax.split` puts them in the LoRA half, so a swapped-in
 adapter brings its own scale); `CONSTANT_LEAVES` are the adapter leaves no optimizer updates.
@@ -26,8 +29,9 @@ KERNEL = "kernel"
 LORA_A = "lora_a"
 LORA_B = "lora_b"
 LORA_SCALE = "lora_scale"
+LORA_RANK = "lora_rank"
 LORA_LEAVES = (LORA_A, LORA_B)  # the low-rank factors
-CONSTANT_LEAVES = (LORA_SCALE,)  # adapter leaves that are never trained
+CONSTANT_LEAVES = (LORA_SCALE, LORA_RANK)  # adapter leaves that are never trained
 ADAPTER_LEAVES = LORA_LEAVES + CONSTANT_LEAVES
 
 Path = tuple[str, ...]
