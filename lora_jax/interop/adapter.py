@@ -333,6 +333,9 @@ def _expert_wrappers(kernels: dict, cfg: LoraConfig) -> dict[str, str]:
     """PEFT module names of the ParamWrappers `cfg.target_parameters` creates -> our expert-tensor names."""
     targeted = [n for n in kernels if is_parameter_key(n) and is_target(cfg, n)]
     if not targeted:
+        if cfg.target_parameters:  # as PEFT: "target_parameters were set but no parameter was matched"
+            raise ValueError(f"adapter_config.json target_parameters={list(cfg.target_parameters)} match no parameter of "
+                             "this model (no MoE expert tensors of that name); the adapter was trained for another architecture")
         return {}
     declared = next((f.peft_parameters[1] for f in families.families()
                      if f.peft_parameters and f.is_parameter_module(targeted[0])), None)
