@@ -41,7 +41,7 @@ from flax import nnx
 
 from lora_jax.config import ALL_LINEAR, LoraConfig
 from lora_jax.layers import lora_delta
-from lora_jax.targeting import KernelLayout, Layouts, einsum_in_axes, plan_targets, resolve_targets
+from lora_jax.targeting import KernelLayout, Layouts, _in_project_tree, einsum_in_axes, plan_targets, resolve_targets
 from lora_jax.transform import _init_a, delta_weight
 
 _SUPPORTED = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
@@ -173,6 +173,9 @@ def inject(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs | jax.Array, *,
             layouts[k], problems[k] = KernelLayout(), e
     if output_module is not None:
         layouts = Layouts(layouts, output_module=output_module)
+    elif config.target_modules == ALL_LINEAR and not _in_project_tree(tree):
+        raise ValueError("target_modules='all-linear' must leave out the model's output layer, which lora_jax cannot tell "
+                         "from this nnx model's names; pass output_module='<its attribute path>' (e.g. 'head')")
     probe = plan_targets(tree, config, layouts, model_type)
     key = rngs.params()
     for i, t in enumerate(probe):
