@@ -4,7 +4,7 @@ The fields and their meaning follow `peft.LoraConfig` so that a config round-tri
 `adapter_config.json` (`to_peft_dict` / `from_peft_dict`):
 
     r, alpha (PEFT: lora_alpha), dropout (lora_dropout), target_modules, exclude_modules,
-    rank_pattern, alpha_pattern, use_rslora, init (init_lora_weights)
+    rank_pattern, alpha_pattern, use_rslora, init (init_lora_weights), use_dora
 
 Scale of the update ΔW = A @ B · scale:  alpha / r, or alpha / sqrt(r) with rsLoRA — per module,
 with `rank_pattern` / `alpha_pattern` overriding r / alpha where their regex matches the module key
@@ -72,6 +72,7 @@ class LoraConfig:
       use_rslora: rank-stabilised scale alpha / sqrt(r).
       init: "default" (A Kaiming-uniform as PEFT, B = 0) or "gaussian" (A ~ N(0, 1/r), B = 0).
       dtype: dtype of the A/B leaves (fp32 by default, even over a bf16 base).
+      use_dora: DoRA (weight-decomposed LoRA, `lora_jax.variants.dora`): a trained magnitude per output.
 
     >>> cfg = LoraConfig(r=8, alpha=16, target_modules=("q_proj", "v_proj"))
     >>> cfg.scale_for("model.layers.0.self_attn.q_proj", 8)
@@ -88,6 +89,7 @@ class LoraConfig:
     use_rslora: bool = False
     init: str = "default"
     dtype: str = "float32"
+    use_dora: bool = False
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
@@ -105,6 +107,8 @@ class LoraConfig:
             raise ValueError("LoraConfig.target_modules is empty; name modules (e.g. ['q_proj', 'v_proj']) or use 'all-linear'")
         if self.init not in _INITS:
             raise ValueError(f"LoraConfig.init must be one of {_INITS}, got {self.init!r}")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"LoraConfig.use_dora must be True or False, got {self.use_dora!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"LoraConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}")
         for field in ("target_modules", "exclude_modules"):
@@ -159,6 +163,7 @@ class LoraConfig:
             "alpha_pattern": dict(self.alpha_pattern),
             "use_rslora": self.use_rslora,
             "init_lora_weights": True if self.init == "default" else self.init,
+            "use_dora": self.use_dora,
         }
 
     @classmethod
@@ -179,6 +184,7 @@ class LoraConfig:
             alpha_pattern=d.get("alpha_pattern") or {},
             use_rslora=bool(d.get("use_rslora", False)),
             init="gaussian" if init == "gaussian" else "default",
+            use_dora=bool(d.get("use_dora", False)),
         )
         kwargs.update(overrides)
         return cls(**kwargs)

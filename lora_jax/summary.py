@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from lora_jax.tree import LORA_LEAVES, is_constant_leaf, iter_leaves
+from lora_jax.tree import is_adapter_leaf, is_constant_leaf, iter_leaves
 
 
 def count_parameters(params: Any) -> tuple[int, int]:
@@ -22,7 +22,7 @@ def count_parameters(params: Any) -> tuple[int, int]:
             continue
         n = math.prod(getattr(leaf, "shape", ()))
         total += n
-        if path[-1] in LORA_LEAVES:
+        if is_adapter_leaf(path):
             trainable += n
     return trainable, total
 

@@ -41,6 +41,7 @@ from lora_jax.tree import (
     KERNEL,
     LORA_A,
     LORA_B,
+    LORA_MAGNITUDE,
     LORA_SCALE,
     copy_tree,
     filter_tree,
@@ -108,7 +109,20 @@ def inject(params: Params, config: LoraConfig, rng: jax.Array, *, layouts: Mappi
         put(out, path[:-1] + (LORA_A,), a)
         put(out, path[:-1] + (LORA_B,), b)
         put(out, path[:-1] + (LORA_SCALE,), jnp.full(stack, config.scale_for(key, r), jnp.float32))
+        if config.use_dora:  # DoRA: magnitude = ||W|| per output unit (B = 0)
+            from lora_jax.variants.dora import init_magnitude  # noqa: PLC0415
+
+            w = _float_kernel(kernel).reshape(stack + (d_in, d_out))
+            put(out, path[:-1] + (LORA_MAGNITUDE,), init_magnitude(w, a, b, 0.0).astype(config.jnp_dtype))
     return out
+
+
+def _float_kernel(kernel: Any) -> jax.Array:
+    if is_param_leaf(kernel):  # a quantized base (lora_jax.quant): its float values
+        from lora_jax.quant.quantize import dequantize_params
+
+        return dequantize_params({"k": kernel})["k"]
+    return kernel
 
 
 def split(params: Params) -> tuple[Params, Params]:
@@ -207,10 +221,17 @@ def merge(params: Params, config: LoraConfig | None = None) -> Params:
         scale = adapter_scale(node, config, ".".join(mod))
         kernel, a, b = node[KERNEL], node.pop(LORA_A), node.pop(LORA_B)
         node.pop(LORA_SCALE, None)
+        magnitude = node.pop(LORA_MAGNITUDE, None)
         if is_param_leaf(kernel):  # a quantized base (lora_jax.quant): the merge is into its float values
             from lora_jax.quant.quantize import dequantize_params
 
             kernel = dequantize_params({"k": kernel}, warn=True)["k"]
+        if magnitude is not None:  # DoRA: W' = m / ||W + ΔW|| · (W + ΔW)
+            from lora_jax.variants.dora import merged_kernel  # noqa: PLC0415
+
+            w2d = kernel.reshape(a.shape[:-1] + b.shape[-1:])
+            node[KERNEL] = merged_kernel(w2d, a, b, scale, magnitude).reshape(kernel.shape).astype(kernel.dtype)
+            continue
         node[KERNEL] = (kernel.astype(jnp.float32) + delta_weight(a, b, scale, kernel.shape)).astype(kernel.dtype)
     return out
 
@@ -230,6 +251,9 @@ def unmerge(merged: Params, lora: Params, config: LoraConfig | None = None) -> P
     out = copy_tree(merged)
     for mod in _adapted_modules(lora):
         adapter = get(lora, mod)
+        if LORA_MAGNITUDE in adapter:
+            raise ValueError(f"the adapter at {'.'.join(mod)!r} is DoRA, whose merge cannot be undone without the base "
+                             "weights (PEFT keeps a cached norm); keep the unmerged params instead of unmerging")
         scale = adapter_scale(adapter, config, ".".join(mod))
         node = get(out, mod)
         kernel = node[KERNEL]

@@ -7,6 +7,8 @@ last key says what kind of leaf it is — the one vocabulary every module uses:
     lora_a, lora_b             the adapter (trainable): A [*stack, in, r], B [*stack, r, out]
     lora_scale                 the adapter's scale (fp32 [*stack]): alpha/r or alpha/sqrt(r) per
                                module and layer; part of the adapter, never trained
+    lora_magnitude             DoRA's magnitude vector m [*stack, out] (trained; PEFT's
+                               lora_magnitude_vector), present only with use_dora
 
 `ADAPTER_LEAVES` go with the adapter (`lora_jax.split` puts them in the LoRA half, so a swapped-in
 adapter brings its own scale); `CONSTANT_LEAVES` are the adapter leaves no optimizer updates.
@@ -26,9 +28,11 @@ KERNEL = "kernel"
 LORA_A = "lora_a"
 LORA_B = "lora_b"
 LORA_SCALE = "lora_scale"
+LORA_MAGNITUDE = "lora_magnitude"
 LORA_LEAVES = (LORA_A, LORA_B)  # the low-rank factors
+VARIANT_LEAVES = (LORA_MAGNITUDE,)  # trained leaves of LoRA variants (DoRA)
 CONSTANT_LEAVES = (LORA_SCALE,)  # adapter leaves that are never trained
-ADAPTER_LEAVES = LORA_LEAVES + CONSTANT_LEAVES
+ADAPTER_LEAVES = LORA_LEAVES + VARIANT_LEAVES + CONSTANT_LEAVES
 
 Path = tuple[str, ...]
 

@@ -9,6 +9,7 @@ key between a fixed prefix and suffix, and A/B are stored transposed:
         <->  base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight   [out, r]
     ('transformer','h','0','attn','c_attn','lora_a')      (GPT-2 Conv1D: same rule, fan_in_fan_out=true)
     stacked ('model','layers','self_attn','q_proj','lora_a') A [L, in, r]  -> one tensor per layer
+    (...,'q_proj','lora_magnitude')  m [out]  <->  ...q_proj.lora_magnitude_vector [out]   (DoRA, use_dora)
 
 The scale PEFT applies is alpha/r (or alpha/sqrt(r)) looked up for the HF module name; ours is the
 adapter's own `lora_scale` leaf (one per layer in a stack). Export therefore checks, module by
@@ -38,12 +39,12 @@ from lora_jax.models.config import ModelConfig
 from lora_jax.models.naming import CONV1D_MODULES, LAYER_CONTAINERS, hf_module_name, is_conv1d
 from lora_jax.targeting import OUTPUT_LAYER_NAMES, is_target, module_key
 from lora_jax.transform import combine, has_lora
-from lora_jax.tree import KERNEL, LORA_A, LORA_B, LORA_SCALE, iter_leaves
+from lora_jax.tree import KERNEL, LORA_A, LORA_B, LORA_MAGNITUDE, LORA_SCALE, iter_leaves
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-_SUFFIXES = {".lora_A.weight": LORA_A, ".lora_B.weight": LORA_B}
+_SUFFIXES = {".lora_A.weight": LORA_A, ".lora_B.weight": LORA_B, ".lora_magnitude_vector": LORA_MAGNITUDE}
 
 
 def is_stacked_key(key: str) -> bool:
@@ -115,7 +116,7 @@ def save_peft_adapter(params: Any, lora_config: LoraConfig, out_dir: str, *, mod
     base = kernel_modules(param_shapes(build_model(cfg)))
     leaves: dict[str, dict[str, np.ndarray]] = {}
     for path, leaf in iter_leaves(params):
-        if path[-1] in (LORA_A, LORA_B, LORA_SCALE):
+        if path[-1] in (LORA_A, LORA_B, LORA_SCALE, LORA_MAGNITUDE):
             leaves.setdefault(module_key(path), {})[path[-1]] = np.asarray(leaf, np.float32)
     if not leaves:
         raise ValueError("params hold no LoRA leaves (lora_a/lora_b); inject or load an adapter first")
@@ -125,7 +126,10 @@ def save_peft_adapter(params: Any, lora_config: LoraConfig, out_dir: str, *, mod
     for key, ab in sorted(leaves.items()):
         if not {LORA_A, LORA_B} <= set(ab):
             raise ValueError(f"module {key!r} has only {sorted(ab)}; an adapter needs both lora_a and lora_b")
-        a, b, scale = ab[LORA_A], ab[LORA_B], ab.get(LORA_SCALE)
+        a, b, scale, mag = ab[LORA_A], ab[LORA_B], ab.get(LORA_SCALE), ab.get(LORA_MAGNITUDE)
+        if (mag is not None) != lora_config.use_dora:
+            raise ValueError(f"module {key!r} {'has' if mag is not None else 'has no'} DoRA magnitude but lora_config.use_dora="
+                             f"{lora_config.use_dora}; pass the LoraConfig the adapters were created with")
         stacked = is_stacked_key(key)
         layers = range(a.shape[0]) if stacked else [None]
         for i in layers:
@@ -144,6 +148,8 @@ def save_peft_adapter(params: Any, lora_config: LoraConfig, out_dir: str, *, mod
             alphas = _pin(alphas, name, alpha, pattern_value(alphas, name, lora_config.alpha))
             tensors[f"{PREFIX}{name}.lora_A.weight"] = a_i.T
             tensors[f"{PREFIX}{name}.lora_B.weight"] = b_i.T
+            if mag is not None:
+                tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = mag[i] if stacked else mag
             names.append(name)
     targets = lora_config.target_modules
     if targets == ALL_LINEAR:  # PEFT saves the expansion: the leaf names of every adapted linear layer
@@ -201,7 +207,7 @@ def _split_name(name: str) -> tuple[str, str]:
     for suffix, leaf in _SUFFIXES.items():
         if name.startswith(PREFIX) and name.endswith(suffix):
             return name[len(PREFIX):-len(suffix)], leaf
-    kind = ("DoRA magnitude" if "lora_magnitude_vector" in name else "embedding LoRA" if "lora_embedding" in name
+    kind = ("embedding LoRA" if "lora_embedding" in name
             else "LoRA bias" if name.endswith(".bias") else "non-LoRA")
     raise ValueError(f"adapter tensor {name!r} is a {kind} weight, which lora_jax does not support; use a plain LoRA adapter of linear layers")
 
@@ -277,13 +283,16 @@ def load_peft_adapter(params: Any, adapter_dir: str) -> tuple[Any, LoraConfig]:
             continue
         if not selected:
             raise ValueError(f"adapter tensor {PREFIX}{mod}.lora_A.weight is for {mod!r}, which adapter_config.json does not target")
-        if set(ab) != {LORA_A, LORA_B}:
+        if not {LORA_A, LORA_B} <= set(ab):
             raise ValueError(f"adapter has only {PREFIX}{mod}.{'lora_A' if LORA_A in ab else 'lora_B'}.weight; both lora_A and lora_B are needed")
+        if (LORA_MAGNITUDE in ab) != cfg.use_dora:
+            raise ValueError(f"adapter_config.json has use_dora={cfg.use_dora} but {PREFIX}{mod}.lora_magnitude_vector is "
+                             f"{'present' if LORA_MAGNITUDE in ab else 'missing'}; the files do not match")
         d_in, d_out = kernels[mod][2]
         r = cfg.rank_for(mod)
-        for leaf, need in ((LORA_A, (r, d_in)), (LORA_B, (d_out, r))):
-            if ab[leaf].shape != need:
-                tname = f"{PREFIX}{mod}.{'lora_A' if leaf == LORA_A else 'lora_B'}.weight"
+        for leaf, need in ((LORA_A, (r, d_in)), (LORA_B, (d_out, r)), (LORA_MAGNITUDE, (d_out,))):
+            if leaf in ab and ab[leaf].shape != need:
+                tname = f"{PREFIX}{mod}.{ {LORA_A: 'lora_A.weight', LORA_B: 'lora_B.weight'}.get(leaf, 'lora_magnitude_vector')}"
                 raise ValueError(f"adapter tensor {tname!r} has shape {ab[leaf].shape} but this model with r={r} needs {need}; "
                                  "the adapter was trained for another model (hidden size / rank differ)")
     tree, cfg = _lora_tree(found, kernels, cfg)
@@ -308,9 +317,11 @@ def _lora_tree(found: dict, kernels: dict, cfg: LoraConfig) -> tuple[dict, LoraC
                                  "(stacked) model cannot hold; load it into a model built with scan_layers=False")
             a = np.stack([found[m][LORA_A].T for m in mods])
             b = np.stack([found[m][LORA_B].T for m in mods])
+            mag = np.stack([found[m][LORA_MAGNITUDE] for m in mods]) if cfg.use_dora else None
             scale = np.array([cfg.scale_for(m) for m in mods], np.float32)
         else:
             a, b = found[mods[0]][LORA_A].T, found[mods[0]][LORA_B].T
+            mag = found[mods[0]].get(LORA_MAGNITUDE)
             scale = np.float32(cfg.scale_for(mods[0]))
         (r,), (alpha,) = r_set, alpha_set
         ranks = _pin(ranks, key, r, cfg.rank_for(key))
@@ -321,4 +332,6 @@ def _lora_tree(found: dict, kernels: dict, cfg: LoraConfig) -> tuple[dict, LoraC
         node[LORA_A] = jnp.asarray(np.ascontiguousarray(a), cfg.jnp_dtype)
         node[LORA_B] = jnp.asarray(np.ascontiguousarray(b), cfg.jnp_dtype)
         node[LORA_SCALE] = jnp.asarray(scale, jnp.float32)
+        if mag is not None:
+            node[LORA_MAGNITUDE] = jnp.asarray(mag, cfg.jnp_dtype)
     return tree, dataclasses.replace(cfg, rank_pattern=ranks, alpha_pattern=alphas)

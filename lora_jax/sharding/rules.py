@@ -15,6 +15,7 @@ x @ A @ B):
     lora_a  [*stack, in,  r ]  spec (*Nones, S_in, None)
     lora_b  [*stack, r,  out]  spec (*Nones, None, S_out)
     lora_scale [*stack]        replicated
+    lora_magnitude [*stack, out]  (DoRA) the kernel's output-axis spec
 
 A quantized kernel (`lora_jax.quant.QuantizedKernel`) is matched by the kernel's rule and its
 fields take specs derived from the kernel's (`lora_jax.quant.partition_specs`): codes and block
@@ -42,7 +43,7 @@ from jax.sharding import PartitionSpec as P
 
 from lora_jax.quant.kernel import is_quantized, partition_specs
 from lora_jax.targeting import KernelLayout, resolve_layout
-from lora_jax.tree import ADAPTER_LEAVES, KERNEL, LORA_A, LORA_SCALE, get, iter_leaves, put
+from lora_jax.tree import ADAPTER_LEAVES, KERNEL, LORA_A, LORA_MAGNITUDE, LORA_SCALE, get, iter_leaves, put
 
 Rules = Sequence[tuple[str, P]]
 
@@ -196,7 +197,10 @@ def param_specs(
         if any(e is not None for e in kspec[:s]):
             raise ValueError(f"kernel {'.'.join(kpath)!r} spec {P(*kspec)} shards its stacked layer axis; LoRA needs it unsharded")
         lead = (None,) * s
-        spec = P(*lead, _joined(kspec[s:i]), None) if path[-1] == LORA_A else P(*lead, None, _joined(kspec[i:]))
+        if path[-1] == LORA_MAGNITUDE:  # DoRA's m [*stack, out]: sharded as the kernel's output axes
+            spec = P(*lead, _joined(kspec[i:]))
+        else:
+            spec = P(*lead, _joined(kspec[s:i]), None) if path[-1] == LORA_A else P(*lead, None, _joined(kspec[i:]))
         check_spec(name, shape, spec, mesh)
         put(out, path, spec)
     return out
