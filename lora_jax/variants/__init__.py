@@ -1,6 +1,7 @@
 """LoRA variants beyond plain A·B: DoRA, PEFT's weight-rewriting initialisations, LoRA+.
 
     lora_jax.variants.dora       DoRA's magnitude leaf: forward, init, merge (PEFT's DoraLinearLayer)
+    lora_jax.variants.loraplus   LoRA+: B's learning rate × ratio (PEFT's create_loraplus_optimizer)
 
 >>> from lora_jax.variants import dora
 >>> dora.__name__
@@ -8,3 +9,4 @@
 """
 
 from lora_jax.variants import dora  # noqa: F401
+from lora_jax.variants.loraplus import loraplus, loraplus_labels  # noqa: F401
