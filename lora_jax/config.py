@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 ALL_LINEAR = "all-linear"
-_INITS = ("default", "gaussian")
+_INITS = ("default", "gaussian", "pissa", "olora")  # and pissa_niter_N (lora_jax.variants.inits)
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -70,7 +70,8 @@ class LoraConfig:
       exclude_modules: same forms as `target_modules`; excluded keys are never adapted.
       rank_pattern / alpha_pattern: {regex: value} overriding r / alpha for matching modules.
       use_rslora: rank-stabilised scale alpha / sqrt(r).
-      init: "default" (A Kaiming-uniform as PEFT, B = 0) or "gaussian" (A ~ N(0, 1/r), B = 0).
+      init: "default" (A Kaiming-uniform as PEFT, B = 0) or "gaussian" (A ~ N(0, 1/r), B = 0), or one
+        that rewrites the base weights: "pissa", "pissa_niter_N", "olora" (`lora_jax.variants.inits`).
       dtype: dtype of the A/B leaves (fp32 by default, even over a bf16 base).
       use_dora: DoRA (weight-decomposed LoRA, `lora_jax.variants.dora`): a trained magnitude per output.
 
@@ -105,8 +106,8 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if not self.target_modules:
             raise ValueError("LoraConfig.target_modules is empty; name modules (e.g. ['q_proj', 'v_proj']) or use 'all-linear'")
-        if self.init not in _INITS:
-            raise ValueError(f"LoraConfig.init must be one of {_INITS}, got {self.init!r}")
+        if self.init not in _INITS and not re.fullmatch(r"pissa_niter_[1-9]\d*", str(self.init)):
+            raise ValueError(f"LoraConfig.init must be one of {_INITS} or pissa_niter_N (N >= 1), got {self.init!r}")
         if not isinstance(self.use_dora, bool):
             raise ValueError(f"LoraConfig.use_dora must be True or False, got {self.use_dora!r}")
         if self.dtype not in _DTYPES:

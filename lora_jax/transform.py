@@ -37,6 +37,7 @@ from flax.core import unfreeze
 
 from lora_jax.config import LoraConfig
 from lora_jax.targeting import KernelLayout, module_key, resolve_layout, select_targets
+from lora_jax.variants.inits import init_stacked, rewrites_base
 from lora_jax.tree import (
     KERNEL,
     LORA_A,
@@ -104,16 +105,26 @@ def inject(params: Params, config: LoraConfig, rng: jax.Array, *, layouts: Mappi
         stack, ins, outs = resolve_layout(path, kernel.shape, layouts).split(tuple(kernel.shape))
         r = config.rank_for(key)
         d_in, d_out = math.prod(ins), math.prod(outs)
-        a = _init_a(jax.random.fold_in(rng, i), stack + (d_in, r), config, r)
-        b = jnp.zeros(stack + (r, d_out), config.jnp_dtype)
+        scale = config.scale_for(key, r)
+        if rewrites_base(config.init):  # PiSSA / OLoRA: A, B from W, and W -> W_res (lora_jax.variants.inits)
+            if is_param_leaf(kernel):
+                raise ValueError(f"init={config.init!r} rewrites the base weights and needs a float kernel, but {key!r} is "
+                                 "quantized; inject into the float model, then quantize the residual (as PEFT advises)")
+            a, b, res = init_stacked(kernel, stack, d_in, d_out, r, scale, config.init, jax.random.fold_in(rng, i))
+            a, b = a.astype(config.jnp_dtype), b.astype(config.jnp_dtype)
+            kernel = res.astype(kernel.dtype)
+            put(out, path, kernel)
+        else:
+            a = _init_a(jax.random.fold_in(rng, i), stack + (d_in, r), config, r)
+            b = jnp.zeros(stack + (r, d_out), config.jnp_dtype)
         put(out, path[:-1] + (LORA_A,), a)
         put(out, path[:-1] + (LORA_B,), b)
-        put(out, path[:-1] + (LORA_SCALE,), jnp.full(stack, config.scale_for(key, r), jnp.float32))
-        if config.use_dora:  # DoRA: magnitude = ||W|| per output unit (B = 0)
+        put(out, path[:-1] + (LORA_SCALE,), jnp.full(stack, scale, jnp.float32))
+        if config.use_dora:  # DoRA: magnitude = ||W + s·A@B|| per output unit (PEFT: after the init)
             from lora_jax.variants.dora import init_magnitude  # noqa: PLC0415
 
             w = _float_kernel(kernel).reshape(stack + (d_in, d_out))
-            put(out, path[:-1] + (LORA_MAGNITUDE,), init_magnitude(w, a, b, 0.0).astype(config.jnp_dtype))
+            put(out, path[:-1] + (LORA_MAGNITUDE,), init_magnitude(w, a, b, scale).astype(config.jnp_dtype))
     return out
 
 

@@ -39,6 +39,7 @@ from lora_jax.models.config import ModelConfig
 from lora_jax.models.naming import CONV1D_MODULES, LAYER_CONTAINERS, hf_module_name, is_conv1d
 from lora_jax.targeting import OUTPUT_LAYER_NAMES, is_target, module_key
 from lora_jax.transform import combine, has_lora
+from lora_jax.variants.inits import rewrites_base
 from lora_jax.tree import KERNEL, LORA_A, LORA_B, LORA_MAGNITUDE, LORA_SCALE, iter_leaves
 
 PREFIX = "base_model.model."
@@ -110,6 +111,9 @@ def save_peft_adapter(params: Any, lora_config: LoraConfig, out_dir: str, *, mod
     >>> sorted(os.listdir(d))
     ['adapter_config.json', 'adapter_model.safetensors']
     """
+    if rewrites_base(lora_config.init):
+        raise ValueError(f"an init={lora_config.init!r} adapter applies to the rewritten (residual) base, not the original; "
+                         "convert it first: lora_jax.variants.convert_to_lora(params, initial_lora, lora_config)")
     cfg = _model_config(model_config, hf_config)
     if base_model_name_or_path is None and hf_config is not None:
         base_model_name_or_path = getattr(hf_config, "name_or_path", None) or None
