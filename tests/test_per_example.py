@@ -40,7 +40,7 @@ def test_mixed_batch_matches_peft_adapter_names(scan, tiny_checkpoint, tmp_path)
     f = pe.forward(model)
     mine = np.asarray(f(frozen, pe.stack_adapters(trees), ids, pe.adapter_ids(rows, ["sql", "chat"])))
     assert_close(mine, theirs)
-    assert np.max(np.abs(mine[0] - mine[1][::-1] if False else mine[0] - theirs[2])) > 1e-3  # rows really differ
+    assert np.max(np.abs(mine[1] - mine[2])) > 1e-2 and np.max(np.abs(mine[0] - mine[3])) < 1e-5  # same input: base vs sql, chat twice
     # hot swap: another adapter of the same shapes in slot 0 reuses the compiled forward
     swapped = pe.swap_adapter(pe.stack_adapters(trees), 0, randomize_lora(trees[0], seed=9))
     f(frozen, swapped, ids, pe.adapter_ids(rows, ["sql", "chat"]))
