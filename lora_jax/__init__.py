@@ -10,7 +10,7 @@ The public API is what this module re-exports (everything else is internal). Whe
     lora_jax.quant         QLoRA: NF4 / int8 frozen kernels, bitsandbytes checkpoints, 8-bit AdamW
     lora_jax.sharding      meshes, partition rules, sharded placement, jax.distributed
     lora_jax.training      the compiled train / eval step, loss, orbax checkpoints
-    lora_jax.variants      DoRA, PiSSA/OLoRA inits, LoRA+
+    lora_jax.variants      DoRA, PiSSA/OLoRA/LoftQ inits, LoRA+
     lora_jax.adapters      many adapters on one base: named adapters, merging, per-example adapters
 
 >>> import lora_jax
