@@ -19,8 +19,8 @@ to its `loraplus_weight_decay` (default 0.0), overriding the optimizer's; here t
 >>> p = {"q": {"lora_a": jnp.ones(2), "lora_b": jnp.ones(2), "lora_scale": jnp.ones(())}}
 >>> tx = loraplus(optax.sgd, 0.1, loraplus_lr_ratio=16.0)
 >>> updates, _ = tx.update(p, tx.init(p), p)
->>> float(updates["q"]["lora_a"][0]), float(updates["q"]["lora_b"][0]), float(updates["q"]["lora_scale"])
-(-0.1, -1.6, 0.0)
+>>> [round(float(updates["q"][k].ravel()[0]), 4) for k in ("lora_a", "lora_b", "lora_scale")]
+[-0.1, -1.6, 0.0]
 """
 
 from __future__ import annotations
