@@ -68,6 +68,10 @@ class LoraConfig:
         `model.layers.0.self_attn.q_proj`), one string = a regex full-matched against the key,
         or `"all-linear"` = every dense kernel except the LM head.
       exclude_modules: same forms as `target_modules`; excluded keys are never adapted.
+      target_parameters: PEFT's `target_parameters`: names of HF *parameters* (not modules), matched as
+        the full name or a `.`-suffix of it, e.g. `["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]`
+        for the stacked MoE expert tensors (`lora_jax.models.moe`: one A/B per expert). PEFT allows no
+        dropout with it.
       rank_pattern / alpha_pattern: {regex: value} overriding r / alpha for matching modules.
       use_rslora: rank-stabilised scale alpha / sqrt(r).
       init: "default" (A Kaiming-uniform as PEFT, B = 0) or "gaussian" (A ~ N(0, 1/r), B = 0), or one
@@ -85,6 +89,7 @@ class LoraConfig:
     dropout: float = 0.0
     target_modules: str | tuple[str, ...] | None = ("q_proj", "v_proj")
     exclude_modules: str | tuple[str, ...] | None = None
+    target_parameters: tuple[str, ...] | None = None
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     use_rslora: bool = False
@@ -96,6 +101,9 @@ class LoraConfig:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
         set_("target_modules", _as_tuple(self.target_modules, "target_modules"))
         set_("exclude_modules", _as_tuple(self.exclude_modules, "exclude_modules"))
+        if isinstance(self.target_parameters, str):
+            raise ValueError("LoraConfig.target_parameters must be a list of parameter names, e.g. ['mlp.experts.down_proj']")
+        set_("target_parameters", _as_tuple(self.target_parameters, "target_parameters") or None)
         set_("rank_pattern", dict(self.rank_pattern or {}))
         set_("alpha_pattern", dict(self.alpha_pattern or {}))
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -104,7 +112,9 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.alpha must be > 0, got {self.alpha!r}")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if not self.target_modules:
+        if self.target_parameters and self.dropout:
+            raise ValueError("LoraConfig.target_parameters does not work with dropout != 0 (PEFT refuses it too); set dropout=0")
+        if not self.target_modules and not self.target_parameters:
             raise ValueError("LoraConfig.target_modules is empty; name modules (e.g. ['q_proj', 'v_proj']) or use 'all-linear'")
         if self.init not in _INITS and not re.fullmatch(r"pissa_niter_[1-9]\d*", str(self.init)):
             raise ValueError(f"LoraConfig.init must be one of {_INITS} or pissa_niter_N (N >= 1), got {self.init!r}")
@@ -158,8 +168,9 @@ class LoraConfig:
             "r": self.r,
             "lora_alpha": float(self.alpha),
             "lora_dropout": float(self.dropout),
-            "target_modules": targets if isinstance(targets, str) else list(targets),
+            "target_modules": targets if targets is None or isinstance(targets, str) else list(targets),
             "exclude_modules": excludes if excludes is None or isinstance(excludes, str) else list(excludes),
+            "target_parameters": None if not self.target_parameters else list(self.target_parameters),
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
             "use_rslora": self.use_rslora,
@@ -179,7 +190,8 @@ class LoraConfig:
             r=d.get("r", 8),
             alpha=d.get("lora_alpha", 8),
             dropout=d.get("lora_dropout", 0.0) or 0.0,
-            target_modules=d.get("target_modules") or ("q_proj", "v_proj"),
+            target_modules=d.get("target_modules") or (None if d.get("target_parameters") else ("q_proj", "v_proj")),
+            target_parameters=d.get("target_parameters") or None,
             exclude_modules=d.get("exclude_modules"),
             rank_pattern=d.get("rank_pattern") or {},
             alpha_pattern=d.get("alpha_pattern") or {},

@@ -23,6 +23,11 @@ from typing import Any, Mapping
 from lora_jax.config import ALL_LINEAR, LoraConfig
 from lora_jax.tree import KERNEL, LORA_A, LORA_B, LORA_LEAVES, LORA_SCALE, iter_leaves, path_key  # noqa: F401  (re-exported)
 
+# The stacked expert tensors of MoE models live under a module named "experts" (HF's `mlp.experts`,
+# `lora_jax.models.moe`): our key `model.layers.0.mlp.experts.gate_up_proj` is an HF *parameter*
+# name, which PEFT adapts only through `target_parameters`, never through target_modules/all-linear.
+PARAMETER_OWNER = "experts"
+
 # Modules `all-linear` leaves alone, as PEFT does: the output layer (and embeddings, which are
 # `embedding` leaves, not kernels).
 OUTPUT_LAYER_NAMES = ("lm_head", "embed_out", "output")
@@ -75,12 +80,28 @@ def is_output_layer(key: str) -> bool:
     return key.split(".")[-1] in OUTPUT_LAYER_NAMES
 
 
+def is_parameter_key(key: str) -> bool:
+    """Whether `key` names an HF parameter (a stacked MoE expert tensor), not a module.
+
+    >>> is_parameter_key("model.layers.0.mlp.experts.down_proj"), is_parameter_key("model.layers.0.mlp.down_proj")
+    (True, False)
+    """
+    parts = key.split(".")
+    return len(parts) >= 2 and parts[-2] == PARAMETER_OWNER
+
+
 def is_target(config: LoraConfig, key: str) -> bool:
     """Whether the module at `key` gets an adapter under `config` (PEFT's rules).
 
     >>> is_target(LoraConfig(target_modules=["q_proj"]), "model.layers.0.self_attn.q_proj")
     True
+    >>> is_target(LoraConfig(target_parameters=["mlp.experts.down_proj"]), "model.layers.0.mlp.experts.down_proj")
+    True
     """
+    if is_parameter_key(key):  # PEFT's _inject_parameters: full name or '.'-suffix, no exclude_modules
+        return bool(config.target_parameters) and any(key == t or key.endswith("." + t) for t in config.target_parameters)
+    if config.target_modules is None:
+        return False
     if config.exclude_modules and _matches(config.exclude_modules, key):
         return False
     if config.target_modules == ALL_LINEAR:
@@ -99,7 +120,7 @@ def select_targets(params: Any, config: LoraConfig) -> list[tuple[str, ...]]:
     leaves = list(iter_leaves(params))
     kernels = [p for p, _ in leaves if p[-1] == KERNEL]
     targets = [p for p in kernels if is_target(config, module_key(p))]
-    if config.target_modules != ALL_LINEAR:
+    if config.target_modules not in (ALL_LINEAR, None):
         # A pattern that names a non-kernel leaf (a bias, a norm scale) or a module without a kernel
         # (an embedding) would silently adapt nothing there: refuse it.
         kernel_modules = {module_key(p) for p in kernels}
@@ -115,7 +136,8 @@ def select_targets(params: Any, config: LoraConfig) -> list[tuple[str, ...]]:
         shown = sorted({module_key(p) for p in kernels})
         more = f" (and {len(shown) - 30} more)" if len(shown) > 30 else ""
         raise ValueError(
-            f"LoraConfig.target_modules={config.target_modules!r} matched no kernel; modules with kernels are: "
+            f"LoraConfig.target_modules={config.target_modules!r} / target_parameters={config.target_parameters!r} "
+            "matched no kernel; modules with kernels are: "
             f"{', '.join(shown[:30])}{more}"
         )
     return targets

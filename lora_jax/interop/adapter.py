@@ -33,11 +33,13 @@ import numpy as np
 
 from lora_jax.config import ALL_LINEAR, LoraConfig, pattern_value
 from lora_jax.interop._files import atomic_dir, save_safetensors
+from lora_jax.interop.param_targets import from_peft, to_peft, wrapper_names
 from lora_jax.interop.peft_config import lora_config_from_peft, peft_config_dict
 from lora_jax.models.build import build_model, param_shapes
 from lora_jax.models.config import ModelConfig
 from lora_jax.models.naming import CONV1D_MODULES, LAYER_CONTAINERS, hf_module_name, is_conv1d
-from lora_jax.targeting import OUTPUT_LAYER_NAMES, is_target, module_key
+from lora_jax.models import families
+from lora_jax.targeting import OUTPUT_LAYER_NAMES, is_parameter_key, is_target, module_key
 from lora_jax.transform import combine, has_lora
 from lora_jax.variants.inits import rewrites_base
 from lora_jax.tree import KERNEL, LORA_A, LORA_B, LORA_MAGNITUDE, LORA_SCALE, iter_leaves
@@ -127,6 +129,7 @@ def save_peft_adapter(params: Any, lora_config: LoraConfig, out_dir: str, *, mod
     tensors: dict[str, np.ndarray] = {}
     ranks, alphas = dict(lora_config.rank_pattern), dict(lora_config.alpha_pattern)
     names: list[str] = []
+    expert_ab: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # target_parameters adapters, written below
     for key, ab in sorted(leaves.items()):
         if not {LORA_A, LORA_B} <= set(ab):
             raise ValueError(f"module {key!r} has only {sorted(ab)}; an adapter needs both lora_a and lora_b")
@@ -142,22 +145,36 @@ def save_peft_adapter(params: Any, lora_config: LoraConfig, out_dir: str, *, mod
             if name not in base:
                 raise ValueError(f"params have an adapter at {name!r}, which the {cfg.model_type} model has no linear layer for; wrong model_config?")
             need = base[name][2]
-            if a_i.shape[0] != need[0] or b_i.shape[1] != need[1] or a_i.shape[1] != b_i.shape[0]:
+            if a_i.shape[-2] != need[0] or b_i.shape[-1] != need[1] or a_i.shape[-1] != b_i.shape[-2]:
                 raise ValueError(f"adapter at {name!r} has A {a_i.shape} and B {b_i.shape} but the model's kernel is {need}; wrong model_config?")
-            r = a_i.shape[1]
+            r = a_i.shape[-1]
             alpha = lora_config.alpha_for(key)
             if scale is not None:
-                alpha = _alpha_of(float(scale[i] if stacked else scale), r, alpha, lora_config.use_rslora)
+                s_i = np.unique(np.asarray(scale[i] if stacked else scale).reshape(-1))
+                if s_i.size != 1:  # per-expert scales: PEFT's ParamWrapper has one scaling for all experts
+                    raise ValueError(f"adapter at {name!r} has different lora_scale values per expert; PEFT holds one")
+                alpha = _alpha_of(float(s_i[0]), r, alpha, lora_config.use_rslora)
             ranks = _pin(ranks, name, r, pattern_value(ranks, name, lora_config.r))
             alphas = _pin(alphas, name, alpha, pattern_value(alphas, name, lora_config.alpha))
-            tensors[f"{PREFIX}{name}.lora_A.weight"] = a_i.T
-            tensors[f"{PREFIX}{name}.lora_B.weight"] = b_i.T
-            if mag is not None:
-                tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = mag[i] if stacked else mag
+            if is_parameter_key(name):
+                if mag is not None:
+                    raise ValueError(f"adapter at {name!r} is DoRA on expert tensors, which PEFT has no format for; use plain LoRA there")
+                expert_ab[name] = (a_i, b_i)
+            else:
+                tensors[f"{PREFIX}{name}.lora_A.weight"] = a_i.T
+                tensors[f"{PREFIX}{name}.lora_B.weight"] = b_i.T
+                if mag is not None:
+                    tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = mag[i] if stacked else mag
             names.append(name)
+    if expert_ab:
+        declared = families.of(cfg).peft_parameters
+        if declared is None:
+            raise ValueError(f"params have expert-tensor adapters but the {cfg.model_type} model has no expert tensors")
+        for name, wrapper in wrapper_names(expert_ab, declared[1]).items():
+            tensors[f"{PREFIX}{wrapper}.lora_A.weight"], tensors[f"{PREFIX}{wrapper}.lora_B.weight"] = to_peft(*expert_ab[name])
     targets = lora_config.target_modules
     if targets == ALL_LINEAR:  # PEFT saves the expansion: the leaf names of every adapted linear layer
-        targets = tuple(sorted({n.rsplit(".", 1)[-1] for n in names}))
+        targets = tuple(sorted({n.rsplit(".", 1)[-1] for n in names if not is_parameter_key(n)}))
     written = dataclasses.replace(lora_config, target_modules=targets, rank_pattern=ranks, alpha_pattern=alphas)
     selected = {n for n in base if is_target(written, n)}
     extra, missing = selected - set(names), set(names) - selected
@@ -192,8 +209,9 @@ def read_adapter(adapter_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
     cfg_path = os.path.join(adapter_dir, CONFIG_FILE)
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{adapter_dir} has no {CONFIG_FILE}; pass a PEFT adapter directory")
-    with open(cfg_path) as f:
-        config = json.load(f)
+    from lora_jax.files import read_json
+
+    config = read_json(cfg_path)
     st, pt = os.path.join(adapter_dir, WEIGHTS_FILE), os.path.join(adapter_dir, "adapter_model.bin")
     if os.path.isfile(st):
         from lora_jax.models.loading import read_safetensors
@@ -267,11 +285,13 @@ def load_peft_adapter(params: Any, adapter_dir: str) -> tuple[Any, LoraConfig]:
     if has_lora(params):
         raise ValueError("params already hold LoRA leaves; merge() or split() them off before loading an adapter")
     kernels = kernel_modules(params)
+    wrappers = _expert_wrappers(kernels, cfg)  # PEFT ParamWrapper module -> our expert-tensor name
     found: dict[str, dict[str, np.ndarray]] = {}
     for name, arr in tensors.items():
         if _is_base_copy(name, arr, params, kernels):
             continue
         mod, leaf = _split_name(name)
+        mod = wrappers.get(mod, mod)
         if mod not in kernels and mod.split(".")[-1] in OUTPUT_LAYER_NAMES:
             raise ValueError(f"adapter tensor {name!r} adapts {mod!r}, which this model ties to the embedding (no linear "
                              "layer of its own); LoRA on a tied LM head is not supported")
@@ -294,17 +314,42 @@ def load_peft_adapter(params: Any, adapter_dir: str) -> tuple[Any, LoraConfig]:
                              f"{'present' if LORA_MAGNITUDE in ab else 'missing'}; the files do not match")
         d_in, d_out = kernels[mod][2]
         r = cfg.rank_for(mod)
-        for leaf, need in ((LORA_A, (r, d_in)), (LORA_B, (d_out, r)), (LORA_MAGNITUDE, (d_out,))):
+        e = _n_experts(params, kernels[mod][0]) if is_parameter_key(mod) else 1
+        for leaf, need in ((LORA_A, (r * e, d_in)), (LORA_B, (d_out, r * e)), (LORA_MAGNITUDE, (d_out,))):
             if leaf in ab and ab[leaf].shape != need:
                 tname = f"{PREFIX}{mod}.{ {LORA_A: 'lora_A.weight', LORA_B: 'lora_B.weight'}.get(leaf, 'lora_magnitude_vector')}"
                 raise ValueError(f"adapter tensor {tname!r} has shape {ab[leaf].shape} but this model with r={r} needs {need}; "
                                  "the adapter was trained for another model (hidden size / rank differ)")
-    tree, cfg = _lora_tree(found, kernels, cfg)
+    tree, cfg = _lora_tree(found, kernels, cfg, {m: _n_experts(params, kernels[m][0]) for m in found if is_parameter_key(m)})
     return combine(params, tree), cfg
 
 
-def _lora_tree(found: dict, kernels: dict, cfg: LoraConfig) -> tuple[dict, LoraConfig]:
-    """Nested LoRA leaves for the model's module keys; stacks per-layer tensors where the model is stacked."""
+def _n_experts(params: Any, key: str) -> int:
+    return int(np.shape(_node(params, key)[KERNEL])[-3])
+
+
+def _expert_wrappers(kernels: dict, cfg: LoraConfig) -> dict[str, str]:
+    """PEFT module names of the ParamWrappers `cfg.target_parameters` creates -> our expert-tensor names."""
+    targeted = [n for n in kernels if is_parameter_key(n) and is_target(cfg, n)]
+    if not targeted:
+        return {}
+    declared = next((f.peft_parameters[1] for f in families.families()
+                     if f.peft_parameters and f.is_parameter_module(targeted[0])), None)
+    if declared is None:
+        raise ValueError(f"no model family declares the expert tensor {targeted[0]!r}")
+    return {wrapper: name for name, wrapper in wrapper_names(targeted, declared).items()}
+
+
+def _lora_tree(found: dict, kernels: dict, cfg: LoraConfig, experts: dict[str, int]) -> tuple[dict, LoraConfig]:
+    """Nested LoRA leaves for the model's module keys; stacks per-layer tensors where the model is stacked.
+    `experts`: module -> number of experts for the expert tensors (PEFT target_parameters layout)."""
+
+    def ours(m):  # (a [*E, in, r], b [*E, r, out], scale [*E]) of one PEFT module
+        if m in experts:
+            a, b = from_peft(found[m][LORA_A], found[m][LORA_B], experts[m])
+            return a, b, np.full((experts[m],), cfg.scale_for(m), np.float32)
+        return found[m][LORA_A].T, found[m][LORA_B].T, np.float32(cfg.scale_for(m))
+
     by_key: dict[str, dict[int | None, str]] = {}
     for mod in found:
         key, layer, _ = kernels[mod]
@@ -319,14 +364,11 @@ def _lora_tree(found: dict, kernels: dict, cfg: LoraConfig) -> tuple[dict, LoraC
             if len(layers) != n_layers or len(r_set) > 1 or len(alpha_set) > 1:
                 raise ValueError(f"the adapter gives {key!r} per-layer ranks/alphas or skips layers, which a scan_layers "
                                  "(stacked) model cannot hold; load it into a model built with scan_layers=False")
-            a = np.stack([found[m][LORA_A].T for m in mods])
-            b = np.stack([found[m][LORA_B].T for m in mods])
+            a, b, scale = (np.stack(x).astype(np.float32) for x in zip(*(ours(m) for m in mods)))
             mag = np.stack([found[m][LORA_MAGNITUDE] for m in mods]) if cfg.use_dora else None
-            scale = np.array([cfg.scale_for(m) for m in mods], np.float32)
         else:
-            a, b = found[mods[0]][LORA_A].T, found[mods[0]][LORA_B].T
+            a, b, scale = ours(mods[0])
             mag = found[mods[0]].get(LORA_MAGNITUDE)
-            scale = np.float32(cfg.scale_for(mods[0]))
         (r,), (alpha,) = r_set, alpha_set
         ranks = _pin(ranks, key, r, cfg.rank_for(key))
         alphas = _pin(alphas, key, alpha, cfg.alpha_for(key))

@@ -38,7 +38,8 @@ PEFT_DEFAULTS: dict[str, Any] = {
 
 # Keys we read into LoraConfig (or check separately).
 _HANDLED = {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "rank_pattern",
-            "alpha_pattern", "use_rslora", "init_lora_weights", "peft_type", "task_type", "fan_in_fan_out", "use_dora"}
+            "alpha_pattern", "use_rslora", "init_lora_weights", "peft_type", "task_type", "fan_in_fan_out",
+            "target_parameters", "use_dora"}  # target_parameters: LoRA on MoE expert tensors (lora_jax.models.moe)
 # Metadata, or options that only matter while initialising/training and not for the loaded weights.
 _IGNORED = {"auto_mapping", "base_model_name_or_path", "revision", "peft_version", "inference_mode",
             "megatron_core", "qalora_group_size", "loftq_config", "eva_config", "corda_config",
@@ -47,7 +48,7 @@ _IGNORED = {"auto_mapping", "base_model_name_or_path", "revision", "peft_version
 _UNSUPPORTED = {
     "bias": "trained biases (bias != 'none')", "lora_bias": "LoRA biases (lora_bias)",
     "modules_to_save": "fully trained modules (modules_to_save)", "layers_to_transform": "layers_to_transform",
-    "megatron_config": "Megatron parallel layers (megatron_config)", "target_parameters": "LoRA on parameters (target_parameters)",
+    "megatron_config": "Megatron parallel layers (megatron_config)",
     "trainable_token_indices": "trainable tokens (trainable_token_indices)", "layer_replication": "layer_replication",
     "use_qalora": "QALoRA (use_qalora)", "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
     "use_bdlora": "BD-LoRA (use_bdlora)", "arrow_config": "Arrow routing (arrow_config)", "kasa_config": "KaSA (kasa_config)",
@@ -105,7 +106,7 @@ def lora_config_from_peft(d: Mapping[str, Any], source: str = "adapter_config.js
     if init not in _OK_INITS:
         raise ValueError(f"{source} has init_lora_weights={init!r}, which rewrites the base weights; convert it to "
                          "a plain LoRA adapter with PEFT first (see PEFT's PiSSA/OLoRA conversion docs)")
-    if not d.get("target_modules"):
+    if not d.get("target_modules") and not d.get("target_parameters"):
         raise ValueError(f"{source} has no target_modules; lora_jax loads adapters of linear modules only")
     try:
         return LoraConfig.from_peft_dict(d)

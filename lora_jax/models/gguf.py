@@ -33,35 +33,14 @@ import pathlib
 
 import numpy as np
 
+from lora_jax.models.families.llama import GGUF as _LLAMA_GGUF
+
 SUPPORTED_ARCHITECTURES = ("llama",)
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-# llama.cpp block tensor name -> HF module name inside `model.layers.N`.
-_LLAMA_BLOCK = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_LLAMA_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-
-# `llama.<key>` metadata -> LlamaConfig field (transformers.integrations.ggml.GGUF_CONFIG_MAPPING).
-_LLAMA_CONFIG = {
-    "context_length": "max_position_embeddings",
-    "block_count": "num_hidden_layers",
-    "feed_forward_length": "intermediate_size",
-    "embedding_length": "hidden_size",
-    "rope.dimension_count": "head_dim",
-    "attention.head_count": "num_attention_heads",
-    "attention.head_count_kv": "num_key_value_heads",
-    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
-    "vocab_size": "vocab_size",
-}
+# llama.cpp block tensor name -> HF module name inside `model.layers.N`, top-level names, and
+# `llama.<key>` metadata -> LlamaConfig field: declared by the llama family (lora_jax.models.families).
+_LLAMA_BLOCK, _LLAMA_TOP, _LLAMA_CONFIG = (_LLAMA_GGUF["block"], _LLAMA_GGUF["top"], _LLAMA_GGUF["config"])
 _TOKEN_IDS = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id",
               "padding_token_id": "pad_token_id", "unknown_token_id": "unk_token_id"}
 
@@ -112,9 +91,9 @@ def read_gguf_config(path: str | os.PathLike):
     >>> read_gguf_config(default_model_path()).num_key_value_heads   # doctest: +SKIP
     3
     """
-    from gguf import GGUFReader
+    from lora_jax.files import open_gguf
 
-    return _config(GGUFReader(_check_path(path)))
+    return _config(open_gguf(_check_path(path)))
 
 
 def _check_path(path) -> str:
@@ -170,12 +149,13 @@ def read_gguf(path: str | os.PathLike, lazy: bool = False):
     >>> config.hidden_size, tensors["model.layers.0.self_attn.k_proj.weight"].shape  # doctest: +SKIP
     (576, (192, 576))
     """
-    from gguf import GGUFReader
     from gguf.quants import dequantize
 
     from lora_jax.models.lazy_tensors import LazyTensors
 
-    reader = GGUFReader(_check_path(path))
+    from lora_jax.files import open_gguf
+
+    reader = open_gguf(_check_path(path))
     config = _config(reader)
     heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
 

@@ -10,6 +10,8 @@
   copies only its slice; in a multi-process job each process touches only its devices' slices.
 - `shard_batch(batch, mesh)`: a host batch (the same global numpy batch on every process) ->
   global arrays split over ('data', 'fsdp') on axis `batch_axis`.
+- `to_host(tree)`: global arrays -> whole numpy arrays on every process (gathering the shards
+  other processes hold; `np.asarray` fails on an array that is not fully addressable).
 """
 
 from __future__ import annotations
@@ -142,3 +144,20 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh, batch_axis: int = 0) -> di
             )
         out[k] = jax.make_array_from_callback(v.shape, batch_sharding(mesh, v.ndim, batch_axis), lambda idx, v=v: v[idx])
     return out
+
+
+def to_host(tree: Any) -> Any:
+    """Every array of `tree` as a whole numpy array on this process (a collective in a
+    multi-process job: every process must call it; shards held elsewhere are gathered).
+
+    >>> from lora_jax.sharding import make_mesh
+    >>> mesh = make_mesh(devices=jax.devices()[:1])
+    >>> w = load_sharded({"w": np.arange(4.0)}, NamedSharding(mesh, P("fsdp")))
+    >>> to_host(w)["w"].tolist()
+    [0.0, 1.0, 2.0, 3.0]
+    """
+    if all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(tree)):
+        return jax.tree.map(np.asarray, tree)
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))

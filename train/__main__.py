@@ -1,0 +1,7 @@
+"""`python -m train ...` (in the repo) / `python -m lora_jax_train ...` (installed) = `lora-jax ...`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
