@@ -108,3 +108,14 @@ def test_errors():
     t = {"q": {"lora_a": jnp.ones((3, 2)), "lora_b": jnp.ones((2, 3)), "lora_scale": 1.0, "lora_magnitude": jnp.ones(3)}}
     with pytest.raises(ValueError, match="DoRA"):
         pe.stack_adapters([t])
+
+
+def test_dense_and_gathered_forms_equal_the_per_row_product(monkeypatch):
+    k = jax.random.split(jax.random.key(0), 3)
+    x, a, b = jax.random.normal(k[0], (5, 7, 16)), jax.random.normal(k[1], (3, 16, 4)), jax.random.normal(k[2], (3, 4, 8))
+    s, ids = jnp.array([0.5, 2.0, 1.0]), jnp.array([0, 2, -1, 1, 2])
+    ref = np.stack([np.zeros((7, 8)) if i < 0 else np.asarray(x[r]) @ np.asarray(a[i]) @ np.asarray(b[i]) * float(s[i])
+                    for r, i in enumerate(ids.tolist())])
+    np.testing.assert_allclose(pe._bank_delta(x, a, b, s, ids), ref, atol=1e-4)
+    monkeypatch.setattr(pe, "DENSE_MAX", 0)
+    np.testing.assert_allclose(pe._bank_delta(x, a, b, s, ids), ref, atol=1e-4)

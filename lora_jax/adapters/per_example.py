@@ -14,8 +14,9 @@ behind the stacked layer axes (so `nn.scan` slices layers, not adapters):
                 'lora_bank_scale': [*stack, N]}}
 
 and `apply(model.apply, adapter_ids)` runs the model with, in every adapted Dense, row b adding
-x_b · A[id_b] · B[id_b] · s[id_b] — one gathered low-rank product for the whole batch (no pass per
-adapter); id -1 = `"__base__"` adds nothing (PEFT's `adapter_names=` in `forward`/`generate`).
+x_b · A[id_b] · B[id_b] · s[id_b] for the whole batch at once (no pass per adapter): for small banks
+(N·R <= 512) as x @ [A_1..A_N] masked to each row's block @ [B_1;..;B_N] (two big matmuls), else as
+per-row gathered A, B (batched matmuls); id -1 = `"__base__"` adds nothing (PEFT's `adapter_names=`).
 
 Training: `make_multi_train_step(model, tx)` differentiates the bank. The loss is the SUM over
 adapters of each adapter's mean token loss over its own rows, so adapter k's gradient is exactly
@@ -145,14 +146,30 @@ def attach(frozen: Any, bank: Any) -> dict:
     return out
 
 
+DENSE_MAX = 512  # N·R up to which the masked one-matmul form is used (else per-row gathers)
+
+
 def _bank_delta(x: jax.Array, a: jax.Array, b: jax.Array, s: jax.Array, ids: jax.Array) -> jax.Array:
-    """Row b of x [B, ..., in] times A[id_b] B[id_b] s[id_b]; id -1 adds zero."""
+    """Row b of x [B, ..., in] times A[id_b] B[id_b] s[id_b]; id -1 adds zero.
+
+    Small banks (N·R <= DENSE_MAX): two plain matmuls over all adapters' factors side by side,
+    x @ [A_1 .. A_N] -> [tokens, N·R], masked to each row's own block (and scaled), @ [B_1; ..; B_N]:
+    large, well-shaped matmuls, and a masked block gets no gradient. Larger banks: per-row gathered
+    A[id_b], B[id_b] and batched matmuls (N-independent FLOPs). Both equal the per-row product.
+    """
     if x.shape[0] != ids.shape[0]:
         raise ValueError(f"per-example adapters: the layer input has {x.shape[0]} rows but adapter_ids has {ids.shape[0]}; "
                          "give one adapter id per batch row")
-    idx = jnp.clip(ids, 0, a.shape[0] - 1)
+    n, d_in, r = a.shape
+    x3 = x.reshape(x.shape[0], -1, d_in)
+    if n * r <= DENSE_MAX:
+        pick = (ids[:, None] == jnp.arange(n)[None, :]).astype(jnp.float32) * s[None, :].astype(jnp.float32)  # [B, N]
+        a_all = jnp.moveaxis(a, 0, 1).reshape(d_in, n * r).astype(x.dtype)
+        h = (x3 @ a_all).reshape(x3.shape[:2] + (n, r)) * pick.astype(x.dtype)[:, None, :, None]
+        out = h.reshape(x3.shape[:2] + (n * r,)) @ b.reshape(n * r, -1).astype(x.dtype)
+        return out.reshape(x.shape[:-1] + (b.shape[-1],))
+    idx = jnp.clip(ids, 0, n - 1)
     scale = jnp.where(ids >= 0, s[idx], 0.0).astype(x.dtype)
-    x3 = x.reshape(x.shape[0], -1, x.shape[-1])
     h = jnp.einsum("bti,bir->btr", x3, a[idx].astype(x.dtype))
     out = jnp.einsum("btr,bro->bto", h, b[idx].astype(x.dtype)) * scale[:, None, None]
     return out.reshape(x.shape[:-1] + (b.shape[-1],))
