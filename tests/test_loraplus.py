@@ -63,3 +63,23 @@ def test_recipe_fields():
     assert r.optim.loraplus_lr_ratio == 16.0 and r.lora.to_lora_config().use_dora
     with pytest.raises(ValueError, match="optim.loraplus_lr_ratio must be > 0"):
         load_recipe("recipes/smollm2_default.yaml", ["optim.loraplus_lr_ratio=0"])
+
+
+def test_train_program_with_loraplus_and_dora_exports_a_peft_dora_adapter(tmp_path, capsys):
+    """`lora-jax train ... optim.loraplus_lr_ratio=16 lora.use_dora=true`: runs, and PEFT loads the DoRA adapter."""
+    import json
+
+    from test_train_cli import args, run_cli
+    from train.testing import make_tiny_model
+
+    tiny = make_tiny_model(str(tmp_path / "tiny"))
+    out = tmp_path / "run"
+    rc, _, err = run_cli(args(tiny, out, "max_steps=2", "optim.lr=5e-2", "optim.loraplus_lr_ratio=16", "lora.use_dora=true",
+                              "data.max_eval_examples=4", "max_new_tokens=0"), capsys)
+    assert rc == 0, err
+    cfg = json.load(open(out / "adapter" / "adapter_config.json"))
+    assert cfg["use_dora"] is True
+    from safetensors import safe_open
+
+    with safe_open(str(out / "adapter" / "adapter_model.safetensors"), "numpy") as f:
+        assert any(k.endswith("lora_magnitude_vector") for k in f.keys())
