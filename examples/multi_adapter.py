@@ -38,15 +38,22 @@ def read(task: str, split: str) -> list[dict]:
 
 def encode(tok, prompt: str, response: str | None, seq: int) -> tuple[np.ndarray, np.ndarray, int]:
     """(ids [seq], labels [seq] with -100 on the prompt and padding, prompt length)."""
-    text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    if getattr(tok, "chat_template", None):
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    else:  # a tokenizer without a chat template (the tiny test model): the train program's plain format
+        text = f"<human>: {prompt}\n<assistant>:"
     p = tok(text, add_special_tokens=False)["input_ids"]
-    r = tok(response + "<|im_end|>", add_special_tokens=False)["input_ids"] if response is not None else []
+    r = tok(response, add_special_tokens=False)["input_ids"] + [_stop(tok)] if response is not None else []
     ids = (p + r)[:seq]
     out = np.full(seq, tok.pad_token_id or 0, np.int32)
     labels = np.full(seq, -100, np.int32)
     out[: len(ids)] = ids
     labels[len(p): len(ids)] = ids[len(p):]
-    return out, labels, len(p)
+    return out, labels, min(len(p), seq)
+
+
+def _stop(tok) -> int:
+    return tok.convert_tokens_to_ids("<|im_end|>") if getattr(tok, "chat_template", None) else tok.eos_token_id
 
 
 def greedy(forward, frozen, bank, ids: np.ndarray, lengths: np.ndarray, adapter_ids, max_new: int, stop: int) -> list[list[int]]:
@@ -72,10 +79,18 @@ def greedy(forward, frozen, bank, ids: np.ndarray, lengths: np.ndarray, adapter_
     return out
 
 
-def main(steps: int = 60, batch: int = 8, seq: int = 96, lr: float = 1e-3, n_eval: int = 16, seed: int = 0) -> dict:
-    path = default_model_path()
+def main(steps: int = 60, batch: int = 8, seq: int = 96, lr: float = 1e-3, n_eval: int = 16, seed: int = 0,
+         model_path: str | None = None) -> dict:
+    """Train, serve, print; returns {"scores": {task: exact match}, "losses": last per-adapter losses}.
+    model_path: an HF model directory instead of the shipped SmolLM2 GGUF (the smoke test uses a tiny one)."""
+    path = model_path or default_model_path()
     model, frozen, _ = lora_jax.from_pretrained(path, scan_layers=True)
-    tok = load_tokenizer(path)
+    if model_path is None:
+        tok = load_tokenizer(path)
+    else:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_path)
     cfg = lora_jax.LoraConfig(r=8, alpha=16, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
     model = model.clone(lora=cfg)
     trees = [lora_jax.split(lora_jax.inject(frozen, cfg, jax.random.key(seed + i)))[0] for i in range(len(TASKS))]
@@ -103,7 +118,7 @@ def main(steps: int = 60, batch: int = 8, seq: int = 96, lr: float = 1e-3, n_eva
     ids = np.stack([e[0] for e in enc])
     lengths = np.array([e[2] for e in enc])
     aids = pe.adapter_ids([t for t, _ in rows], list(TASKS))
-    stop = tok.convert_tokens_to_ids("<|im_end|>")
+    stop = _stop(tok)
     answers = greedy(pe.forward(model), frozen, state["bank"], ids, lengths, aids, max_new=40, stop=stop)
     scores = {}
     for t in TASKS:
