@@ -91,3 +91,27 @@ def test_dora_magnitude_spec_follows_the_kernel_output_axes():
     o = specs["model"]["layers"]["self_attn"]["o_proj"]
     assert q["lora_magnitude"] == P(None, q["kernel"][2]) and o["lora_magnitude"] == P(None, o["kernel"][2])
     assert q["kernel"][2] is not None or o["kernel"][2] is not None  # at least one output axis is sharded
+
+
+def test_dora_dropout_follows_peft_base_term_on_dropped_input():
+    """PEFT (DoraLinearVariant.forward, training with dropout): y = xW + b + (f-1)·(x_d W) + f·s·x_d A B.
+    x_d is recovered from the same rng with an identity adapter (the dropout mask depends only on rng and shape)."""
+    from lora_jax.layers import Dense
+
+    d = 8
+    cfg = lora_jax.LoraConfig(r=d, alpha=d, dropout=0.5, target_modules=["q"], use_dora=True)
+    layer = Dense(d, name="q", lora=cfg)
+    x = jax.random.normal(jax.random.key(0), (3, d))
+    k = jax.random.split(jax.random.key(1), 4)
+    w, bias = jax.random.normal(k[0], (d, d)), jax.random.normal(k[1], (d,))
+    a, b = 0.3 * jax.random.normal(k[2], (d, d)), 0.3 * jax.random.normal(k[3], (d, d))
+    m = jnp.linalg.norm(w + a @ b, axis=0) * jnp.linspace(0.5, 1.5, d)
+    rngs = {"dropout": jax.random.key(7)}
+    p = {"kernel": w, "bias": bias, "lora_a": a, "lora_b": b, "lora_scale": jnp.float32(1.0), "lora_magnitude": m}
+    y = layer.apply({"params": p}, x, rngs=rngs)
+    eye = {"kernel": jnp.zeros((d, d)), "lora_a": jnp.eye(d), "lora_b": jnp.eye(d), "lora_scale": jnp.float32(1.0)}
+    x_d = Dense(d, use_bias=False, name="q", lora=cfg).apply({"params": eye}, x, rngs=rngs)
+    assert 0 < int((x_d == 0).sum()) < x_d.size  # some inputs dropped
+    f = m / jnp.linalg.norm(w + a @ b, axis=0)
+    expected = x @ w + bias + (f - 1) * (x_d @ w) + f * (x_d @ a @ b)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
