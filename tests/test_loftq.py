@@ -37,7 +37,8 @@ def test_loftq_matches_peft_loop_with_bitsandbytes(num_iter):
 def test_loftq_tree_stacked_equals_per_layer_and_errors():
     w = jax.random.normal(jax.random.key(0), (2, 64, 32))
     cfg = lora_jax.LoraConfig(r=2, alpha=2, target_modules=["q"])
-    stacked = loftq_init({"layers": {"q": {"kernel": w}}}, cfg, jax.random.key(1), num_iter=2)["layers"]["q"]
+    stacked = loftq_init({"layers": {"q": {"kernel": w}}}, cfg, jax.random.key(1), num_iter=2,
+                         layouts={"layers.q": lora_jax.KernelLayout(stack=1, n_in=1)})["layers"]["q"]
     for i in range(2):
         q, a, b = loftq_one(np.asarray(w[i]).T, 2, 2)
         np.testing.assert_array_equal(np.asarray(dequantize(stacked["kernel"]))[i], np.asarray(dequantize(q)))

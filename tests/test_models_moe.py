@@ -16,6 +16,7 @@ from conftest import TINY_CONFIGS, VOCAB
 from lora_jax.generation import generate
 from lora_jax.interop import load_peft_adapter, save_peft_adapter
 from lora_jax.models import from_pretrained, to_hf_state_dict
+from lora_jax.models import moe
 from lora_jax.models.moe import experts_forward
 from test_models_llama import torch_logits
 from test_peft_export import hf_base, hf_logits, our_logits, randomize_lora
@@ -105,6 +106,7 @@ def test_peft_target_parameters_both_ways(tiny_checkpoint, tmp_path):
     adapted = randomize_lora(lora_jax.inject(params, lcfg, jax.random.key(0)), seed=2)
     assert adapted["model"]["layers"]["mlp"]["experts"]["down_proj"]["lora_a"].shape == (2, 4, 16, 3)
     ours = our_logits(model.clone(lora=lcfg), adapted)
+    np.testing.assert_allclose(our_logits(model, lora_jax.merge(adapted)), ours, atol=1e-4, rtol=0)  # per-expert merge
     save_peft_adapter(adapted, lcfg, tmp_path / "ours", model_config=model.cfg)
     back = peft.PeftModel.from_pretrained(hf_base(path), tmp_path / "ours").eval()
     np.testing.assert_allclose(hf_logits(back), ours, atol=1e-4, rtol=0)
@@ -122,8 +124,11 @@ def test_greedy_generation_matches_transformers(tiny_checkpoint):
     np.testing.assert_array_equal(generate(model, params, ids, mask, max_new_tokens=5)[:, 6:], out[:, 6:].numpy())
 
 
-def test_grouped_experts_equal_a_dense_loop_with_gradients():
-    """ragged_dot experts (+ per-expert LoRA) == a per-token loop over its top-k experts, values and grads."""
+@pytest.mark.parametrize("impl", ["ragged", "tiled"])
+def test_grouped_experts_equal_a_dense_loop_with_gradients(impl, monkeypatch):
+    """Grouped experts (+ per-expert LoRA) == a per-token loop over its top-k experts, values and grads,
+    with jax.lax.ragged_dot and with the CPU tiled form."""
+    monkeypatch.setattr(moe, "GROUPED", impl)
     rng = np.random.default_rng(0)
     n, k, e, d, f, r = 6, 2, 4, 8, 5, 2
     x = jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
@@ -145,7 +150,7 @@ def test_grouped_experts_equal_a_dense_loop_with_gradients():
             out.append(acc)
         return jnp.stack(out)
 
-    grouped = lambda x, gu, dn: experts_forward(x, top_w, top_i, gu, dn, "silu")  # noqa: E731
+    grouped = jax.jit(lambda x, gu, dn: experts_forward(x, top_w, top_i, gu, dn, "silu"))  # traced under the patch
     np.testing.assert_allclose(grouped(x, gu, dn), dense(x, gu, dn), atol=1e-5)
     loss = lambda fn: lambda *a: jnp.sum(fn(*a) ** 2)  # noqa: E731
     g1, g2 = jax.grad(loss(grouped), argnums=(0, 1, 2))(x, gu, dn), jax.grad(loss(dense), argnums=(0, 1, 2))(x, gu, dn)

@@ -55,7 +55,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lora-jax export", description=__doc__.split("\n")[0])
-    p.add_argument("--base", required=True, help="base model: Hugging Face checkpoint directory or .gguf file")
+    p.add_argument("--base", required=True, help="base model: Hugging Face checkpoint directory, .gguf file or 'default' (the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", required=True, help="PEFT adapter directory or training output directory")
     p.add_argument("--format", required=True, choices=("peft", "merged"), help="what to write")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
@@ -79,8 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
         raise UserError(f"{args.out} exists and is not empty; pass --overwrite or choose another --out")
     from lora_jax.models import from_pretrained
+    from lora_jax.models.gguf import resolve_model_path
     from lora_jax.models.loading import check_checkpoint
 
+    args.base = resolve_model_path(args.base)  # 'default' = the embedded SmolLM2 GGUF, as the training program takes it
     check_checkpoint(args.base)
     adapter_dir, described = resolve_adapter(args.adapter)
     model, params, hf_config = from_pretrained(args.base)

@@ -24,10 +24,25 @@ import numpy as np
 
 
 def initialize(section=None) -> bool:
-    """Join the multi-process job the recipe / environment describe; False for a single process."""
+    """Join the multi-process job the recipe / environment describe; False for a single process.
+
+    A coordinator given explicitly with one process makes a 1-process `jax.distributed` job: its
+    cross-device sums then run through the same CPU collectives (gloo) as a multi-process job's,
+    so it reproduces an N-process run bit for bit (plain single-process XLA sums in another order).
+    """
+    import os
+
     from lora_jax.sharding import initialize_distributed
 
     s = section
+    addr = getattr(s, "coordinator_address", None) or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    n = getattr(s, "num_processes", None) or os.environ.get("JAX_NUM_PROCESSES")
+    if addr and n is not None and int(n) == 1:
+        import jax
+
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(addr, 1, 0)
+        return True
     return initialize_distributed(getattr(s, "coordinator_address", None), getattr(s, "num_processes", None),
                                   getattr(s, "process_id", None))
 

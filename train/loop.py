@@ -200,6 +200,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> int
     ckpt_dir = os.path.abspath(os.path.join(out, "checkpoints"))
     before = None
     resumed = False
+    hosts.barrier("inputs checked")  # every process has judged output_dir before process 0 writes to it
     if changes is not None:
         ckpt = training.Checkpointer(ckpt_dir, max_to_keep=recipe.save_total_limit)
         if ckpt.latest_step() is None:

@@ -15,7 +15,10 @@ The scale PEFT applies is alpha/r (or alpha/sqrt(r)) looked up for the HF module
 adapter's own `lora_scale` leaf (one per layer in a stack). Export therefore checks, module by
 module, that the written config gives PEFT the rank in the file and the alpha that reproduces our
 scale, pinning exact-name rank/alpha patterns where the user's patterns alone would not; import
-does the reverse (scales from the config) and refuses per-layer ranks a stack cannot hold.
+does the reverse (scales from the config). A stack whose layers differ in rank or skip layers
+(`lora_rank` leaf) is written layer by layer with each layer's true rank, skipped layers left out
+(the config's `layers_to_transform` / `exclude_modules` say so to PEFT); importing such an adapter
+into a stacked model pads A/B to the largest rank and adds the `lora_rank` leaf back.
 Every tensor in an adapter file must land somewhere, and every module the config targets must have
 weights: anything else is a one-line ValueError, never silently skipped.
 """
@@ -37,12 +40,13 @@ from lora_jax.interop.param_targets import from_peft, to_peft, wrapper_names
 from lora_jax.interop.peft_config import lora_config_from_peft, peft_config_dict
 from lora_jax.models.build import build_model, param_shapes
 from lora_jax.models.config import ModelConfig
+from lora_jax.models.gguf import base_model_name
 from lora_jax.models.naming import CONV1D_MODULES, LAYER_CONTAINERS, hf_module_name, is_conv1d
 from lora_jax.models import families
-from lora_jax.targeting import OUTPUT_LAYER_NAMES, is_parameter_key, is_target, module_key
+from lora_jax.targeting import OUTPUT_LAYER_NAMES, is_parameter_key, is_target, module_key, resolve_targets
 from lora_jax.transform import combine, has_lora
+from lora_jax.tree import KERNEL, LORA_A, LORA_B, LORA_MAGNITUDE, LORA_RANK, LORA_SCALE, iter_leaves
 from lora_jax.variants.inits import rewrites_base
-from lora_jax.tree import KERNEL, LORA_A, LORA_B, LORA_MAGNITUDE, LORA_SCALE, iter_leaves
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -117,12 +121,13 @@ def save_peft_adapter(params: Any, lora_config: LoraConfig, out_dir: str, *, mod
         raise ValueError(f"an init={lora_config.init!r} adapter applies to the rewritten (residual) base, not the original; "
                          "convert it first: lora_jax.variants.convert_to_lora(params, initial_lora, lora_config)")
     cfg = _model_config(model_config, hf_config)
+    lora_config = resolve_targets(lora_config, cfg.model_type)
     if base_model_name_or_path is None and hf_config is not None:
         base_model_name_or_path = getattr(hf_config, "name_or_path", None) or None
     base = kernel_modules(param_shapes(build_model(cfg)))
     leaves: dict[str, dict[str, np.ndarray]] = {}
     for path, leaf in iter_leaves(params):
-        if path[-1] in (LORA_A, LORA_B, LORA_SCALE, LORA_MAGNITUDE):
+        if path[-1] in (LORA_A, LORA_B, LORA_SCALE, LORA_RANK, LORA_MAGNITUDE):
             leaves.setdefault(module_key(path), {})[path[-1]] = np.asarray(leaf, np.float32)
     if not leaves:
         raise ValueError("params hold no LoRA leaves (lora_a/lora_b); inject or load an adapter first")
@@ -133,14 +138,21 @@ def save_peft_adapter(params: Any, lora_config: LoraConfig, out_dir: str, *, mod
     for key, ab in sorted(leaves.items()):
         if not {LORA_A, LORA_B} <= set(ab):
             raise ValueError(f"module {key!r} has only {sorted(ab)}; an adapter needs both lora_a and lora_b")
-        a, b, scale, mag = ab[LORA_A], ab[LORA_B], ab.get(LORA_SCALE), ab.get(LORA_MAGNITUDE)
+        a, b, scale, rank = ab[LORA_A], ab[LORA_B], ab.get(LORA_SCALE), ab.get(LORA_RANK)
+        mag = ab.get(LORA_MAGNITUDE)
         if (mag is not None) != lora_config.use_dora:
             raise ValueError(f"module {key!r} {'has' if mag is not None else 'has no'} DoRA magnitude but lora_config.use_dora="
                              f"{lora_config.use_dora}; pass the LoraConfig the adapters were created with")
         stacked = is_stacked_key(key)
+        if rank is not None and not stacked:
+            raise ValueError(f"module {key!r} has per-layer ranks (lora_rank) but is not a stacked layer module of the model")
         layers = range(a.shape[0]) if stacked else [None]
         for i in layers:
             a_i, b_i = (a[i], b[i]) if stacked else (a, b)
+            if rank is not None:  # padded stack: the layer's true rank; rank 0 = layer not adapted
+                if int(rank[i]) == 0:
+                    continue
+                a_i, b_i = a_i[..., : int(rank[i])], b_i[..., : int(rank[i]), :]
             name = hf_module_name(key, i)
             if name not in base:
                 raise ValueError(f"params have an adapter at {name!r}, which the {cfg.model_type} model has no linear layer for; wrong model_config?")
@@ -148,7 +160,7 @@ def save_peft_adapter(params: Any, lora_config: LoraConfig, out_dir: str, *, mod
             if a_i.shape[-2] != need[0] or b_i.shape[-1] != need[1] or a_i.shape[-1] != b_i.shape[-2]:
                 raise ValueError(f"adapter at {name!r} has A {a_i.shape} and B {b_i.shape} but the model's kernel is {need}; wrong model_config?")
             r = a_i.shape[-1]
-            alpha = lora_config.alpha_for(key)
+            alpha = lora_config.alpha_for(name)
             if scale is not None:
                 s_i = np.unique(np.asarray(scale[i] if stacked else scale).reshape(-1))
                 if s_i.size != 1:  # per-expert scales: PEFT's ParamWrapper has one scaling for all experts
@@ -182,9 +194,14 @@ def save_peft_adapter(params: Any, lora_config: LoraConfig, out_dir: str, *, mod
         what = f"targets {sorted(extra)[0]!r}, which has no adapter in params" if extra else f"does not target {sorted(missing)[0]!r}, which has an adapter in params"
         raise ValueError(f"lora_config {what}; pass the LoraConfig the adapters were created with")
     conv1d = any(is_conv1d(n, cfg) for n in names)
-    config = peft_config_dict(written, fan_in_fan_out=conv1d, base_model_name_or_path=base_model_name_or_path)
+    base_name, gguf_file = base_model_name(base_model_name_or_path)
+    config = peft_config_dict(written, fan_in_fan_out=conv1d, base_model_name_or_path=base_name)
     with atomic_dir(out_dir, overwrite) as tmp:
         save_safetensors(tensors, os.path.join(tmp, WEIGHTS_FILE))
+        if gguf_file is not None:  # PEFT's model card (README.md) names the base and notes the GGUF file
+            with open(os.path.join(tmp, "README.md"), "w") as f:
+                f.write(f"---\nbase_model: {base_name}\nlibrary_name: peft\n---\n\nLoRA adapter trained with lora_jax on "
+                        f"the GGUF file `{gguf_file}` (converted from `{base_name}`; load the adapter onto `{base_name}`).\n")
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             json.dump(config, f, indent=2)
             f.write("\n")
@@ -332,6 +349,9 @@ def _expert_wrappers(kernels: dict, cfg: LoraConfig) -> dict[str, str]:
     """PEFT module names of the ParamWrappers `cfg.target_parameters` creates -> our expert-tensor names."""
     targeted = [n for n in kernels if is_parameter_key(n) and is_target(cfg, n)]
     if not targeted:
+        if cfg.target_parameters:  # as PEFT: "target_parameters were set but no parameter was matched"
+            raise ValueError(f"adapter_config.json target_parameters={list(cfg.target_parameters)} match no parameter of "
+                             "this model (no MoE expert tensors of that name); the adapter was trained for another architecture")
         return {}
     declared = next((f.peft_parameters[1] for f in families.families()
                      if f.peft_parameters and f.is_parameter_module(targeted[0])), None)
@@ -359,25 +379,42 @@ def _lora_tree(found: dict, kernels: dict, cfg: LoraConfig, experts: dict[str, i
     for key, layers in sorted(by_key.items()):
         mods = [layers[i] for i in sorted(layers, key=lambda i: -1 if i is None else i)]
         r_set, alpha_set = {cfg.rank_for(m) for m in mods}, {cfg.alpha_for(m) for m in mods}
+        extra: dict[str, np.ndarray] = {}
         if None not in layers:
             n_layers = sum(1 for k in kernels.values() if k[0] == key)
-            if len(layers) != n_layers or len(r_set) > 1 or len(alpha_set) > 1:
-                raise ValueError(f"the adapter gives {key!r} per-layer ranks/alphas or skips layers, which a scan_layers "
-                                 "(stacked) model cannot hold; load it into a model built with scan_layers=False")
-            a, b, scale = (np.stack(x).astype(np.float32) for x in zip(*(ours(m) for m in mods)))
-            mag = np.stack([found[m][LORA_MAGNITUDE] for m in mods]) if cfg.use_dora else None
+            ranks_i = [cfg.rank_for(layers[i]) if i in layers else 0 for i in range(n_layers)]
+            per = {i: ours(m) for i, m in layers.items()}
+            if cfg.use_dora and (len(set(ranks_i)) != 1):
+                raise ValueError(f"the DoRA adapter gives {key!r} per-layer ranks or skips layers, which a scan_layers model "
+                                 "cannot hold with DoRA; load it into a model built with scan_layers=False")
+            mag = np.stack([found[layers[i]][LORA_MAGNITUDE] for i in range(n_layers)]) if cfg.use_dora else None
+            if len(set(ranks_i)) == 1:  # every layer, one rank (per-layer alphas live in the scale vector)
+                a, b, scale = (np.stack(x).astype(np.float32) for x in zip(*(per[i] for i in range(n_layers))))
+            else:  # per-layer ranks or skipped layers: pad to the largest rank, record each layer's (lora_rank)
+                if any(m in experts for m in mods):
+                    raise ValueError(f"the adapter gives the expert tensors {key!r} per-layer ranks or skips layers, which a "
+                                     "scan_layers model cannot hold; load it into a model built with scan_layers=False")
+                r_max, (a0, b0, _) = max(ranks_i), per[min(per)]
+                a = np.zeros((n_layers, a0.shape[0], r_max), np.float32)
+                b = np.zeros((n_layers, r_max, b0.shape[1]), np.float32)
+                scale = np.zeros((n_layers,), np.float32)
+                for i, (a_i, b_i, s_i) in per.items():
+                    a[i, :, : ranks_i[i]], b[i, : ranks_i[i]], scale[i] = a_i, b_i, s_i
+                extra[LORA_RANK] = np.asarray(ranks_i, np.int32)
         else:
             a, b, scale = ours(mods[0])
             mag = found[mods[0]].get(LORA_MAGNITUDE)
-        (r,), (alpha,) = r_set, alpha_set
-        ranks = _pin(ranks, key, r, cfg.rank_for(key))
-        alphas = _pin(alphas, key, alpha, cfg.alpha_for(key))
+        if len(r_set) == 1 and len(alpha_set) == 1:
+            (r,), (alpha,) = r_set, alpha_set
+            ranks = _pin(ranks, key, r, cfg.rank_for(key))
+            alphas = _pin(alphas, key, alpha, cfg.alpha_for(key))
         node = tree
         for part in key.split("."):
             node = node.setdefault(part, {})
         node[LORA_A] = jnp.asarray(np.ascontiguousarray(a), cfg.jnp_dtype)
         node[LORA_B] = jnp.asarray(np.ascontiguousarray(b), cfg.jnp_dtype)
         node[LORA_SCALE] = jnp.asarray(scale, jnp.float32)
+        node.update({k: jnp.asarray(v) for k, v in extra.items()})
         if mag is not None:
             node[LORA_MAGNITUDE] = jnp.asarray(mag, cfg.jnp_dtype)
     return tree, dataclasses.replace(cfg, rank_pattern=ranks, alpha_pattern=alphas)

@@ -10,7 +10,7 @@ features we do not implement and our config's values for the rest:
 
 Read: the LoRA options above map onto `LoraConfig`; metadata keys are ignored; any feature that
 changes the model's output and that we do not implement (LoRA biases, modules_to_save,
-layers_to_transform, PiSSA-style inits that rewrite the base weights, ...) is refused with a
+PiSSA-style inits that rewrite the base weights, ...) is refused with a
 one-line ValueError naming it, as is any unknown key with a non-empty value.
 """
 
@@ -39,15 +39,16 @@ PEFT_DEFAULTS: dict[str, Any] = {
 # Keys we read into LoraConfig (or check separately).
 _HANDLED = {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "rank_pattern",
             "alpha_pattern", "use_rslora", "init_lora_weights", "peft_type", "task_type", "fan_in_fan_out",
-            "target_parameters", "use_dora"}  # target_parameters: LoRA on MoE expert tensors (lora_jax.models.moe)
+            "layers_to_transform", "layers_pattern", "use_dora",
+            "target_parameters"}  # LoRA on MoE expert tensors (lora_jax.models.moe)
 # Metadata, or options that only matter while initialising/training and not for the loaded weights.
 _IGNORED = {"auto_mapping", "base_model_name_or_path", "revision", "peft_version", "inference_mode",
             "megatron_core", "qalora_group_size", "loftq_config", "eva_config", "corda_config",
-            "lora_ga_config", "ensure_weight_tying", "layers_pattern"}
+            "lora_ga_config", "ensure_weight_tying"}
 # Features that change the adapted model and that lora_jax does not implement: value must be "off".
 _UNSUPPORTED = {
     "bias": "trained biases (bias != 'none')", "lora_bias": "LoRA biases (lora_bias)",
-    "modules_to_save": "fully trained modules (modules_to_save)", "layers_to_transform": "layers_to_transform",
+    "modules_to_save": "fully trained modules (modules_to_save)",
     "megatron_config": "Megatron parallel layers (megatron_config)",
     "trainable_token_indices": "trainable tokens (trainable_token_indices)", "layer_replication": "layer_replication",
     "use_qalora": "QALoRA (use_qalora)", "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",

@@ -127,7 +127,7 @@ def softcap(x: jax.Array, cap: float | None) -> jax.Array:
     """cap · tanh(x / cap) (identity for cap None), as transformers soft-caps Gemma's logits.
 
     >>> round(float(softcap(jnp.array(100.0), 30.0)), 3)
-    29.959
+    29.924
     """
     return x if cap is None else jnp.tanh(x / cap) * cap
 

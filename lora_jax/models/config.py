@@ -73,6 +73,7 @@ class ModelConfig:
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True
+    eos_token_id: int | tuple[int, ...] | None = None  # the checkpoint's EOS: lora_jax.generate's default
 
     def __post_init__(self):
         if self.model_type not in supported_model_types():
@@ -126,7 +127,8 @@ class ModelConfig:
         model_type = getattr(hf_config, "model_type", None)
         if model_type not in supported_model_types():
             raise ValueError(unsupported_message(model_type, getattr(hf_config, "architectures", None)))
-        return for_model_type(model_type).config_from_hf(hf_config)
+        cfg = for_model_type(model_type).config_from_hf(hf_config)
+        return dataclasses.replace(cfg, eos_token_id=_eos(getattr(hf_config, "eos_token_id", None)))
 
 
 def read_rope(g) -> tuple[float, tuple[tuple[str, Any], ...] | None]:
@@ -168,6 +170,13 @@ def __getattr__(name: str) -> Any:  # SUPPORTED_ARCHITECTURES is read from the r
     if name == "SUPPORTED_ARCHITECTURES":
         return supported_model_types()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _eos(value: Any) -> int | tuple[int, ...] | None:
+    """An HF config's eos_token_id (an id or a list), hashable."""
+    if value is None or isinstance(value, int):
+        return value
+    return tuple(int(v) for v in value)
 
 
 def unsupported_message(model_type: Any, architectures: Any = None) -> str:

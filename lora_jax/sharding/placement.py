@@ -27,7 +27,7 @@ from lora_jax.config import LoraConfig
 from lora_jax.sharding.mesh import BATCH_AXES
 from lora_jax.targeting import KernelLayout
 from lora_jax.transform import inject, split
-from lora_jax.tree import LORA_A, LORA_SCALE
+from lora_jax.tree import CONSTANT_LEAVES, LORA_A
 
 
 def init_sharded(init_fn: Callable[..., Any], shardings: Any, *args: Any) -> Any:
@@ -70,18 +70,21 @@ def inject_sharded(
         return jax.jit(lambda key, fr: split(inject(fr, config, key, layouts=layouts))[0],
                        out_shardings=_with_scale_shardings(shardings))(rng, frozen)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen)
-    return jax.jit(lambda key: split(inject(abstract, config, key, layouts=layouts))[0],
-                   out_shardings=_with_scale_shardings(shardings))(rng)
+    make = lambda key: split(inject(abstract, config, key, layouts=layouts))[0]  # noqa: E731
+    return jax.jit(make, out_shardings=_with_constant_shardings(shardings, jax.eval_shape(make, rng)))(rng)
 
 
-def _with_scale_shardings(shardings: Any) -> Any:
-    """Shardings for the adapters' `lora_scale` leaves where the caller gave only A/B's: replicated."""
-    if not isinstance(shardings, Mapping):
+def _with_constant_shardings(shardings: Any, out: Any) -> Any:
+    """Shardings for the adapters' constant leaves (`lora_scale`, `lora_rank`) in `out` where the
+    caller gave only A/B's: replicated."""
+    if not isinstance(shardings, Mapping) or not isinstance(out, Mapping):
         return shardings
-    out = {k: _with_scale_shardings(v) for k, v in shardings.items()}
-    if LORA_A in out and LORA_SCALE not in out and isinstance(out[LORA_A], NamedSharding):
-        out[LORA_SCALE] = NamedSharding(out[LORA_A].mesh, P())
-    return out
+    full = {k: _with_constant_shardings(shardings[k], out.get(k)) for k in shardings}
+    if isinstance(full.get(LORA_A), NamedSharding):
+        for leaf in CONSTANT_LEAVES:
+            if leaf in out and leaf not in full:
+                full[leaf] = NamedSharding(full[LORA_A].mesh, P())
+    return full
 
 
 def load_sharded(host_arrays: Any, shardings: Any, dtypes: Any = None) -> Any:

@@ -46,7 +46,7 @@ from jax.sharding import PartitionSpec as P
 
 from lora_jax.quant.kernel import is_quantized, partition_specs
 from lora_jax.targeting import KernelLayout, resolve_layout
-from lora_jax.tree import ADAPTER_LEAVES, KERNEL, LORA_A, LORA_MAGNITUDE, LORA_SCALE, get, iter_leaves, put
+from lora_jax.tree import ADAPTER_LEAVES, CONSTANT_LEAVES, KERNEL, LORA_A, LORA_MAGNITUDE, LORA_SCALE, get, iter_leaves, put  # noqa: F401
 
 Rules = Sequence[tuple[str, P]]
 
@@ -158,10 +158,9 @@ def param_specs(
     from their kernel's (module docstring); `layouts` as for `lora_jax.inject`.
 
     >>> import jax.numpy as jnp
-    >>> p = {"layers": {"q_proj": {"kernel": jnp.zeros((2, 8, 16)), "lora_a": jnp.zeros((2, 8, 4)),
-    ...                            "lora_b": jnp.zeros((2, 4, 16))}}}
-    >>> specs = param_specs(p, default_rules("llama"))
-    >>> specs["layers"]["q_proj"]["lora_a"], specs["layers"]["q_proj"]["lora_b"]
+    >>> q = {"q_proj": {"kernel": jnp.zeros((2, 8, 16)), "lora_a": jnp.zeros((2, 8, 4)), "lora_b": jnp.zeros((2, 4, 16))}}
+    >>> specs = param_specs({"model": {"layers": {"self_attn": q}}}, default_rules("llama"))
+    >>> specs["model"]["layers"]["self_attn"]["q_proj"]["lora_a"], specs["model"]["layers"]["self_attn"]["q_proj"]["lora_b"]
     (P(None, 'fsdp', None), P(None, None, 'tensor'))
     """
     out: dict = {}
@@ -192,7 +191,7 @@ def param_specs(
     for path, leaf in leaves:
         if path[-1] not in ADAPTER_LEAVES:
             continue
-        if path[-1] == LORA_SCALE:
+        if path[-1] in CONSTANT_LEAVES:  # lora_scale / lora_rank: tiny, replicated
             put(out, path, P())
             continue
         name, shape = ".".join(path), tuple(leaf.shape)

@@ -29,6 +29,7 @@ quantized kernels are refused for both inits here.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any
 
@@ -36,7 +37,8 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.config import LoraConfig
-from lora_jax.tree import KERNEL, LORA_A, LORA_B, LORA_MAGNITUDE, LORA_SCALE, copy_tree, get, iter_leaves, put
+from lora_jax.tree import (KERNEL, LORA_A, LORA_B, LORA_MAGNITUDE, LORA_RANK, LORA_SCALE, copy_tree, get, is_param_leaf,
+                           iter_leaves, put)
 
 _NITER = re.compile(r"pissa_niter_(\d+)")
 
@@ -94,13 +96,45 @@ def init_from_weight(kernel2d: jax.Array, r: int, scale: float, init: str, rng: 
     return a, b, kernel2d.astype(jnp.float32) - scale * (a @ b)
 
 
-def init_stacked(kernel: jax.Array, stack: tuple[int, ...], d_in: int, d_out: int, r: int, scale: float, init: str,
+def init_stacked(kernel: jax.Array, stack: tuple[int, ...], d_in: int, d_out: int, r: int, scale: Any, init: str,
                  rng: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`init_from_weight` for a kernel with leading stacked axes (each layer on its own): A, B, W_res."""
+    """`init_from_weight` for a kernel with leading stacked axes (each layer on its own, with its own
+    scale: `scale` is a number or [*stack]): A, B, W_res."""
     w = kernel.reshape((-1, d_in, d_out))
     keys = jax.random.split(rng, w.shape[0])
-    a, b, res = jax.vmap(lambda w_, k: init_from_weight(w_, r, scale, init, k))(w, keys)
+    scales = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), stack).reshape(-1)
+    a, b, res = jax.vmap(lambda w_, s_, k: init_from_weight(w_, r, s_, init, k))(w, scales, keys)
     return a.reshape(stack + (d_in, r)), b.reshape(stack + (r, d_out)), res.reshape(kernel.shape)
+
+
+def variant_init(target: Any, kernel: Any, leaves: dict, config: LoraConfig, rng: jax.Array) -> tuple[Any, dict]:
+    """(kernel, adapter leaves) of one planned target after PiSSA/OLoRA (W -> W_res, A/B from W) and
+    DoRA (magnitude = ||W + s·A@B||, PEFT: after the init). Called by `lora_jax.inject`."""
+    key = ".".join(target.path[:-1])
+    if LORA_RANK in leaves:
+        raise ValueError(f"{key!r} is a stack whose layers differ in rank (or skip layers); init={config.init!r} / "
+                         "use_dora need one rank per stack: build the model with scan_layers=False")
+    stack, ins, outs = target.layout.split(tuple(kernel.shape))
+    d_in, d_out = math.prod(ins), math.prod(outs)
+    a, b, scale = leaves[LORA_A], leaves[LORA_B], leaves[LORA_SCALE]
+    leaves = dict(leaves)
+    if rewrites_base(config.init):
+        if is_param_leaf(kernel):
+            raise ValueError(f"init={config.init!r} rewrites the base weights and needs a float kernel, but {key!r} is "
+                             "quantized; inject into the float model, then quantize the residual (as PEFT advises)")
+        a, b, res = init_stacked(kernel, stack, d_in, d_out, a.shape[-1], scale, config.init, rng)
+        leaves[LORA_A], leaves[LORA_B] = a.astype(config.jnp_dtype), b.astype(config.jnp_dtype)
+        kernel = res.astype(kernel.dtype)
+    if config.use_dora:
+        from lora_jax.variants.dora import init_magnitude
+
+        w = kernel
+        if is_param_leaf(w):  # a quantized base: the norm of its float values (PEFT dequantizes too)
+            from lora_jax.quant.quantize import dequantize_params
+
+            w = dequantize_params({"k": w})["k"]
+        leaves[LORA_MAGNITUDE] = init_magnitude(w.reshape(stack + (d_in, d_out)), a, b, scale).astype(config.jnp_dtype)
+    return kernel, leaves
 
 
 def convert_to_lora(params: Any, initial: Any, config: LoraConfig) -> tuple[Any, LoraConfig]:

@@ -117,7 +117,8 @@ def config_from_hf(hf_config: Any) -> ModelConfig:
 
     >>> import transformers
     >>> hf = transformers.Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-    ...     num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=16, sliding_window=4)
+    ...     num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=16, sliding_window=4,
+    ...     layer_types=["sliding_attention", "full_attention"])
     >>> c = config_from_hf(hf)
     >>> c.sliding_layers, c.rope_theta, c.rope_local_theta, c.attn_scale
     ((True, False), 1000000.0, 10000.0, 0.25)
