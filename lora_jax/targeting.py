@@ -265,10 +265,6 @@ def is_target(config: LoraConfig, key: str, output_module: str | None = None) ->
     """
     if is_parameter_key(key):  # PEFT's _inject_parameters: full name or '.'-suffix, no exclude_modules
         return bool(config.target_parameters) and any(key == t or key.endswith("." + t) for t in config.target_parameters)
-    if config.target_modules is None:
-        return False
-    if is_parameter_key(key):  # PEFT's _inject_parameters: full name or '.'-suffix, no exclude_modules
-        return bool(config.target_parameters) and any(key == t or key.endswith("." + t) for t in config.target_parameters)
     if config.target_modules is None and config.target_parameters:
         return False
     if config.exclude_modules and _matches(config.exclude_modules, key):

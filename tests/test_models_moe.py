@@ -138,6 +138,7 @@ def test_grouped_experts_equal_a_dense_loop_with_gradients(impl, monkeypatch):
     gu = {"kernel": p(e, d, 2 * f), "lora_a": p(e, d, r), "lora_b": p(e, r, 2 * f), "lora_scale": jnp.full((e,), 1.5)}
     dn = {"kernel": p(e, f, d), "lora_a": p(e, f, r), "lora_b": p(e, r, d), "lora_scale": jnp.full((e,), 1.5)}
 
+    @jax.jit
     def dense(x, gu, dn):
         out = []
         for t in range(n):
