@@ -11,6 +11,8 @@ The public API is what this module re-exports (everything else is internal). Whe
     lora_jax.quant         QLoRA: NF4 / int8 frozen kernels, bitsandbytes checkpoints, 8-bit AdamW
     lora_jax.sharding      meshes, partition rules, sharded placement, jax.distributed
     lora_jax.training      the compiled train / eval step, loss, orbax checkpoints
+    lora_jax.variants      DoRA, PiSSA/OLoRA/LoftQ inits, LoRA+
+    lora_jax.adapters      many adapters on one base: named adapters, merging, per-example adapters
 
 >>> import lora_jax
 >>> lora_jax.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj"]).scale_for("q_proj")
@@ -28,7 +30,7 @@ from lora_jax.targeting import KernelLayout, select_targets
 from lora_jax.transform import combine, delta_weight, has_lora, inject, merge, split, split_constants, trainable_mask, unmerge
 
 # Subpackages, after the core they build on.
-from lora_jax import generation, interop, models, nnx, quant, sharding, training, tree  # noqa: E402  isort: skip
+from lora_jax import adapters, generation, interop, models, nnx, quant, sharding, training, tree, variants  # noqa: E402  isort: skip
 from lora_jax.interop import load_peft_adapter, save_merged, save_peft_adapter  # noqa: E402
 from lora_jax.models import from_pretrained  # noqa: E402
 
@@ -39,6 +41,7 @@ __all__ = [
     "Dense",
     "KernelLayout",
     "LoraConfig",
+    "adapters",
     "apply",
     "chat",
     "combine",
@@ -74,4 +77,5 @@ __all__ = [
     "training",
     "tree",
     "unmerge",
+    "variants",
 ]

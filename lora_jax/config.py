@@ -4,12 +4,12 @@ The fields and their meaning follow `peft.LoraConfig` so that a config round-tri
 `adapter_config.json` (`to_peft_dict` / `from_peft_dict`):
 
     r, alpha (PEFT: lora_alpha), dropout (lora_dropout), target_modules, exclude_modules,
-    rank_pattern, alpha_pattern, use_rslora, init (init_lora_weights), layers_to_transform,
+    rank_pattern, alpha_pattern, use_rslora, init (init_lora_weights), use_dora, layers_to_transform,
     layers_pattern
 
 The constructor also takes PEFT's own spellings (`lora_alpha=`, `lora_dropout=`,
 `init_lora_weights=`, and PEFT's metadata keys such as `task_type=`), so code moved from PEFT
-runs unchanged; a PEFT feature lora_jax does not implement (`use_dora=True`, `bias="all"`, ...)
+runs unchanged; a PEFT feature lora_jax does not implement (`bias="all"`, ...)
 is refused by name. `target_modules=None` (PEFT's default) means PEFT's per-architecture default,
 resolved when the model is known (`lora_jax.targeting.resolve_targets`); any capitalisation of
 "all-linear" is `ALL_LINEAR`, as in PEFT.
@@ -29,14 +29,14 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 ALL_LINEAR = "all-linear"
-_INITS = ("default", "gaussian")
+_INITS = ("default", "gaussian", "pissa", "olora")  # and pissa_niter_N (lora_jax.variants.inits)
 _DTYPES = ("float32", "bfloat16", "float16")
 _UNSET = object()
 # PEFT LoraConfig keyword -> its "off" values. Metadata (accepted whatever the value) has None here.
 _PEFT_KWARGS: dict[str, tuple | None] = {
     "task_type": None, "inference_mode": None, "base_model_name_or_path": None, "revision": None,
     "peft_type": None, "fan_in_fan_out": None, "auto_mapping": None,
-    "bias": ("none",), "use_dora": (False,), "lora_bias": (False,), "modules_to_save": (None, [], ()),
+    "bias": ("none",), "lora_bias": (False,), "modules_to_save": (None, [], ()),
     "layer_replication": (None,), "trainable_token_indices": (None,),
     "megatron_config": (None,), "use_qalora": (False,), "alora_invocation_tokens": (None,),
 }
@@ -94,8 +94,10 @@ class LoraConfig:
         dropout with it.
       rank_pattern / alpha_pattern: {regex: value} overriding r / alpha for matching modules.
       use_rslora: rank-stabilised scale alpha / sqrt(r).
-      init: "default" (A Kaiming-uniform as PEFT, B = 0) or "gaussian" (A ~ N(0, 1/r), B = 0).
+      init: "default" (A Kaiming-uniform as PEFT, B = 0) or "gaussian" (A ~ N(0, 1/r), B = 0), or one
+        that rewrites the base weights: "pissa", "pissa_niter_N", "olora" (`lora_jax.variants.inits`).
       dtype: dtype of the A/B leaves (fp32 by default, even over a bf16 base).
+      use_dora: DoRA (weight-decomposed LoRA, `lora_jax.variants.dora`): a trained magnitude per output.
       layers_to_transform: layer index or indices to adapt (PEFT's; 0 means layer 0), with
         layers_pattern naming the layer container (e.g. "layers", "h"); list targets only.
 
@@ -122,21 +124,22 @@ class LoraConfig:
     dtype: str = "float32"
     layers_to_transform: int | tuple[int, ...] | None = None
     layers_pattern: str | tuple[str, ...] | None = None
+    use_dora: bool = False
 
     def __init__(self, r: int = 8, alpha: float | Any = _UNSET, dropout: float | Any = _UNSET,
                  target_modules: Any = None, exclude_modules: Any = None, target_parameters: Any = None,
                  rank_pattern: Mapping | None = None,
                  alpha_pattern: Mapping | None = None, use_rslora: bool = False, init: str | Any = _UNSET,
-                 dtype: str = "float32", layers_to_transform: Any = None, layers_pattern: Any = None, *,
+                 dtype: str = "float32", layers_to_transform: Any = None, layers_pattern: Any = None, use_dora: bool = False, *,
                  lora_alpha: Any = _UNSET, lora_dropout: Any = _UNSET, init_lora_weights: Any = _UNSET, **peft_kwargs):
         for ours, theirs, name in ((alpha, lora_alpha, "alpha"), (dropout, lora_dropout, "dropout"), (init, init_lora_weights, "init")):
             if ours is not _UNSET and theirs is not _UNSET:
                 raise ValueError(f"LoraConfig got both {name}= and PEFT's spelling of it; pass one")
         if init_lora_weights is not _UNSET:
-            if init_lora_weights not in (True, "gaussian"):
+            if init_lora_weights is not True and not isinstance(init_lora_weights, str):
                 raise ValueError(f"LoraConfig(init_lora_weights={init_lora_weights!r}) is not supported; lora_jax "
-                                 "initialises as PEFT's True (Kaiming A, zero B) or 'gaussian'")
-            init = "default" if init_lora_weights is True else "gaussian"
+                                 "initialises as PEFT's True (Kaiming A, zero B), 'gaussian', 'pissa', 'pissa_niter_N' or 'olora'")
+            init = "default" if init_lora_weights is True else init_lora_weights
         for key, value in peft_kwargs.items():
             if key not in _PEFT_KWARGS:
                 raise TypeError(f"LoraConfig got an unexpected keyword argument {key!r}")
@@ -149,7 +152,7 @@ class LoraConfig:
                       target_modules=target_modules, exclude_modules=exclude_modules, target_parameters=target_parameters,
                       rank_pattern=rank_pattern,
                       alpha_pattern=alpha_pattern, use_rslora=use_rslora, init="default" if init is _UNSET else init,
-                      dtype=dtype, layers_to_transform=layers_to_transform, layers_pattern=layers_pattern)
+                      dtype=dtype, layers_to_transform=layers_to_transform, layers_pattern=layers_pattern, use_dora=use_dora)
         for k, v in values.items():
             object.__setattr__(self, k, v)
         self.__post_init__()
@@ -179,8 +182,10 @@ class LoraConfig:
         if self.target_modules is not None and not self.target_modules and not self.target_parameters:
             raise ValueError("LoraConfig.target_modules is empty; name modules (e.g. ['q_proj', 'v_proj']) or use 'all-linear'")
         self._check_layers()
-        if self.init not in _INITS:
-            raise ValueError(f"LoraConfig.init must be one of {_INITS}, got {self.init!r}")
+        if self.init not in _INITS and not re.fullmatch(r"pissa_niter_[1-9]\d*", str(self.init)):
+            raise ValueError(f"LoraConfig.init must be one of {_INITS} or pissa_niter_N (N >= 1), got {self.init!r}")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"LoraConfig.use_dora must be True or False, got {self.use_dora!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"LoraConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}")
         for field in ("target_modules", "exclude_modules"):
@@ -284,6 +289,7 @@ class LoraConfig:
             "alpha_pattern": dict(self.alpha_pattern),
             "use_rslora": self.use_rslora,
             "init_lora_weights": True if self.init == "default" else self.init,
+            "use_dora": self.use_dora,
             "layers_to_transform": layers if layers is None or isinstance(layers, int) else list(layers),
             "layers_pattern": self.layers_pattern if self.layers_pattern is None or isinstance(self.layers_pattern, str)
             else list(self.layers_pattern),
@@ -308,6 +314,7 @@ class LoraConfig:
             alpha_pattern=d.get("alpha_pattern") or {},
             use_rslora=bool(d.get("use_rslora", False)),
             init="gaussian" if init == "gaussian" else "default",
+            use_dora=bool(d.get("use_dora", False)),
             layers_to_transform=d.get("layers_to_transform"),
             layers_pattern=d.get("layers_pattern") or None,
         )

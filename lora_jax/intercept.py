@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from lora_jax.config import LoraConfig
 from lora_jax.layers import Dense, adapter_delta
 from lora_jax.targeting import KERNEL, LORA_A, LORA_B, KernelLayout, Layouts, iter_leaves, module_key
+from lora_jax.tree import LORA_MAGNITUDE
 from lora_jax.transform import adapter_scale, delta_weight
 
 _INTERCEPTED = (nn.Dense, nn.DenseGeneral, nn.Einsum)
@@ -57,6 +58,9 @@ def _lora_interceptor(config: LoraConfig) -> Callable:
         x = args[0] if args else kwargs["inputs"]
         if isinstance(module, nn.Einsum):
             node = module.variables["params"]
+            if LORA_MAGNITUDE in node:
+                raise ValueError(f"DoRA on nn.Einsum at {'.'.join(module.path)!r} is not supported; use DoRA on Dense/DenseGeneral "
+                                 "kernels (exclude this module) or plain LoRA")
             kernel = node[KERNEL]
             scale = adapter_scale(node, config, ".".join(module.path))
             dw = delta_weight(node[LORA_A], node[LORA_B], scale, kernel.shape).astype(y.dtype)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from lora_jax.tree import LORA_A, LORA_LEAVES, LORA_RANK, get, is_constant_leaf, iter_leaves
+from lora_jax.tree import LORA_A, LORA_LEAVES, LORA_RANK, get, is_adapter_leaf, is_constant_leaf, iter_leaves
 
 
 def count_parameters(params: Any) -> tuple[int, int]:
@@ -26,7 +26,7 @@ def count_parameters(params: Any) -> tuple[int, int]:
             shape = leaf.shape  # A [*stack, in, R] / B [*stack, R, out]: real slots = sum of the layers' ranks
             n = int(sum(int(r) for r in get(params, path[:-1])[LORA_RANK].ravel())) * (shape[-2] if path[-1] == LORA_A else shape[-1])
         total += n
-        if path[-1] in LORA_LEAVES:
+        if is_adapter_leaf(path):
             trainable += n
     return trainable, total
 

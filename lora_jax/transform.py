@@ -42,6 +42,7 @@ from lora_jax.tree import (
     KERNEL,
     LORA_A,
     LORA_B,
+    LORA_MAGNITUDE,
     LORA_RANK,
     LORA_SCALE,
     copy_tree,
@@ -172,7 +173,14 @@ def inject(params: Params, config: LoraConfig, rng: jax.Array, *, layouts: Mappi
     out = copy_tree(params)
     for i, target in enumerate(plan_targets(params, config, layouts, model_type)):
         kernel = get(params, target.path)
-        for name, leaf in _adapter(target, tuple(kernel.shape), config, jax.random.fold_in(rng, i)).items():
+        leaves = _adapter(target, tuple(kernel.shape), config, jax.random.fold_in(rng, i))
+        if config.use_dora or config.init not in ("default", "gaussian"):  # lora_jax.variants: PiSSA/OLoRA, DoRA
+            from lora_jax.variants.inits import variant_init  # noqa: PLC0415
+
+            new_kernel, leaves = variant_init(target, kernel, leaves, config, jax.random.fold_in(rng, i))
+            if new_kernel is not kernel:
+                put(out, target.path, new_kernel)
+        for name, leaf in leaves.items():
             put(out, target.path[:-1] + (name,), leaf)
     return out
 
@@ -273,11 +281,18 @@ def merge(params: Params, config: LoraConfig | None = None) -> Params:
         scale = adapter_scale(node, config, ".".join(mod))
         kernel, a, b = node[KERNEL], node.pop(LORA_A), node.pop(LORA_B)
         node.pop(LORA_SCALE, None)
+        magnitude = node.pop(LORA_MAGNITUDE, None)
         node.pop(LORA_RANK, None)
         if is_param_leaf(kernel):  # a quantized base (lora_jax.quant): the merge is into its float values
             from lora_jax.quant.quantize import dequantize_params
 
             kernel = dequantize_params({"k": kernel}, warn=True)["k"]
+        if magnitude is not None:  # DoRA: W' = m / ||W + ΔW|| · (W + ΔW)
+            from lora_jax.variants.dora import merged_kernel  # noqa: PLC0415
+
+            w2d = kernel.reshape(a.shape[:-1] + b.shape[-1:])
+            node[KERNEL] = merged_kernel(w2d, a, b, scale, magnitude).reshape(kernel.shape).astype(kernel.dtype)
+            continue
         node[KERNEL] = (kernel.astype(jnp.float32) + delta_weight(a, b, scale, kernel.shape)).astype(kernel.dtype)
     return out
 
@@ -297,6 +312,9 @@ def unmerge(merged: Params, lora: Params, config: LoraConfig | None = None) -> P
     out = copy_tree(merged)
     for mod in _adapted_modules(lora):
         adapter = get(lora, mod)
+        if LORA_MAGNITUDE in adapter:
+            raise ValueError(f"the adapter at {'.'.join(mod)!r} is DoRA, whose merge cannot be undone without the base "
+                             "weights (PEFT keeps a cached norm); keep the unmerged params instead of unmerging")
         scale = adapter_scale(adapter, config, ".".join(mod))
         node = get(out, mod)
         kernel = node[KERNEL]

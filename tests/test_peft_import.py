@@ -95,7 +95,7 @@ def _edited(adapter, tmp_path, config=None, tensors=None):
 
 Q = "base_model.model.model.layers.0.self_attn.q_proj"
 REFUSALS = {
-    "dora": (dict(use_dora=True), None, r"DoRA \(use_dora\)"),
+    "dora": (dict(use_dora=True), None, r"use_dora=True but .*lora_magnitude_vector is missing"),
     "bias": (dict(bias="all"), None, r"trained biases"),
     "lora_bias": (dict(lora_bias=True), None, r"LoRA biases"),
     "modules_to_save": (dict(modules_to_save=["lm_head"]), None, r"modules_to_save"),
@@ -112,7 +112,7 @@ REFUSALS = {
     "half": (None, {Q + ".lora_B.weight": None}, r"adapter has only .*q_proj.lora_A.weight; both"),
     "missing": (None, {Q + ".lora_A.weight": None, Q + ".lora_B.weight": None}, r"targets 'model.layers.0.self_attn.q_proj' but the adapter has no weights"),
     "embedding": (None, {"base_model.model.model.embed_tokens.lora_embedding_A": np.ones((4, 96), np.float32)}, r"embedding LoRA weight"),
-    "magnitude": (None, {Q + ".lora_magnitude_vector": np.ones(64, np.float32)}, r"DoRA magnitude weight"),
+    "magnitude": (None, {Q + ".lora_magnitude_vector": np.ones(64, np.float32)}, r"use_dora=False but .*q_proj.lora_magnitude_vector is present"),
     "unknown_module": (None, {"base_model.model.model.layers.0.self_attn.rotary.lora_A.weight": np.ones((4, 64), np.float32)},
                        r"no linear layer for; the adapter was trained for another architecture"),
 }

@@ -66,8 +66,9 @@ def test_peft_field_names_and_spellings():
     assert LoraConfig.from_peft_dict(theirs.to_dict()) == ours
     for spelling in ("ALL-LINEAR", "All-Linear", "all-linear"):
         assert LoraConfig(target_modules=spelling).target_modules == lora_jax.ALL_LINEAR
-    with pytest.raises(ValueError, match="use_dora=True.*not supported"):
-        LoraConfig(use_dora=True)
+    assert LoraConfig(use_dora=True).to_peft_dict()["use_dora"] is True  # DoRA: lora_jax.variants.dora
+    with pytest.raises(ValueError, match="bias='all'.*not supported"):
+        LoraConfig(bias="all")
     with pytest.raises(ValueError, match="cannot be used when target_modules is a str"):
         LoraConfig(target_modules=".*q_proj", layers_to_transform=0)
     with pytest.raises(TypeError, match="unexpected keyword argument 'lora_rank'"):

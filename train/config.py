@@ -114,6 +114,7 @@ class LoraSection:
     alpha_pattern: Dict[str, float] = _f({}, "{regex: alpha} overriding alpha for matching modules")
     use_rslora: bool = _f(False, "rank-stabilised scale alpha / sqrt(r)")
     init: str = _f("default", "A's init: default (Kaiming-uniform, as PEFT) | gaussian; B starts at 0")
+    use_dora: bool = _f(False, "DoRA: a trained magnitude per output unit (PEFT's use_dora)")
 
     def __post_init__(self):
         self.to_lora_config()  # LoraConfig validates every field with its own one-line errors
@@ -126,7 +127,7 @@ class LoraSection:
                               target_modules=tm if tm is None or isinstance(tm, str) else tuple(tm),
                               exclude_modules=ex if ex is None or isinstance(ex, str) else tuple(ex),
                               rank_pattern=dict(self.rank_pattern), alpha_pattern=dict(self.alpha_pattern),
-                              use_rslora=self.use_rslora, init=self.init, dtype="float32")
+                              use_rslora=self.use_rslora, init=self.init, dtype="float32", use_dora=self.use_dora)
         except ValueError as e:
             raise UserError(str(e).replace("LoraConfig.", "lora.")) from None
 
@@ -177,6 +178,7 @@ class OptimSection:
     warmup_ratio: float = _f(0.0, "warmup as a fraction of the total steps")
     warmup_steps: int = _f(0, "warmup steps (overrides warmup_ratio when > 0)")
     min_lr_ratio: float = _f(0.0, "final lr of cosine/linear decay, as a fraction of lr")
+    loraplus_lr_ratio: float = _f(1.0, "LoRA+: B's learning rate is lr times this (PEFT's loraplus_lr_ratio; 1 = plain LoRA)")
 
     def __post_init__(self):
         _one_of("optim.name", self.name, ("adamw", "adamw_8bit"))
@@ -189,6 +191,7 @@ class OptimSection:
         _check(0 <= self.warmup_ratio < 1, f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         _check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.loraplus_lr_ratio > 0, f"optim.loraplus_lr_ratio must be > 0 (1 = off), got {self.loraplus_lr_ratio}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -157,6 +157,13 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> int
 
         clip = optax.clip_by_global_norm(o.grad_clip) if o.grad_clip else optax.identity()
         tx = optax.chain(clip, lora_jax.quant.adamw_8bit(schedule, o.b1, o.b2, o.eps, o.weight_decay))
+    if o.loraplus_lr_ratio != 1.0:  # LoRA+ (lora_jax.variants.loraplus): B at lr · ratio, one clip over all
+        import optax
+
+        adam = (lambda lr: lora_jax.quant.adamw_8bit(lr, o.b1, o.b2, o.eps, o.weight_decay)) if o.name == "adamw_8bit" else (
+            lambda lr: optax.adamw(lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
+        tx = optax.chain(optax.clip_by_global_norm(o.grad_clip) if o.grad_clip else optax.identity(),
+                         lora_jax.variants.loraplus(adam, schedule, o.loraplus_lr_ratio))
     state = training.init_train_state(lora, tx, jax.random.fold_in(rng, 2), mesh=mesh, lora_specs=lora_specs)
     init_lora = state["lora"]  # kept for a 'before' that a resume must regenerate
     train_step = training.make_train_step(model, tx, mesh, specs, schedule=schedule, dropout=lora_cfg.dropout > 0)

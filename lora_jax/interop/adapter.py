@@ -9,6 +9,7 @@ key between a fixed prefix and suffix, and A/B are stored transposed:
         <->  base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight   [out, r]
     ('transformer','h','0','attn','c_attn','lora_a')      (GPT-2 Conv1D: same rule, fan_in_fan_out=true)
     stacked ('model','layers','self_attn','q_proj','lora_a') A [L, in, r]  -> one tensor per layer
+    (...,'q_proj','lora_magnitude')  m [out]  <->  ...q_proj.lora_magnitude_vector [out]   (DoRA, use_dora)
 
 The scale PEFT applies is alpha/r (or alpha/sqrt(r)) looked up for the HF module name; ours is the
 adapter's own `lora_scale` leaf (one per layer in a stack). Export therefore checks, module by
@@ -44,12 +45,13 @@ from lora_jax.models.naming import CONV1D_MODULES, LAYER_CONTAINERS, hf_module_n
 from lora_jax.models import families
 from lora_jax.targeting import OUTPUT_LAYER_NAMES, is_parameter_key, is_target, module_key, resolve_targets
 from lora_jax.transform import combine, has_lora
-from lora_jax.tree import KERNEL, LORA_A, LORA_B, LORA_RANK, LORA_SCALE, iter_leaves
+from lora_jax.tree import KERNEL, LORA_A, LORA_B, LORA_MAGNITUDE, LORA_RANK, LORA_SCALE, iter_leaves
+from lora_jax.variants.inits import rewrites_base
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-_SUFFIXES = {".lora_A.weight": LORA_A, ".lora_B.weight": LORA_B}
+_SUFFIXES = {".lora_A.weight": LORA_A, ".lora_B.weight": LORA_B, ".lora_magnitude_vector": LORA_MAGNITUDE}
 
 
 def is_stacked_key(key: str) -> bool:
@@ -115,6 +117,9 @@ def save_peft_adapter(params: Any, lora_config: LoraConfig, out_dir: str, *, mod
     >>> sorted(os.listdir(d))
     ['adapter_config.json', 'adapter_model.safetensors']
     """
+    if rewrites_base(lora_config.init):
+        raise ValueError(f"an init={lora_config.init!r} adapter applies to the rewritten (residual) base, not the original; "
+                         "convert it first: lora_jax.variants.convert_to_lora(params, initial_lora, lora_config)")
     cfg = _model_config(model_config, hf_config)
     lora_config = resolve_targets(lora_config, cfg.model_type)
     if base_model_name_or_path is None and hf_config is not None:
@@ -122,7 +127,7 @@ def save_peft_adapter(params: Any, lora_config: LoraConfig, out_dir: str, *, mod
     base = kernel_modules(param_shapes(build_model(cfg)))
     leaves: dict[str, dict[str, np.ndarray]] = {}
     for path, leaf in iter_leaves(params):
-        if path[-1] in (LORA_A, LORA_B, LORA_SCALE, LORA_RANK):
+        if path[-1] in (LORA_A, LORA_B, LORA_SCALE, LORA_RANK, LORA_MAGNITUDE):
             leaves.setdefault(module_key(path), {})[path[-1]] = np.asarray(leaf, np.float32)
     if not leaves:
         raise ValueError("params hold no LoRA leaves (lora_a/lora_b); inject or load an adapter first")
@@ -134,6 +139,10 @@ def save_peft_adapter(params: Any, lora_config: LoraConfig, out_dir: str, *, mod
         if not {LORA_A, LORA_B} <= set(ab):
             raise ValueError(f"module {key!r} has only {sorted(ab)}; an adapter needs both lora_a and lora_b")
         a, b, scale, rank = ab[LORA_A], ab[LORA_B], ab.get(LORA_SCALE), ab.get(LORA_RANK)
+        mag = ab.get(LORA_MAGNITUDE)
+        if (mag is not None) != lora_config.use_dora:
+            raise ValueError(f"module {key!r} {'has' if mag is not None else 'has no'} DoRA magnitude but lora_config.use_dora="
+                             f"{lora_config.use_dora}; pass the LoraConfig the adapters were created with")
         stacked = is_stacked_key(key)
         if rank is not None and not stacked:
             raise ValueError(f"module {key!r} has per-layer ranks (lora_rank) but is not a stacked layer module of the model")
@@ -160,10 +169,14 @@ def save_peft_adapter(params: Any, lora_config: LoraConfig, out_dir: str, *, mod
             ranks = _pin(ranks, name, r, pattern_value(ranks, name, lora_config.r))
             alphas = _pin(alphas, name, alpha, pattern_value(alphas, name, lora_config.alpha))
             if is_parameter_key(name):
+                if mag is not None:
+                    raise ValueError(f"adapter at {name!r} is DoRA on expert tensors, which PEFT has no format for; use plain LoRA there")
                 expert_ab[name] = (a_i, b_i)
             else:
                 tensors[f"{PREFIX}{name}.lora_A.weight"] = a_i.T
                 tensors[f"{PREFIX}{name}.lora_B.weight"] = b_i.T
+                if mag is not None:
+                    tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = mag[i] if stacked else mag
             names.append(name)
     if expert_ab:
         declared = families.of(cfg).peft_parameters
@@ -233,7 +246,7 @@ def _split_name(name: str) -> tuple[str, str]:
     for suffix, leaf in _SUFFIXES.items():
         if name.startswith(PREFIX) and name.endswith(suffix):
             return name[len(PREFIX):-len(suffix)], leaf
-    kind = ("DoRA magnitude" if "lora_magnitude_vector" in name else "embedding LoRA" if "lora_embedding" in name
+    kind = ("embedding LoRA" if "lora_embedding" in name
             else "LoRA bias" if name.endswith(".bias") else "non-LoRA")
     raise ValueError(f"adapter tensor {name!r} is a {kind} weight, which lora_jax does not support; use a plain LoRA adapter of linear layers")
 
@@ -311,14 +324,17 @@ def load_peft_adapter(params: Any, adapter_dir: str) -> tuple[Any, LoraConfig]:
             continue
         if not selected:
             raise ValueError(f"adapter tensor {PREFIX}{mod}.lora_A.weight is for {mod!r}, which adapter_config.json does not target")
-        if set(ab) != {LORA_A, LORA_B}:
+        if not {LORA_A, LORA_B} <= set(ab):
             raise ValueError(f"adapter has only {PREFIX}{mod}.{'lora_A' if LORA_A in ab else 'lora_B'}.weight; both lora_A and lora_B are needed")
+        if (LORA_MAGNITUDE in ab) != cfg.use_dora:
+            raise ValueError(f"adapter_config.json has use_dora={cfg.use_dora} but {PREFIX}{mod}.lora_magnitude_vector is "
+                             f"{'present' if LORA_MAGNITUDE in ab else 'missing'}; the files do not match")
         d_in, d_out = kernels[mod][2]
         r = cfg.rank_for(mod)
         e = _n_experts(params, kernels[mod][0]) if is_parameter_key(mod) else 1
-        for leaf, need in ((LORA_A, (r * e, d_in)), (LORA_B, (d_out, r * e))):
-            if ab[leaf].shape != need:
-                tname = f"{PREFIX}{mod}.{'lora_A' if leaf == LORA_A else 'lora_B'}.weight"
+        for leaf, need in ((LORA_A, (r * e, d_in)), (LORA_B, (d_out, r * e)), (LORA_MAGNITUDE, (d_out,))):
+            if leaf in ab and ab[leaf].shape != need:
+                tname = f"{PREFIX}{mod}.{ {LORA_A: 'lora_A.weight', LORA_B: 'lora_B.weight'}.get(leaf, 'lora_magnitude_vector')}"
                 raise ValueError(f"adapter tensor {tname!r} has shape {ab[leaf].shape} but this model with r={r} needs {need}; "
                                  "the adapter was trained for another model (hidden size / rank differ)")
     tree, cfg = _lora_tree(found, kernels, cfg, {m: _n_experts(params, kernels[m][0]) for m in found if is_parameter_key(m)})
@@ -368,6 +384,10 @@ def _lora_tree(found: dict, kernels: dict, cfg: LoraConfig, experts: dict[str, i
             n_layers = sum(1 for k in kernels.values() if k[0] == key)
             ranks_i = [cfg.rank_for(layers[i]) if i in layers else 0 for i in range(n_layers)]
             per = {i: ours(m) for i, m in layers.items()}
+            if cfg.use_dora and (len(set(ranks_i)) != 1):
+                raise ValueError(f"the DoRA adapter gives {key!r} per-layer ranks or skips layers, which a scan_layers model "
+                                 "cannot hold with DoRA; load it into a model built with scan_layers=False")
+            mag = np.stack([found[layers[i]][LORA_MAGNITUDE] for i in range(n_layers)]) if cfg.use_dora else None
             if len(set(ranks_i)) == 1:  # every layer, one rank (per-layer alphas live in the scale vector)
                 a, b, scale = (np.stack(x).astype(np.float32) for x in zip(*(per[i] for i in range(n_layers))))
             else:  # per-layer ranks or skipped layers: pad to the largest rank, record each layer's (lora_rank)
@@ -383,6 +403,7 @@ def _lora_tree(found: dict, kernels: dict, cfg: LoraConfig, experts: dict[str, i
                 extra[LORA_RANK] = np.asarray(ranks_i, np.int32)
         else:
             a, b, scale = ours(mods[0])
+            mag = found[mods[0]].get(LORA_MAGNITUDE)
         if len(r_set) == 1 and len(alpha_set) == 1:
             (r,), (alpha,) = r_set, alpha_set
             ranks = _pin(ranks, key, r, cfg.rank_for(key))
@@ -394,4 +415,6 @@ def _lora_tree(found: dict, kernels: dict, cfg: LoraConfig, experts: dict[str, i
         node[LORA_B] = jnp.asarray(np.ascontiguousarray(b), cfg.jnp_dtype)
         node[LORA_SCALE] = jnp.asarray(scale, jnp.float32)
         node.update({k: jnp.asarray(v) for k, v in extra.items()})
+        if mag is not None:
+            node[LORA_MAGNITUDE] = jnp.asarray(mag, cfg.jnp_dtype)
     return tree, dataclasses.replace(cfg, rank_pattern=ranks, alpha_pattern=alphas)

@@ -9,7 +9,7 @@ features we do not implement and our config's values for the rest:
     inference_mode true, ... (use_dora false, modules_to_save null, ...)
 
 Read: the LoRA options above map onto `LoraConfig`; metadata keys are ignored; any feature that
-changes the model's output and that we do not implement (DoRA, LoRA biases, modules_to_save,
+changes the model's output and that we do not implement (LoRA biases, modules_to_save,
 PiSSA-style inits that rewrite the base weights, ...) is refused with a
 one-line ValueError naming it, as is any unknown key with a non-empty value.
 """
@@ -39,7 +39,7 @@ PEFT_DEFAULTS: dict[str, Any] = {
 # Keys we read into LoraConfig (or check separately).
 _HANDLED = {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "rank_pattern",
             "alpha_pattern", "use_rslora", "init_lora_weights", "peft_type", "task_type", "fan_in_fan_out",
-            "layers_to_transform", "layers_pattern",
+            "layers_to_transform", "layers_pattern", "use_dora",
             "target_parameters"}  # LoRA on MoE expert tensors (lora_jax.models.moe)
 # Metadata, or options that only matter while initialising/training and not for the loaded weights.
 _IGNORED = {"auto_mapping", "base_model_name_or_path", "revision", "peft_version", "inference_mode",
@@ -47,7 +47,7 @@ _IGNORED = {"auto_mapping", "base_model_name_or_path", "revision", "peft_version
             "lora_ga_config", "ensure_weight_tying"}
 # Features that change the adapted model and that lora_jax does not implement: value must be "off".
 _UNSUPPORTED = {
-    "use_dora": "DoRA (use_dora)", "bias": "trained biases (bias != 'none')", "lora_bias": "LoRA biases (lora_bias)",
+    "bias": "trained biases (bias != 'none')", "lora_bias": "LoRA biases (lora_bias)",
     "modules_to_save": "fully trained modules (modules_to_save)",
     "megatron_config": "Megatron parallel layers (megatron_config)",
     "trainable_token_indices": "trainable tokens (trainable_token_indices)", "layer_replication": "layer_replication",
@@ -84,10 +84,10 @@ def lora_config_from_peft(d: Mapping[str, Any], source: str = "adapter_config.js
 
     >>> lora_config_from_peft({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}).alpha
     8
-    >>> lora_config_from_peft({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"], "use_dora": True})
+    >>> lora_config_from_peft({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"], "lora_bias": True})
     Traceback (most recent call last):
     ...
-    ValueError: adapter_config.json uses DoRA (use_dora), which lora_jax does not support; use a plain LoRA adapter
+    ValueError: adapter_config.json uses LoRA biases (lora_bias), which lora_jax does not support; use a plain LoRA adapter
     """
     peft_type = d.get("peft_type")
     if peft_type != "LORA":

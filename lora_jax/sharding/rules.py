@@ -15,6 +15,7 @@ x @ A @ B):
     lora_a  [*stack, in,  r ]  spec (*S_stack, S_in, None)
     lora_b  [*stack, r,  out]  spec (*S_stack, None, S_out)
     lora_scale [*stack]        replicated
+    lora_magnitude [*stack, out]  spec (*S_stack, S_out)   (DoRA)
 
 (S_stack is None for scanned layers; MoE expert tensors [E, in, out] split E over 'expert'.) Rules
 may name the optional axis 'expert' (OPTIONAL_AXES): on a mesh without it that entry is unsharded.
@@ -45,7 +46,7 @@ from jax.sharding import PartitionSpec as P
 
 from lora_jax.quant.kernel import is_quantized, partition_specs
 from lora_jax.targeting import KernelLayout, resolve_layout
-from lora_jax.tree import ADAPTER_LEAVES, CONSTANT_LEAVES, KERNEL, LORA_A, LORA_SCALE, get, iter_leaves, put  # noqa: F401
+from lora_jax.tree import ADAPTER_LEAVES, CONSTANT_LEAVES, KERNEL, LORA_A, LORA_MAGNITUDE, LORA_SCALE, get, iter_leaves, put  # noqa: F401
 
 Rules = Sequence[tuple[str, P]]
 
@@ -202,7 +203,10 @@ def param_specs(
         stack, ins, _ = resolve_layout(kpath, tuple(kernel.shape), layouts).split(tuple(kernel.shape))
         s, i = len(stack), len(stack) + len(ins)
         lead = tuple(kspec[:s])  # stacked axes keep the kernel's split (MoE experts over 'expert')
-        spec = P(*lead, _joined(kspec[s:i]), None) if path[-1] == LORA_A else P(*lead, None, _joined(kspec[i:]))
+        if path[-1] == LORA_MAGNITUDE:  # DoRA's m [*stack, out]: sharded as the kernel's output axes
+            spec = P(*lead, _joined(kspec[i:]))
+        else:
+            spec = P(*lead, _joined(kspec[s:i]), None) if path[-1] == LORA_A else P(*lead, None, _joined(kspec[i:]))
         check_spec(name, shape, spec, mesh)
         put(out, path, spec)
     return out
