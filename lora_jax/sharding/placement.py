@@ -66,9 +66,12 @@ def inject_sharded(
     >>> lora["q"]["lora_a"].shape
     (4, 2)
     """
+    if config.init not in ("default", "gaussian"):
+        raise ValueError(f"init={config.init!r} rewrites the frozen kernels, which inject_sharded does not return; "
+                         "call lora_jax.inject on the params (then place them) instead")
     if config.use_dora:  # DoRA's magnitude is the norm of the kernels: they enter as (sharded) arguments
-        return jax.jit(lambda key, fr: split(inject(fr, config, key, layouts=layouts))[0],
-                       out_shardings=_with_scale_shardings(shardings))(rng, frozen)
+        make_d = lambda key, fr: split(inject(fr, config, key, layouts=layouts))[0]  # noqa: E731
+        return jax.jit(make_d, out_shardings=_with_constant_shardings(shardings, jax.eval_shape(make_d, rng, frozen)))(rng, frozen)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen)
     make = lambda key: split(inject(abstract, config, key, layouts=layouts))[0]  # noqa: E731
     return jax.jit(make, out_shardings=_with_constant_shardings(shardings, jax.eval_shape(make, rng)))(rng)
