@@ -59,10 +59,6 @@ from lora_jax.tree import (
 
 Params = Any
 
-# Private aliases kept for modules that still import them; new code uses lora_jax.tree.
-_get, _set, _copy, _has_path = get, put, copy_tree, has_path
-
-
 def has_lora(params: Params) -> bool:
     """Whether any `lora_a`/`lora_b` leaf is in the tree.
 
