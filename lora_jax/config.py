@@ -4,7 +4,15 @@ The fields and their meaning follow `peft.LoraConfig` so that a config round-tri
 `adapter_config.json` (`to_peft_dict` / `from_peft_dict`):
 
     r, alpha (PEFT: lora_alpha), dropout (lora_dropout), target_modules, exclude_modules,
-    rank_pattern, alpha_pattern, use_rslora, init (init_lora_weights)
+    rank_pattern, alpha_pattern, use_rslora, init (init_lora_weights), use_dora, layers_to_transform,
+    layers_pattern
+
+The constructor also takes PEFT's own spellings (`lora_alpha=`, `lora_dropout=`,
+`init_lora_weights=`, and PEFT's metadata keys such as `task_type=`), so code moved from PEFT
+runs unchanged; a PEFT feature lora_jax does not implement (`bias="all"`, ...)
+is refused by name. `target_modules=None` (PEFT's default) means PEFT's per-architecture default,
+resolved when the model is known (`lora_jax.targeting.resolve_targets`); any capitalisation of
+"all-linear" is `ALL_LINEAR`, as in PEFT.
 
 Scale of the update ΔW = A @ B · scale:  alpha / r, or alpha / sqrt(r) with rsLoRA — per module,
 with `rank_pattern` / `alpha_pattern` overriding r / alpha where their regex matches the module key
@@ -21,11 +29,22 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 
 ALL_LINEAR = "all-linear"
-_INITS = ("default", "gaussian")
+_INITS = ("default", "gaussian", "pissa", "olora")  # and pissa_niter_N (lora_jax.variants.inits)
 _DTYPES = ("float32", "bfloat16", "float16")
+_UNSET = object()
+# PEFT LoraConfig keyword -> its "off" values. Metadata (accepted whatever the value) has None here.
+_PEFT_KWARGS: dict[str, tuple | None] = {
+    "task_type": None, "inference_mode": None, "base_model_name_or_path": None, "revision": None,
+    "peft_type": None, "fan_in_fan_out": None, "auto_mapping": None,
+    "bias": ("none",), "lora_bias": (False,), "modules_to_save": (None, [], ()),
+    "layer_replication": (None,), "trainable_token_indices": (None,),
+    "megatron_config": (None,), "use_qalora": (False,), "alora_invocation_tokens": (None,),
+}
 
 
 def _as_tuple(value: Any, field: str) -> str | tuple[str, ...] | None:
+    if isinstance(value, str) and value.lower() == ALL_LINEAR:  # PEFT: target_modules.lower() == "all-linear"
+        return ALL_LINEAR
     if value is None or isinstance(value, str):
         return value
     try:
@@ -66,13 +85,27 @@ class LoraConfig:
       dropout: dropout on the adapter's input during training (PEFT's `lora_dropout`).
       target_modules: names matched against the end of a module key (`"q_proj"` matches
         `model.layers.0.self_attn.q_proj`), one string = a regex full-matched against the key,
-        or `"all-linear"` = every dense kernel except the LM head.
+        `"all-linear"` (any case) = every dense kernel except the model's output layer, or None =
+        PEFT's default for the architecture (GPT-2: `c_attn`; Llama: `q_proj`, `v_proj`).
       exclude_modules: same forms as `target_modules`; excluded keys are never adapted.
+      target_parameters: PEFT's `target_parameters`: names of HF *parameters* (not modules), matched as
+        the full name or a `.`-suffix of it, e.g. `["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]`
+        for the stacked MoE expert tensors (`lora_jax.models.moe`: one A/B per expert). PEFT allows no
+        dropout with it.
       rank_pattern / alpha_pattern: {regex: value} overriding r / alpha for matching modules.
       use_rslora: rank-stabilised scale alpha / sqrt(r).
-      init: "default" (A Kaiming-uniform as PEFT, B = 0) or "gaussian" (A ~ N(0, 1/r), B = 0).
+      init: "default" (A Kaiming-uniform as PEFT, B = 0) or "gaussian" (A ~ N(0, 1/r), B = 0), or one
+        that rewrites the base weights: "pissa", "pissa_niter_N", "olora" (`lora_jax.variants.inits`).
       dtype: dtype of the A/B leaves (fp32 by default, even over a bf16 base).
+      use_dora: DoRA (weight-decomposed LoRA, `lora_jax.variants.dora`): a trained magnitude per output.
+      layers_to_transform: layer index or indices to adapt (PEFT's; 0 means layer 0), with
+        layers_pattern naming the layer container (e.g. "layers", "h"); list targets only.
 
+    PEFT's names are accepted as well: `lora_alpha`, `lora_dropout`, `init_lora_weights` (True,
+    "gaussian"), and PEFT's metadata keywords (`task_type`, `inference_mode`, ...).
+
+    >>> LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, task_type="CAUSAL_LM").alpha
+    32
     >>> cfg = LoraConfig(r=8, alpha=16, target_modules=("q_proj", "v_proj"))
     >>> cfg.scale_for("model.layers.0.self_attn.q_proj", 8)
     2.0
@@ -81,18 +114,61 @@ class LoraConfig:
     r: int = 8
     alpha: float = 8.0
     dropout: float = 0.0
-    target_modules: str | tuple[str, ...] | None = ("q_proj", "v_proj")
+    target_modules: str | tuple[str, ...] | None = None
     exclude_modules: str | tuple[str, ...] | None = None
+    target_parameters: tuple[str, ...] | None = None
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     use_rslora: bool = False
     init: str = "default"
     dtype: str = "float32"
+    layers_to_transform: int | tuple[int, ...] | None = None
+    layers_pattern: str | tuple[str, ...] | None = None
+    use_dora: bool = False
+
+    def __init__(self, r: int = 8, alpha: float | Any = _UNSET, dropout: float | Any = _UNSET,
+                 target_modules: Any = None, exclude_modules: Any = None, target_parameters: Any = None,
+                 rank_pattern: Mapping | None = None,
+                 alpha_pattern: Mapping | None = None, use_rslora: bool = False, init: str | Any = _UNSET,
+                 dtype: str = "float32", layers_to_transform: Any = None, layers_pattern: Any = None, use_dora: bool = False, *,
+                 lora_alpha: Any = _UNSET, lora_dropout: Any = _UNSET, init_lora_weights: Any = _UNSET, **peft_kwargs):
+        for ours, theirs, name in ((alpha, lora_alpha, "alpha"), (dropout, lora_dropout, "dropout"), (init, init_lora_weights, "init")):
+            if ours is not _UNSET and theirs is not _UNSET:
+                raise ValueError(f"LoraConfig got both {name}= and PEFT's spelling of it; pass one")
+        if init_lora_weights is not _UNSET:
+            if init_lora_weights is not True and not isinstance(init_lora_weights, str):
+                raise ValueError(f"LoraConfig(init_lora_weights={init_lora_weights!r}) is not supported; lora_jax "
+                                 "initialises as PEFT's True (Kaiming A, zero B), 'gaussian', 'pissa', 'pissa_niter_N' or 'olora'")
+            init = "default" if init_lora_weights is True else init_lora_weights
+        for key, value in peft_kwargs.items():
+            if key not in _PEFT_KWARGS:
+                raise TypeError(f"LoraConfig got an unexpected keyword argument {key!r}")
+            off = _PEFT_KWARGS[key]
+            if off is not None and not any(value is o or (not isinstance(value, bool) and value == o) for o in off):
+                raise ValueError(f"LoraConfig({key}={value!r}): this PEFT feature is not supported by lora_jax; "
+                                 f"leave {key} at {off[0]!r}")
+        values = dict(r=r, alpha=8.0 if alpha is _UNSET and lora_alpha is _UNSET else alpha if alpha is not _UNSET else lora_alpha,
+                      dropout=0.0 if dropout is _UNSET and lora_dropout is _UNSET else dropout if dropout is not _UNSET else lora_dropout,
+                      target_modules=target_modules, exclude_modules=exclude_modules, target_parameters=target_parameters,
+                      rank_pattern=rank_pattern,
+                      alpha_pattern=alpha_pattern, use_rslora=use_rslora, init="default" if init is _UNSET else init,
+                      dtype=dtype, layers_to_transform=layers_to_transform, layers_pattern=layers_pattern, use_dora=use_dora)
+        for k, v in values.items():
+            object.__setattr__(self, k, v)
+        self.__post_init__()
+
+    # PEFT's attribute names, for code that reads them.
+    lora_alpha = property(lambda self: self.alpha)
+    lora_dropout = property(lambda self: self.dropout)
+    init_lora_weights = property(lambda self: True if self.init == "default" else self.init)
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
         set_("target_modules", _as_tuple(self.target_modules, "target_modules"))
         set_("exclude_modules", _as_tuple(self.exclude_modules, "exclude_modules"))
+        if isinstance(self.target_parameters, str):
+            raise ValueError("LoraConfig.target_parameters must be a list of parameter names, e.g. ['mlp.experts.down_proj']")
+        set_("target_parameters", _as_tuple(self.target_parameters, "target_parameters") or None)
         set_("rank_pattern", dict(self.rank_pattern or {}))
         set_("alpha_pattern", dict(self.alpha_pattern or {}))
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
@@ -101,10 +177,18 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.alpha must be > 0, got {self.alpha!r}")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if not self.target_modules:
+        if self.target_parameters and self.dropout:
+            raise ValueError("LoraConfig.target_parameters does not work with dropout != 0 (PEFT refuses it too); set dropout=0")
+        if self.target_parameters and self.use_dora:
+            raise ValueError("LoraConfig.target_parameters does not work with use_dora=True (PEFT refuses it too); "
+                             "use plain LoRA on the expert tensors")
+        if self.target_modules is not None and not self.target_modules and not self.target_parameters:
             raise ValueError("LoraConfig.target_modules is empty; name modules (e.g. ['q_proj', 'v_proj']) or use 'all-linear'")
-        if self.init not in _INITS:
-            raise ValueError(f"LoraConfig.init must be one of {_INITS}, got {self.init!r}")
+        self._check_layers()
+        if self.init not in _INITS and not re.fullmatch(r"pissa_niter_[1-9]\d*", str(self.init)):
+            raise ValueError(f"LoraConfig.init must be one of {_INITS} or pissa_niter_N (N >= 1), got {self.init!r}")
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"LoraConfig.use_dora must be True or False, got {self.use_dora!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"LoraConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}")
         for field in ("target_modules", "exclude_modules"):
@@ -117,8 +201,54 @@ class LoraConfig:
                 if isinstance(value, bool) or not isinstance(value, kind) or value <= 0:
                     raise ValueError(f"LoraConfig.{field}[{pattern!r}] must be a positive number, got {value!r}")
 
-    def __hash__(self):  # dict fields are unhashable; hash the canonical PEFT dict instead
-        return hash(repr(sorted(self.to_peft_dict().items(), key=lambda kv: kv[0])))
+    def _check_layers(self) -> None:
+        """PEFT's rules for layers_to_transform / layers_pattern (an int is one layer, 0 included)."""
+        layers, pattern = self.layers_to_transform, self.layers_pattern
+        if layers is not None and not isinstance(layers, int):
+            layers = tuple(layers)
+        if isinstance(layers, bool) or not (layers is None or isinstance(layers, int) or all(
+                isinstance(i, int) and not isinstance(i, bool) for i in layers)):
+            raise ValueError(f"LoraConfig.layers_to_transform must be a layer index or a list of them, got {layers!r}")
+        if layers is not None and (min((layers,) if isinstance(layers, int) else layers, default=0) < 0):
+            raise ValueError(f"LoraConfig.layers_to_transform holds a negative index: {layers!r}")
+        if pattern is not None and not isinstance(pattern, str):
+            pattern = tuple(pattern)
+        object.__setattr__(self, "layers_to_transform", layers)
+        object.__setattr__(self, "layers_pattern", pattern)
+        if isinstance(self.target_modules, str) and layers is not None:
+            raise ValueError("LoraConfig: layers_to_transform cannot be used when target_modules is a str (PEFT's rule); "
+                             "list the module names instead")
+        if isinstance(self.target_modules, str) and pattern is not None:
+            raise ValueError("LoraConfig: layers_pattern cannot be used when target_modules is a str (PEFT's rule)")
+        if pattern and layers is None:
+            raise ValueError("LoraConfig: when layers_pattern is given, layers_to_transform must be given too (PEFT's rule)")
+
+    def layer_selected(self, module_key: str) -> bool:
+        """Whether `module_key`'s layer index passes `layers_to_transform`, exactly as PEFT's
+        `check_target_module_exists` reads it (a key with no layer index is never selected).
+
+        >>> LoraConfig(target_modules=["q_proj"], layers_to_transform=0).layer_selected("model.layers.0.self_attn.q_proj")
+        True
+        """
+        layers = self.layers_to_transform
+        if layers is None or (isinstance(layers, tuple) and not layers):
+            return True
+        match = None
+        if not self.layers_pattern:
+            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", module_key)
+        else:
+            for pattern in (self.layers_pattern,) if isinstance(self.layers_pattern, str) else self.layers_pattern:
+                match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", module_key)
+                if match is not None:
+                    break
+        if match is None:
+            return False
+        index = int(match.group("idx"))
+        return index == layers if isinstance(layers, int) else index in layers
+
+    def __hash__(self):  # dict fields are unhashable; hash their sorted items instead
+        return hash(tuple(tuple(sorted(v.items())) if isinstance(v, Mapping) else v
+                          for v in (getattr(self, f.name) for f in dataclasses.fields(self))))
 
     # -- per-module values -------------------------------------------------------------------
     def rank_for(self, module_key: str) -> int:
@@ -141,24 +271,31 @@ class LoraConfig:
 
     # -- PEFT adapter_config.json ------------------------------------------------------------
     def to_peft_dict(self) -> dict[str, Any]:
-        """The keys PEFT writes in `adapter_config.json` that this config determines.
+        """The keys PEFT writes in `adapter_config.json` that this config determines (target_modules
+        None, as in PEFT's own config before it sees the model, until `resolve_targets` fills it).
 
-        >>> LoraConfig(r=4, alpha=8).to_peft_dict()["lora_alpha"]
+        >>> LoraConfig(r=4, alpha=8, target_modules=["q_proj"]).to_peft_dict()["lora_alpha"]
         8.0
         """
         targets = self.target_modules
         excludes = self.exclude_modules
+        layers = self.layers_to_transform
         return {
             "peft_type": "LORA",
             "r": self.r,
             "lora_alpha": float(self.alpha),
             "lora_dropout": float(self.dropout),
-            "target_modules": targets if isinstance(targets, str) else list(targets),
+            "target_modules": targets if targets is None or isinstance(targets, str) else list(targets),
             "exclude_modules": excludes if excludes is None or isinstance(excludes, str) else list(excludes),
+            "target_parameters": None if not self.target_parameters else list(self.target_parameters),
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
             "use_rslora": self.use_rslora,
             "init_lora_weights": True if self.init == "default" else self.init,
+            "use_dora": self.use_dora,
+            "layers_to_transform": layers if layers is None or isinstance(layers, int) else list(layers),
+            "layers_pattern": self.layers_pattern if self.layers_pattern is None or isinstance(self.layers_pattern, str)
+            else list(self.layers_pattern),
         }
 
     @classmethod
@@ -173,12 +310,16 @@ class LoraConfig:
             r=d.get("r", 8),
             alpha=d.get("lora_alpha", 8),
             dropout=d.get("lora_dropout", 0.0) or 0.0,
-            target_modules=d.get("target_modules") or ("q_proj", "v_proj"),
+            target_modules=d.get("target_modules"),
+            target_parameters=d.get("target_parameters") or None,
             exclude_modules=d.get("exclude_modules"),
             rank_pattern=d.get("rank_pattern") or {},
             alpha_pattern=d.get("alpha_pattern") or {},
             use_rslora=bool(d.get("use_rslora", False)),
             init="gaussian" if init == "gaussian" else "default",
+            use_dora=bool(d.get("use_dora", False)),
+            layers_to_transform=d.get("layers_to_transform"),
+            layers_pattern=d.get("layers_pattern") or None,
         )
         kwargs.update(overrides)
         return cls(**kwargs)

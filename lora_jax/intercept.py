@@ -8,8 +8,9 @@ the low-rank term is added to its output. Models written in plain Flax style nee
     logits = lora_jax.apply(model.apply, config)({"params": params}, x)
 
 Dense and DenseGeneral take the unmerged path x·A·B·scale (ΔW never formed). `nn.Einsum` kernels
-may contract in any axis order, so there ΔW is formed per call and pushed through the module's own
-equation — correct for any equation, costlier. For arbitrary pure functions of a param tree the
+may contract any of their axes, so there ΔW is formed per call (A over the contracted axes, B over
+the others, put back in the kernel's axis order) and pushed through the module's own equation —
+correct for any equation, costlier. For arbitrary pure functions of a param tree the
 fallback is merge-on-the-fly: `loss(lora_jax.merge(combine(lora, frozen), config))`, which forms
 every ΔW each step (the costliest path; use it only where no module structure exists).
 """
@@ -24,7 +25,8 @@ import jax.numpy as jnp
 
 from lora_jax.config import LoraConfig
 from lora_jax.layers import Dense, adapter_delta
-from lora_jax.targeting import KERNEL, LORA_A, LORA_B, KernelLayout, iter_leaves, module_key
+from lora_jax.targeting import KERNEL, LORA_A, LORA_B, KernelLayout, Layouts, einsum_in_axes, iter_leaves, module_key
+from lora_jax.tree import LORA_MAGNITUDE
 from lora_jax.transform import adapter_scale, delta_weight
 
 _INTERCEPTED = (nn.Dense, nn.DenseGeneral, nn.Einsum)
@@ -35,16 +37,15 @@ def _dense_general_axes(module: nn.DenseGeneral, ndim: int) -> tuple[int, ...]:
     return tuple(sorted(a % ndim for a in axis))
 
 
-def _einsum_n_in(module: nn.Einsum) -> int:
-    inputs, _ = module.einsum_str.replace(" ", "").split("->")
-    x_sub, k_sub = inputs.split(",")
-    return sum(c in x_sub for c in k_sub)
-
-
 def _lora_interceptor(config: LoraConfig) -> Callable:
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
         if context.method_name != "__call__" or not isinstance(module, _INTERCEPTED):
+            if (context.method_name == "__call__" and not isinstance(module, Dense) and module.scope is not None
+                    and module.has_variable("params", LORA_A)):
+                raise ValueError(f"module {'.'.join(module.path)!r} ({type(module).__name__}) holds LoRA leaves, but "
+                                 "lora_jax.apply adapts only nn.Dense / nn.DenseGeneral / nn.Einsum (and lora_jax.Dense); "
+                                 "target those modules, or merge the adapters into the params (lora_jax.merge)")
             return next_fun(*args, **kwargs)
         y = next_fun(*args, **kwargs)
         if not module.has_variable("params", LORA_A):
@@ -52,9 +53,14 @@ def _lora_interceptor(config: LoraConfig) -> Callable:
         x = args[0] if args else kwargs["inputs"]
         if isinstance(module, nn.Einsum):
             node = module.variables["params"]
+            if LORA_MAGNITUDE in node:
+                raise ValueError(f"DoRA on nn.Einsum at {'.'.join(module.path)!r} is not supported; use DoRA on Dense/DenseGeneral "
+                                 "kernels (exclude this module) or plain LoRA")
             kernel = node[KERNEL]
             scale = adapter_scale(node, config, ".".join(module.path))
-            dw = delta_weight(node[LORA_A], node[LORA_B], scale, kernel.shape).astype(y.dtype)
+            in_axes = _einsum_in_axes(module)  # this call's kernel: no stacked axes here
+            layout = KernelLayout(stack=0, n_in=len(in_axes), in_axes=in_axes)
+            dw = delta_weight(node[LORA_A], node[LORA_B], scale, kernel.shape, layout).astype(y.dtype)
             return y + jnp.einsum(module.einsum_str, x.astype(y.dtype), dw)
         if isinstance(module, nn.DenseGeneral):
             if module.batch_dims:
@@ -87,41 +93,63 @@ def apply(apply_fn: Callable, config: LoraConfig) -> Callable:
     return wrapped
 
 
-def kernel_layouts(model: nn.Module, *args, **kwargs) -> dict[str, KernelLayout]:
-    """Exact `KernelLayout` of every Dense/DenseGeneral/Einsum kernel, by tracing `model.init` abstractly.
+def _einsum_in_axes(module: nn.Einsum) -> tuple[int, ...]:
+    return einsum_in_axes(module.einsum_str)
+
+
+def kernel_layouts(model: nn.Module, *args, **kwargs) -> Layouts:
+    """Exact `KernelLayout` of every Dense/DenseGeneral/Einsum kernel, and the model's output layer,
+    by tracing `model.init` abstractly (no FLOPs, no memory).
 
     Stacked axes (from `nn.scan`/`nn.vmap`) are the axes the param has beyond the kernel the module
-    itself sees. Costs one abstract trace (no FLOPs, no memory).
+    itself sees. The output layer (`Layouts.output_module`, which `all-linear` leaves out as PEFT
+    does) is the dense module whose output is the model's output; when the model post-processes
+    that output (a cast, a soft-cap), the last dense module called, if its output has the model
+    output's shape; else None. An `nn.Einsum` may contract any of its kernel's axes
+    (`KernelLayout.in_axes`): A takes exactly the contracted ones, B the rest.
 
     >>> import jax.numpy as jnp, flax.linen as nn
-    >>> kernel_layouts(nn.DenseGeneral((2, 3), name="o"), jnp.ones((1, 4)))
-    {'': KernelLayout(stack=0, n_in=1)}
+    >>> layouts = kernel_layouts(nn.DenseGeneral((2, 3), name="o"), jnp.ones((1, 4)))
+    >>> layouts, layouts.output_module
+    ({'': KernelLayout(stack=0, n_in=1)}, '')
     """
     local: dict[str, tuple[int, int]] = {}
+    calls: list[tuple[str, Any]] = []
 
     def recorder(next_fun, a, kw, context):
         out = next_fun(*a, **kw)
         module = context.module
         if context.method_name == "__call__" and isinstance(module, _INTERCEPTED + (Dense,)) and module.has_variable("params", KERNEL):
+            key = ".".join(module.path)
             x = a[0] if a else kw["inputs"]
             if isinstance(module, nn.DenseGeneral):
                 n_in = len(_dense_general_axes(module, x.ndim))
             elif isinstance(module, nn.Einsum):
-                n_in = _einsum_n_in(module)
+                in_axes = _einsum_in_axes(module)
+                n_in = len(in_axes)
             else:
                 n_in = 1
-            local[".".join(module.path)] = (module.get_variable("params", KERNEL).ndim, n_in)
+            local[key] = (module.get_variable("params", KERNEL).ndim, n_in, in_axes if isinstance(module, nn.Einsum) else None)
+            calls.append((key, out))
         return out
 
     def init():
         with nn.intercept_methods(recorder):
-            return model.init(jax.random.key(0), *args, **kwargs)
+            out, variables = model.init_with_output(jax.random.key(0), *args, **kwargs)
+        final = jax.tree.leaves(out)
+        output_module = next((k for k, y in reversed(calls) if any(y is f for f in final)), None)
+        if output_module is None and calls and len(final) == 1 and getattr(calls[-1][1], "shape", None) == final[0].shape:
+            output_module = calls[-1][0]
+        nonlocal found
+        found = output_module
+        return variables
 
+    found: str | None = None
     variables = jax.eval_shape(init)
-    layouts = {}
+    layouts = Layouts(output_module=found)
     for path, leaf in iter_leaves(variables.get("params", {})):
         key = module_key(path)
         if path[-1] == KERNEL and key in local:
-            ndim, n_in = local[key]
-            layouts[key] = KernelLayout(stack=leaf.ndim - ndim, n_in=n_in)
+            ndim, n_in, in_axes = local[key]
+            layouts[key] = KernelLayout(stack=leaf.ndim - ndim, n_in=n_in, in_axes=in_axes)
     return layouts

@@ -12,6 +12,7 @@ otherwise inserts before the two tiny matmuls (measured in benchmarks/bench_forw
     {'kernel': W, 'bias'?: b, 'lora_a': A[in, r], 'lora_b': B[r, out], 'lora_scale': s}
                                                                   # y += dropout(x) A B · s
     {'kernel': QuantizedKernel(...), ...}                         # QLoRA: W dequantized on the fly
+    {..., 'lora_magnitude': m[out]}                               # DoRA (lora_jax.variants.dora)
 
 It never creates the LoRA leaves itself — `lora_jax.inject` adds them to the param tree — so one
 module definition serves the base model, the adapted model and the merged model. The scale is the
@@ -29,10 +30,10 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax.config import LoraConfig
-from lora_jax.quant.kernel import is_quantized
+from lora_jax.quant.kernel import dequantize, is_quantized
 from lora_jax.quant.matmul import quantized_dot
 from lora_jax.transform import adapter_scale
-from lora_jax.tree import KERNEL, LORA_A, LORA_B, LORA_SCALE
+from lora_jax.tree import KERNEL, LORA_A, LORA_B, LORA_MAGNITUDE, LORA_SCALE
 
 
 @jax.custom_vjp
@@ -75,16 +76,18 @@ def lora_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: float, n_in: int
     return out.reshape(lead + (b.shape[-1],))
 
 
-def adapter_delta(module: nn.Module, x: jax.Array, lora: LoraConfig | None, n_in: int = 1) -> jax.Array | None:
+def adapter_delta(module: nn.Module, x: jax.Array, lora: LoraConfig | None, n_in: int = 1,
+                  base: jax.Array | None = None) -> jax.Array | None:
     """The LoRA term for `module` if its params hold `lora_a`/`lora_b`, else None.
 
     Scales by the adapter's `lora_scale` (or `lora`'s scale for an adapter without one) and applies
     the config's dropout to the adapter input when the caller supplied a 'dropout' rng. Used by
-    `Dense` and by `lora_jax.apply`'s interceptor, so both scale identically.
+    `Dense` and by `lora_jax.apply`'s interceptor, so both scale identically. With a DoRA magnitude
+    leaf the term is DoRA's (`lora_jax.variants.dora`); `base` = x @ W without bias saves recomputing it.
     """
     if not (module.has_variable("params", LORA_A) and module.has_variable("params", LORA_B)):
         return None
-    node = {name: module.get_variable("params", name) for name in (LORA_A, LORA_B, LORA_SCALE)
+    node = {name: module.get_variable("params", name) for name in (LORA_A, LORA_B, LORA_SCALE, LORA_MAGNITUDE)
             if module.has_variable("params", name)}
     key = ".".join(module.path)
     scale = adapter_scale(node, lora, key)
@@ -94,7 +97,19 @@ def adapter_delta(module: nn.Module, x: jax.Array, lora: LoraConfig | None, n_in
     if lora is not None and lora.dropout > 0 and module.has_rng("dropout"):
         keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - lora.dropout, x.shape)
         x = jnp.where(keep, x / (1.0 - lora.dropout), 0).astype(x.dtype)
-    return lora_delta(x, node[LORA_A], node[LORA_B], scale, n_in=n_in)
+        base = None  # DoRA's base term takes the dropped-out input (PEFT recomputes it)
+    delta = lora_delta(x, node[LORA_A], node[LORA_B], scale, n_in=n_in)
+    if LORA_MAGNITUDE not in node:
+        return delta
+    from lora_jax.variants.dora import dora_term  # noqa: PLC0415  (variants build on this module)
+
+    kernel = module.get_variable("params", KERNEL)
+    kernel = dequantize(kernel, jnp.float32) if is_quantized(kernel) else kernel
+    kernel2d = kernel.reshape(node[LORA_A].shape[0], node[LORA_B].shape[-1])
+    if base is None:
+        lead = x.shape[: x.ndim - n_in]
+        base = jnp.dot(x.reshape((-1, kernel2d.shape[0])), kernel2d.astype(x.dtype)).reshape(lead + (kernel2d.shape[1],))
+    return dora_term(base, delta, kernel2d, node[LORA_A], node[LORA_B], scale, node[LORA_MAGNITUDE])
 
 
 class Dense(nn.Module):
@@ -125,7 +140,7 @@ class Dense(nn.Module):
         else:
             kernel = self.param(KERNEL, self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
             y = jnp.dot(x, kernel.astype(dtype))
-        delta = adapter_delta(self, x, self.lora)
+        delta = adapter_delta(self, x, self.lora, base=y)
         if delta is not None:
             y = y + delta
         if self.use_bias:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from lora_jax.tree import LORA_LEAVES, is_constant_leaf, iter_leaves
+from lora_jax.tree import LORA_A, LORA_LEAVES, LORA_RANK, get, is_adapter_leaf, is_constant_leaf, iter_leaves
 
 
 def count_parameters(params: Any) -> tuple[int, int]:
     """(trainable, total) element counts as PEFT counts them: trainable = the LoRA A/B leaves
-    (the adapters' `lora_scale` constants are not parameters).
+    (the adapters' `lora_scale` constants are not parameters). In a stack padded to a common rank
+    (`lora_rank`), only each layer's real rank slots count, as PEFT's per-layer modules hold.
 
     >>> import jax.numpy as jnp
     >>> count_parameters({"q": {"kernel": jnp.zeros((4, 4)), "lora_a": jnp.zeros((4, 1))}})
@@ -21,8 +22,11 @@ def count_parameters(params: Any) -> tuple[int, int]:
         if is_constant_leaf(path):
             continue
         n = math.prod(getattr(leaf, "shape", ()))
+        if path[-1] in LORA_LEAVES and LORA_RANK in get(params, path[:-1]):
+            shape = leaf.shape  # A [*stack, in, R] / B [*stack, R, out]: real slots = sum of the layers' ranks
+            n = int(sum(int(r) for r in get(params, path[:-1])[LORA_RANK].ravel())) * (shape[-2] if path[-1] == LORA_A else shape[-1])
         total += n
-        if path[-1] in LORA_LEAVES:
+        if is_adapter_leaf(path):
             trainable += n
     return trainable, total
 

@@ -33,14 +33,17 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from flax.core import unfreeze
 
 from lora_jax.config import LoraConfig
-from lora_jax.targeting import KernelLayout, module_key, resolve_layout, select_targets
+from lora_jax.targeting import KernelLayout, Target, plan_targets, resolve_layout
 from lora_jax.tree import (
     KERNEL,
     LORA_A,
     LORA_B,
+    LORA_MAGNITUDE,
+    LORA_RANK,
     LORA_SCALE,
     copy_tree,
     filter_tree,
@@ -56,10 +59,6 @@ from lora_jax.tree import (
 
 Params = Any
 
-# Private aliases kept for modules that still import them; new code uses lora_jax.tree.
-_get, _set, _copy, _has_path = get, put, copy_tree, has_path
-
-
 def has_lora(params: Params) -> bool:
     """Whether any `lora_a`/`lora_b` leaf is in the tree.
 
@@ -69,24 +68,92 @@ def has_lora(params: Params) -> bool:
     return any(p[-1] == LORA_A for p, _ in iter_leaves(params))
 
 
-def _init_a(rng: jax.Array, shape: tuple[int, ...], config: LoraConfig, r: int) -> jax.Array:
+def _init_a(rng: jax.Array, shape: tuple[int, ...], config: LoraConfig, r: Any) -> jax.Array:
     fan_in = shape[-2]
     if config.init == "gaussian":  # PEFT: nn.init.normal_(lora_A, std=1 / r)
-        return jax.random.normal(rng, shape, config.jnp_dtype) / r
+        r = jnp.asarray(r, jnp.float32).reshape(jnp.shape(r) + (1, 1))
+        return (jax.random.normal(rng, shape, jnp.float32) / jnp.maximum(r, 1)).astype(config.jnp_dtype)
     # PEFT: kaiming_uniform_(a=sqrt(5)) on lora_A.weight [r, in] -> U(-1/sqrt(in), 1/sqrt(in))
     bound = 1.0 / math.sqrt(fan_in)
     return jax.random.uniform(rng, shape, config.jnp_dtype, -bound, bound)
 
 
-def inject(params: Params, config: LoraConfig, rng: jax.Array, *, layouts: Mapping[str, KernelLayout] | None = None) -> Params:
-    """Add `lora_a` / `lora_b` leaves next to every kernel `config` targets.
+def _scale(alpha: float, r: int, rslora: bool) -> float:
+    return 0.0 if r == 0 else alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def _adapter(target: Target, kernel_shape: tuple[int, ...], config: LoraConfig, rng: jax.Array) -> dict:
+    """The adapter leaves of one planned target: uniform stacks as before; stacks whose layers
+    differ in rank (or skip layers) padded to the largest rank with a `lora_rank` leaf."""
+    stack, ins, outs = target.layout.split(kernel_shape)
+    d_in, d_out = math.prod(ins), math.prod(outs)
+    scales = [_scale(a, r, config.use_rslora) for a, r in zip(target.alphas, target.ranks)]
+    if len(set(target.ranks)) == 1:  # one rank everywhere (per-layer alphas live in the scale vector)
+        r = target.ranks[0]
+        return {LORA_A: _init_a(rng, stack + (d_in, r), config, r), LORA_B: jnp.zeros(stack + (r, d_out), config.jnp_dtype),
+                LORA_SCALE: jnp.asarray(scales, jnp.float32).reshape(stack)}
+    ranks = jnp.asarray(target.ranks, jnp.int32).reshape(stack)
+    r_max = max(target.ranks)
+    slots = jnp.arange(r_max) < ranks[..., None]  # [*stack, R]: True where a layer's rank reaches
+    a = _init_a(rng, stack + (d_in, r_max), config, ranks) * slots[..., None, :]
+    return {LORA_A: a.astype(config.jnp_dtype), LORA_B: jnp.zeros(stack + (r_max, d_out), config.jnp_dtype),
+            LORA_SCALE: jnp.asarray(scales, jnp.float32).reshape(stack), LORA_RANK: ranks}
+
+
+def rank_slots(node: Mapping) -> jax.Array | None:
+    """[*stack, R] bools: which rank slots of a padded adapter are real (None: all of them).
+
+    >>> rank_slots({"lora_rank": jnp.array([2, 0])}).tolist(), rank_slots({})
+    ([[True, True], [False, False]], None)
+    """
+    if LORA_RANK not in node:
+        return None
+    ranks = jnp.asarray(node[LORA_RANK])
+    r_max = node[LORA_A].shape[-1] if LORA_A in node else int(ranks.max())
+    return jnp.arange(r_max) < ranks[..., None]
+
+
+def zero_padded_slots(tree: Params) -> Params:
+    """`tree` with every padded rank slot (past a layer's `lora_rank`) of A and B set to zero.
+
+    Idempotent and cheap; `lora_jax.optimizer` and the train step apply it to each update so no
+    optimizer (weight decay, noise, ...) ever moves a slot PEFT would not have.
+
+    >>> t = {"q": {"lora_a": jnp.ones((2, 3, 2)), "lora_b": jnp.ones((2, 2, 3)), "lora_rank": jnp.array([1, 0])}}
+    >>> zero_padded_slots(t)["q"]["lora_a"].sum(axis=1).tolist()
+    [[3.0, 0.0], [0.0, 0.0]]
+    """
+    out = copy_tree(tree)
+    for path, leaf in iter_leaves(tree):
+        if path[-1] != LORA_RANK:
+            continue
+        node = get(out, path[:-1])
+        slots = rank_slots(node)
+        if LORA_A in node:
+            node[LORA_A] = jnp.where(slots[..., None, :], node[LORA_A], 0).astype(node[LORA_A].dtype)
+        if LORA_B in node:
+            node[LORA_B] = jnp.where(slots[..., :, None], node[LORA_B], 0).astype(node[LORA_B].dtype)
+    return out
+
+
+def inject(params: Params, config: LoraConfig, rng: jax.Array, *, layouts: Mapping[str, KernelLayout] | None = None,
+           model_type: str | None = None) -> Params:
+    """Add `lora_a` / `lora_b` / `lora_scale` leaves next to every kernel `config` targets.
 
     Args:
       params: the model's 'params' collection (nested dicts).
-      config: which kernels, which ranks.
+      config: which kernels, which ranks (PEFT's matching, layer by layer in stacks).
       rng: PRNG key for A's initialisation (B starts at zero, so the output is unchanged).
-      layouts: module key -> KernelLayout for kernels that are not [in, out] or stacked
-        [L, in, out] (DenseGeneral/Einsum); `lora_jax.kernel_layouts(model, ...)` computes them.
+      layouts: module key -> KernelLayout for kernels that are not [in, out] or a project model's
+        stacked [L, in, out] (DenseGeneral/Einsum, user scans): `lora_jax.kernel_layouts(model, x)`
+        computes them, and tells `all-linear` which module is the output layer.
+      model_type: the HF model_type, for `target_modules=None` (PEFT's per-architecture default);
+        the project's own trees are recognised without it.
+
+    A stacked kernel whose layers get different ranks, alphas or are not all targeted
+    (`rank_pattern` / `alpha_pattern` / `exclude_modules` / `layers_to_transform` per layer) gets
+    A/B padded to its largest rank, a per-layer `lora_scale` (0 where a layer is not adapted) and
+    a `lora_rank` leaf; the padded slots are zero and stay zero (`lora_jax.optimizer` masks them).
 
     >>> import jax, jax.numpy as jnp
     >>> p = {"q_proj": {"kernel": jnp.zeros((16, 32))}}
@@ -94,20 +161,23 @@ def inject(params: Params, config: LoraConfig, rng: jax.Array, *, layouts: Mappi
     >>> p["q_proj"]["lora_a"].shape, p["q_proj"]["lora_b"].shape
     ((16, 4), (4, 32))
     """
+    if isinstance(params, (nnx.Module, nnx.State)):
+        raise ValueError(f"inject takes a linen param tree, got a flax.nnx {type(params).__name__}; for nnx models use "
+                         "lora_jax.nnx.inject(model, config, rngs)")
     if has_lora(params):
         raise ValueError("params already hold LoRA leaves; merge() or split() them off before injecting again")
     out = copy_tree(params)
-    for i, path in enumerate(select_targets(params, config)):
-        kernel = get(params, path)
-        key = module_key(path)
-        stack, ins, outs = resolve_layout(path, kernel.shape, layouts).split(tuple(kernel.shape))
-        r = config.rank_for(key)
-        d_in, d_out = math.prod(ins), math.prod(outs)
-        a = _init_a(jax.random.fold_in(rng, i), stack + (d_in, r), config, r)
-        b = jnp.zeros(stack + (r, d_out), config.jnp_dtype)
-        put(out, path[:-1] + (LORA_A,), a)
-        put(out, path[:-1] + (LORA_B,), b)
-        put(out, path[:-1] + (LORA_SCALE,), jnp.full(stack, config.scale_for(key, r), jnp.float32))
+    for i, target in enumerate(plan_targets(params, config, layouts, model_type)):
+        kernel = get(params, target.path)
+        leaves = _adapter(target, tuple(kernel.shape), config, jax.random.fold_in(rng, i))
+        if config.use_dora or config.init not in ("default", "gaussian"):  # lora_jax.variants: PiSSA/OLoRA, DoRA
+            from lora_jax.variants.inits import variant_init  # noqa: PLC0415
+
+            new_kernel, leaves = variant_init(target, kernel, leaves, config, jax.random.fold_in(rng, i))
+            if new_kernel is not kernel:
+                put(out, target.path, new_kernel)
+        for name, leaf in leaves.items():
+            put(out, target.path[:-1] + (name,), leaf)
     return out
 
 
@@ -175,26 +245,30 @@ def adapter_scale(node: Any, config: LoraConfig | None, key: str) -> Any:
     return config.scale_for(key, r)
 
 
-def delta_weight(a: jax.Array, b: jax.Array, scale: Any, kernel_shape: tuple[int, ...]) -> jax.Array:
+def delta_weight(a: jax.Array, b: jax.Array, scale: Any, kernel_shape: tuple[int, ...],
+                 layout: KernelLayout | None = None) -> jax.Array:
     """ΔW = A @ B · scale in fp32, shaped like the kernel (stacked axes batched; a stacked scale
-    [*stack] scales each layer's product).
+    [*stack] scales each layer's product); `layout` puts the axes in the kernel's order where its
+    input axes are not the leading ones (`KernelLayout.in_axes`).
 
     >>> delta_weight(jnp.ones((2, 1)), jnp.ones((1, 3)), 2.0, (2, 3)).sum()
     Array(12., dtype=float32)
     """
     scale = jnp.asarray(scale, jnp.float32)
     dw = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32)) * scale[..., None, None]
-    return dw.reshape(kernel_shape)
+    return dw.reshape(kernel_shape) if layout is None else layout.to_kernel(dw, tuple(kernel_shape))
 
 
 def _adapted_modules(params: Params) -> list[tuple[str, ...]]:
     return [p[:-1] for p, _ in iter_leaves(params) if p[-1] == LORA_A]
 
 
-def merge(params: Params, config: LoraConfig | None = None) -> Params:
+def merge(params: Params, config: LoraConfig | None = None, *, layouts: Mapping[str, KernelLayout] | None = None) -> Params:
     """Fold every adapter into its kernel (W += A @ B · scale) and drop the adapter leaves.
 
     The scale is each adapter's own `lora_scale`; `config` is needed only for adapters without one.
+    `layouts` as for `inject`: a kernel of 3+ axes outside the project's layer containers
+    (DenseGeneral / Einsum / user scans) needs its layout, never guessed.
 
     >>> import jax
     >>> p = inject({"q": {"kernel": jnp.zeros((4, 4))}}, LoraConfig(r=2, target_modules=["q"]), jax.random.key(0))
@@ -207,15 +281,27 @@ def merge(params: Params, config: LoraConfig | None = None) -> Params:
         scale = adapter_scale(node, config, ".".join(mod))
         kernel, a, b = node[KERNEL], node.pop(LORA_A), node.pop(LORA_B)
         node.pop(LORA_SCALE, None)
+        magnitude = node.pop(LORA_MAGNITUDE, None)
+        node.pop(LORA_RANK, None)
         if is_param_leaf(kernel):  # a quantized base (lora_jax.quant): the merge is into its float values
             from lora_jax.quant.quantize import dequantize_params
 
             kernel = dequantize_params({"k": kernel}, warn=True)["k"]
-        node[KERNEL] = (kernel.astype(jnp.float32) + delta_weight(a, b, scale, kernel.shape)).astype(kernel.dtype)
+        layout = resolve_layout(mod + (KERNEL,), tuple(kernel.shape), layouts)
+        if magnitude is not None:  # DoRA: W' = m / ||W + ΔW|| · (W + ΔW)
+            if layout.in_axes is not None:
+                raise ValueError(f"DoRA on {'.'.join(mod)!r}, a kernel whose input axes are not its leading ones, is not supported")
+            from lora_jax.variants.dora import merged_kernel  # noqa: PLC0415
+
+            w2d = kernel.reshape(a.shape[:-1] + b.shape[-1:])
+            node[KERNEL] = merged_kernel(w2d, a, b, scale, magnitude).reshape(kernel.shape).astype(kernel.dtype)
+            continue
+        node[KERNEL] = (kernel.astype(jnp.float32) + delta_weight(a, b, scale, kernel.shape, layout)).astype(kernel.dtype)
     return out
 
 
-def unmerge(merged: Params, lora: Params, config: LoraConfig | None = None) -> Params:
+def unmerge(merged: Params, lora: Params, config: LoraConfig | None = None, *,
+            layouts: Mapping[str, KernelLayout] | None = None) -> Params:
     """Take the adapters in `lora` back out of merged kernels (W -= A @ B · scale) and re-attach them.
 
     Exact up to floating-point rounding of the kernel's dtype.
@@ -230,9 +316,14 @@ def unmerge(merged: Params, lora: Params, config: LoraConfig | None = None) -> P
     out = copy_tree(merged)
     for mod in _adapted_modules(lora):
         adapter = get(lora, mod)
+        if LORA_MAGNITUDE in adapter:
+            raise ValueError(f"the adapter at {'.'.join(mod)!r} is DoRA, whose merge cannot be undone without the base "
+                             "weights (PEFT keeps a cached norm); keep the unmerged params instead of unmerging")
         scale = adapter_scale(adapter, config, ".".join(mod))
         node = get(out, mod)
         kernel = node[KERNEL]
-        node[KERNEL] = (kernel.astype(jnp.float32) - delta_weight(adapter[LORA_A], adapter[LORA_B], scale, kernel.shape)).astype(kernel.dtype)
+        layout = resolve_layout(mod + (KERNEL,), tuple(kernel.shape), layouts)
+        delta = delta_weight(adapter[LORA_A], adapter[LORA_B], scale, kernel.shape, layout)
+        node[KERNEL] = (kernel.astype(jnp.float32) - delta).astype(kernel.dtype)
         node.update({k: v for k, v in adapter.items()})
     return out

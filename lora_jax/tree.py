@@ -7,6 +7,11 @@ last key says what kind of leaf it is — the one vocabulary every module uses:
     lora_a, lora_b             the adapter (trainable): A [*stack, in, r], B [*stack, r, out]
     lora_scale                 the adapter's scale (fp32 [*stack]): alpha/r or alpha/sqrt(r) per
                                module and layer; part of the adapter, never trained
+    lora_magnitude             DoRA's magnitude vector m [*stack, out] (trained; PEFT's
+                               lora_magnitude_vector), present only with use_dora
+    lora_rank                  (only in stacks whose layers differ in rank, or skip layers) each
+                               layer's true rank (int32 [*stack]); A/B are padded to the largest,
+                               the slots past a layer's rank stay zero and are never trained
 
 `ADAPTER_LEAVES` go with the adapter (`lora_jax.split` puts them in the LoRA half, so a swapped-in
 adapter brings its own scale); `CONSTANT_LEAVES` are the adapter leaves no optimizer updates.
@@ -26,9 +31,12 @@ KERNEL = "kernel"
 LORA_A = "lora_a"
 LORA_B = "lora_b"
 LORA_SCALE = "lora_scale"
+LORA_MAGNITUDE = "lora_magnitude"
+LORA_RANK = "lora_rank"
 LORA_LEAVES = (LORA_A, LORA_B)  # the low-rank factors
-CONSTANT_LEAVES = (LORA_SCALE,)  # adapter leaves that are never trained
-ADAPTER_LEAVES = LORA_LEAVES + CONSTANT_LEAVES
+VARIANT_LEAVES = (LORA_MAGNITUDE,)  # trained leaves of LoRA variants (DoRA)
+CONSTANT_LEAVES = (LORA_SCALE, LORA_RANK)  # adapter leaves that are never trained
+ADAPTER_LEAVES = LORA_LEAVES + VARIANT_LEAVES + CONSTANT_LEAVES
 
 Path = tuple[str, ...]
 

@@ -10,7 +10,7 @@ import pytest
 import transformers
 
 import lora_jax
-from lora_jax.cli import main as lora_jax_main
+from train.cli import main as lora_jax_main
 from lora_jax.interop import save_peft_adapter
 from test_merged_export import load_hf
 from test_peft_export import assert_close, hf_logits, our_logits, ours, peft_logits
@@ -62,7 +62,7 @@ def test_merged_bf16_with_tokenizer(setup, tmp_path):
     (["--format", "peft", "--adapter", "/nonexistent"], "adapter path /nonexistent does not exist"),
     (["--format", "peft", "--base", "/nonexistent"], "checkpoint path /nonexistent does not exist"),
     (["--format", "peft", "--out", "EXISTING"], "exists and is not empty; pass --overwrite"),
-    (["--format", "peft", "--adapter", "RUN_NO_ADAPTER"], "has no run.json"),
+    (["--format", "peft", "--adapter", "RUN_NO_ADAPTER"], "is a training run with no adapter yet"),
 ])
 def test_user_errors(args, match, setup, tmp_path, capsys):
     base, run, _ = setup
@@ -80,25 +80,28 @@ def test_user_errors(args, match, setup, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_from_training_checkpoint(setup, tmp_path):
-    """A run that stopped before exporting: the newest orbax checkpoint's LoRA leaves (scan_layers)."""
-    import jax
-    import optax
-
-    from lora_jax.training import init_train_state
-    from lora_jax.training.checkpoint import Checkpointer
-
+def test_from_training_checkpoint_adapters(setup, tmp_path):
+    """A run that stopped before its final export: the newest checkpoints/<step>/adapter (the program
+    writes one at every save), never the training state; a corrupt one is named in one line."""
     base, _, _ = setup
     lcfg = lora_jax.LoraConfig(r=2, alpha=4, target_modules=("k_proj", "o_proj"))
     model, _, params = ours(base, lcfg, scan_layers=True, seed=3)
-    lora = lora_jax.split(params)[0]
     run = tmp_path / "run"
-    with Checkpointer(run / "checkpoints") as ckpt:
-        ckpt.save(1, init_train_state(jax.tree_util.tree_map(lambda x: 0 * x, lora), optax.adam(1e-3), jax.random.key(0)))
-        ckpt.save(7, init_train_state(lora, optax.adam(1e-3), jax.random.key(0)))
-    (run / "run.json").write_text(json.dumps({"model": base, "lora": lcfg.to_peft_dict()}))
+    save_peft_adapter(jax_zeros_like(params), lcfg, run / "checkpoints" / "1" / "adapter", model_config=model.cfg)
+    save_peft_adapter(params, lcfg, run / "checkpoints" / "7" / "adapter", model_config=model.cfg)
+    (run / "checkpoints" / "9").mkdir()  # a newer step without an adapter (killed mid-save): skipped
     assert lora_jax_main(["export", "--base", base, "--adapter", str(run), "--format", "peft", "--out", str(tmp_path / "p")]) == 0
     assert_close(peft_logits(base, str(tmp_path / "p")), our_logits(model, params))
+    weights = run / "checkpoints" / "7" / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    assert lora_jax_main(["export", "--base", base, "--adapter", str(run), "--format", "peft", "--out", str(tmp_path / "q")]) == 2
+    assert not (tmp_path / "q").exists()
+
+
+def jax_zeros_like(params):
+    import jax
+
+    return jax.tree_util.tree_map_with_path(lambda p, x: 0 * x if "lora_b" in jax.tree_util.keystr(p) else x, params)
 
 
 def test_merged_from_gguf_base(tmp_path):

@@ -52,14 +52,14 @@ def test_greedy_matches_transformers(tiny):
     hf, model, params, _ = tiny
     ids, mask = left_pad(PROMPTS[:1])
     expected = hf_generate(hf, ids, mask, N, pad_token_id=0, eos_token_id=None)
-    np.testing.assert_array_equal(generate(model, params, ids, mask, max_new_tokens=N), expected)
+    np.testing.assert_array_equal(generate(model, params, ids, mask, max_new_tokens=N, eos_token_id=None), expected)
 
 
 def test_batched_left_padded_with_eos_matches_transformers(tiny):
     hf, model, params, _ = tiny
     ids, mask = left_pad(PROMPTS)
     free = hf_generate(hf, ids, mask, N, pad_token_id=0, eos_token_id=None)
-    np.testing.assert_array_equal(generate(model, params, ids, mask, max_new_tokens=N), free)
+    np.testing.assert_array_equal(generate(model, params, ids, mask, max_new_tokens=N, eos_token_id=None), free)
     eos = int(free[0, ids.shape[1] + 2])  # row 0 stops after 3 tokens; the others later or never
     expected = hf_generate(hf, ids, mask, N, pad_token_id=1, eos_token_id=eos)
     got = generate(model, params, ids, mask, max_new_tokens=N, eos_token_id=eos, pad_token_id=1)
@@ -77,9 +77,9 @@ def test_repetition_penalty_matches_transformers(tiny):
     ids, mask = left_pad(PROMPTS)
     for penalty in (1.5, 0.7):
         expected = hf_generate(hf, ids, mask, N, pad_token_id=0, eos_token_id=None, repetition_penalty=penalty)
-        got = generate(model, params, ids, mask, max_new_tokens=N, repetition_penalty=penalty)
+        got = generate(model, params, ids, mask, max_new_tokens=N, repetition_penalty=penalty, eos_token_id=None)
         np.testing.assert_array_equal(got, expected)
-    assert not np.array_equal(got, generate(model, params, ids, mask, max_new_tokens=N))
+    assert not np.array_equal(got, generate(model, params, ids, mask, max_new_tokens=N, eos_token_id=None))
 
 
 def test_gpt2_batched_greedy_matches_transformers(tmp_path):
@@ -95,7 +95,7 @@ def test_gpt2_batched_greedy_matches_transformers(tmp_path):
     model, params, _ = from_pretrained(str(tmp_path))
     ids, mask = left_pad(PROMPTS)
     expected = hf_generate(hf, ids, mask, N, pad_token_id=0, eos_token_id=None)
-    np.testing.assert_array_equal(generate(model, params, ids, mask, max_new_tokens=N), expected)
+    np.testing.assert_array_equal(generate(model, params, ids, mask, max_new_tokens=N, eos_token_id=None), expected)
 
 
 def test_scanned_layers_generate_the_same(tiny):
@@ -104,8 +104,8 @@ def test_scanned_layers_generate_the_same(tiny):
     hf, model, params, d = tiny
     scanned, sparams, _ = from_pretrained(d, scan_layers=True)
     ids, mask = left_pad(PROMPTS)
-    np.testing.assert_array_equal(generate(scanned, sparams, ids, mask, max_new_tokens=N),
-                                  generate(model, params, ids, mask, max_new_tokens=N))
+    np.testing.assert_array_equal(generate(scanned, sparams, ids, mask, max_new_tokens=N, eos_token_id=None),
+                                  generate(model, params, ids, mask, max_new_tokens=N, eos_token_id=None))
 
 
 def test_lora_unmerged_equals_merged(tiny):

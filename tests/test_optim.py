@@ -11,7 +11,7 @@ import lora_jax
 from lora_jax import LoraConfig
 from lora_jax.layers import Dense
 
-CFG = LoraConfig(r=4, alpha=8, target_modules="all-linear")
+CFG = LoraConfig(r=4, alpha=8, target_modules=["fc1", "fc2"])
 
 
 class Net(nn.Module):

@@ -30,7 +30,7 @@ def randomize_lora(params, seed=0, std=0.1):
     lora, frozen = lora_jax.split(params)
     lora, scales = lora_jax.split_constants(lora)
     lora = jax.tree_util.tree_map(lambda x: jax.numpy.asarray(rng.normal(0, std, x.shape), x.dtype), lora)
-    return lora_jax.combine(frozen, lora, scales)
+    return lora_jax.transform.zero_padded_slots(lora_jax.combine(frozen, lora, scales))
 
 
 def ours(path, lcfg, scan_layers=False, seed=0):
@@ -129,19 +129,19 @@ def test_rank_alpha_patterns_and_rslora(tiny_checkpoint, tmp_path):
     assert_close(our_logits(model, params), peft_logits(path, out))
 
 
-def test_scan_layers_export_pins_per_layer_patterns(tiny_checkpoint, tmp_path):
-    # Stacked leaves are written per layer. The model scales the stack with the pattern lookup of
-    # 'model.layers.self_attn.q_proj' (alpha 8), while PEFT would give layer 0 alpha 32 from the
-    # user's pattern: the writer pins the alpha PEFT must use.
+def test_scan_layers_export_per_layer_patterns(tiny_checkpoint, tmp_path):
+    # Stacked leaves are written per layer. Patterns are matched on each layer's PEFT name, so layer 0
+    # of the stack gets the pattern's alpha 32 exactly as PEFT gives it (scale vector [8, 2]).
     path, _ = tiny_checkpoint("qwen2")
     lcfg = lora_jax.LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj"), alpha_pattern={"layers.0.self_attn.q_proj": 32.0})
     model, base, params = ours(path, lcfg, scan_layers=True)
     assert params["model"]["layers"]["self_attn"]["q_proj"]["lora_a"].shape == (2, 64, 4)
+    assert params["model"]["layers"]["self_attn"]["q_proj"]["lora_scale"].tolist() == [8.0, 2.0]
     out = save_peft_adapter(params, lcfg, tmp_path / "a", hf_config=None, model_config=model.cfg)
     with safe_open(os.path.join(out, "adapter_model.safetensors"), "numpy") as f:
         assert "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight" in f.keys()
     alphas = json.load(open(os.path.join(out, "adapter_config.json")))["alpha_pattern"]
-    assert list(alphas.items())[0] == (r"model\.layers\.0\.self_attn\.q_proj", 8.0)  # pinned first: first match wins
+    assert alphas == {"layers.0.self_attn.q_proj": 32.0}  # the user's pattern is enough: nothing pinned
     assert_close(our_logits(model, params), peft_logits(path, out))
     back, back_cfg = load_peft_adapter(base, out)  # and back into the stacked model
     assert_close(our_logits(model.clone(lora=back_cfg), back), our_logits(model, params), 0)

@@ -95,11 +95,10 @@ def _edited(adapter, tmp_path, config=None, tensors=None):
 
 Q = "base_model.model.model.layers.0.self_attn.q_proj"
 REFUSALS = {
-    "dora": (dict(use_dora=True), None, r"DoRA \(use_dora\)"),
+    "dora": (dict(use_dora=True), None, r"use_dora=True but .*lora_magnitude_vector is missing"),
     "bias": (dict(bias="all"), None, r"trained biases"),
     "lora_bias": (dict(lora_bias=True), None, r"LoRA biases"),
     "modules_to_save": (dict(modules_to_save=["lm_head"]), None, r"modules_to_save"),
-    "layers_to_transform": (dict(layers_to_transform=[0]), None, r"layers_to_transform"),
     "megatron": (dict(megatron_config={"tensor_model_parallel_size": 2}), None, r"Megatron"),
     "target_parameters": (dict(target_parameters=["mlp.experts.gate_up_proj"]), None, r"target_parameters"),
     "peft_type": (dict(peft_type="IA3"), None, r"peft_type='IA3'; lora_jax loads only LoRA"),
@@ -113,7 +112,7 @@ REFUSALS = {
     "half": (None, {Q + ".lora_B.weight": None}, r"adapter has only .*q_proj.lora_A.weight; both"),
     "missing": (None, {Q + ".lora_A.weight": None, Q + ".lora_B.weight": None}, r"targets 'model.layers.0.self_attn.q_proj' but the adapter has no weights"),
     "embedding": (None, {"base_model.model.model.embed_tokens.lora_embedding_A": np.ones((4, 96), np.float32)}, r"embedding LoRA weight"),
-    "magnitude": (None, {Q + ".lora_magnitude_vector": np.ones(64, np.float32)}, r"DoRA magnitude weight"),
+    "magnitude": (None, {Q + ".lora_magnitude_vector": np.ones(64, np.float32)}, r"use_dora=False but .*q_proj.lora_magnitude_vector is present"),
     "unknown_module": (None, {"base_model.model.model.layers.0.self_attn.rotary.lora_A.weight": np.ones((4, 64), np.float32)},
                        r"no linear layer for; the adapter was trained for another architecture"),
 }
@@ -146,9 +145,15 @@ def test_refuses_other_architecture_and_hidden_size(llama_adapter, tiny_checkpoi
         load_peft_adapter(small, os.path.dirname(adapter) + "/nothing")
 
 
-def test_refuses_per_layer_ranks_in_scan_layers_model(tiny_checkpoint, tmp_path):
+def test_per_layer_ranks_and_layer_subset_load_into_scan_layers_model(tiny_checkpoint, tmp_path):
+    # Per-layer ranks / alphas and a layer subset (PEFT's layers_to_transform) in a stacked model:
+    # A/B padded to the largest rank (lora_rank), per-layer scales, PEFT's logits.
     path, _ = tiny_checkpoint("llama")
-    make_peft_adapter(path, tmp_path / "a", r=4, target_modules=["q_proj"], rank_pattern={"model.layers.1.self_attn.q_proj": 2})
+    theirs = make_peft_adapter(path, tmp_path / "a", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                               rank_pattern={"model.layers.1.self_attn.q_proj": 2}, alpha_pattern={"layers.0.self_attn.q_proj": 3})
+    assert_close(load_ours(path, tmp_path / "a", scan_layers=True), theirs)
+    theirs = make_peft_adapter(path, tmp_path / "b", r=2, target_modules=["v_proj"], layers_to_transform=1)
+    assert_close(load_ours(path, tmp_path / "b", scan_layers=True), theirs)
     _, params, _ = from_pretrained(path, scan_layers=True)
-    with pytest.raises(ValueError, match="scan_layers=False"):
-        load_peft_adapter(params, tmp_path / "a")
+    node = load_peft_adapter(params, tmp_path / "a")[0]["model"]["layers"]["self_attn"]["q_proj"]
+    assert node["lora_rank"].tolist() == [4, 2] and node["lora_scale"].tolist() == [0.75, 4.0]

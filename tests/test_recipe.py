@@ -7,8 +7,7 @@ import os
 
 import pytest
 
-from lora_jax.cli import main as lora_jax_main
-from train.cli import main as train_main
+from train.cli import main as lora_jax_main
 from train.config import Recipe, help_text, load_recipe, recipe_to_yaml, schema_keys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,7 +91,7 @@ def test_missing_recipe_and_bad_yaml(tmp_path):
 
 
 def test_help_documents_every_field(capsys):
-    assert train_main(["--help"]) == 0
+    assert lora_jax_main(["train", "--help"]) == 0
     out = capsys.readouterr().out
     for key, field in schema_keys().items():
         assert f"  {key} (" in out, key

@@ -70,10 +70,13 @@ def test_rank_pattern_sets_shapes_and_alpha_pattern_the_scale():
 def test_stacked_and_dense_general_layouts():
     p = {"layers": {"q_proj": {"kernel": jnp.zeros((3, 8, 16))}}, "o": {"kernel": jnp.zeros((2, 4, 8))}}
     out = lora_jax.inject(p, LoraConfig(r=2, target_modules=["q_proj", "o"]), jax.random.key(0),
-                          layouts={"o": KernelLayout(stack=0, n_in=2)})
+                          layouts={"o": KernelLayout(stack=0, n_in=2), "layers.q_proj": KernelLayout(stack=1, n_in=1)})
     assert out["layers"]["q_proj"]["lora_a"].shape == (3, 8, 2)  # stacked: leading layer axis kept
     assert out["layers"]["q_proj"]["lora_b"].shape == (3, 2, 16)
     assert out["o"]["lora_a"].shape == (8, 2) and out["o"]["lora_b"].shape == (2, 8)  # in axes (2, 4) flattened
+    # A kernel of 3+ axes outside the project's layer containers is never guessed.
+    with pytest.raises(ValueError, match=r"kernel 'o' has shape \(2, 4, 8\).*pass layouts=lora_jax.kernel_layouts"):
+        lora_jax.inject(p, LoraConfig(r=2, target_modules=["o"]), jax.random.key(0))
 
 
 def test_init_matches_peft_distributions():
@@ -96,7 +99,7 @@ def test_lora_leaves_are_fp32_over_a_bf16_base():
     "config, message",
     [
         (LoraConfig(target_modules=["c_attn"]), r"matched no kernel; modules with kernels are: lm_head, model\.layers\.0"),
-        (LoraConfig(target_modules=["embed_tokens"]), "'model.embed_tokens.embedding', which is not a dense kernel"),
+        (LoraConfig(target_modules=["embed_tokens"]), "module 'model.embed_tokens', which is not a dense kernel .it holds: embedding"),
         (LoraConfig(target_modules=["input_layernorm"]), "not a dense kernel"),
         (LoraConfig(target_modules=r"model\.layers\.0\..*"), "not a dense kernel"),
     ],

@@ -32,7 +32,7 @@ def setup(tmp_path_factory):
 
 
 def command(d, model, out):
-    return [sys.executable, "-m", "lora_jax.cli", "train", os.path.join(ROOT, "recipes", "seeds_format.yaml"),
+    return [sys.executable, "-m", "train", "train", os.path.join(ROOT, "recipes", "seeds_format.yaml"),
             f"model.path={model}", f"data.path={d / 'small.jsonl'}", "data.eval_fraction=0.2", "data.max_length=64",
             "data.metric=none", "lora.r=4", "lora.dropout=0.1", "lora.target_modules=all-linear", "optim.lr=3e-2",
             "batch_size=4", "grad_accum=2", "max_steps=10", "save_steps=1", "save_total_limit=2", "logging_steps=1",

@@ -24,6 +24,7 @@ import typing
 from typing import Any, Dict, List, Optional
 
 from lora_jax.config import LoraConfig
+from lora_jax.errors import MissingFileError, UserError
 
 F = dataclasses.field
 
@@ -37,7 +38,7 @@ def _f(default: Any, help: str, **kw) -> Any:  # noqa: A002
 
 def _check(cond: bool, msg: str) -> None:
     if not cond:
-        raise ValueError(msg)
+        raise UserError(msg)
 
 
 def _one_of(name: str, value: Any, choices: tuple) -> None:
@@ -69,14 +70,14 @@ class ModelSection:
         try:
             self.quant_config()
         except ValueError as e:
-            raise ValueError(f"model.quant_block_size: {e}") from None
+            raise UserError(f"model.quant_block_size: {e}") from None
         from lora_jax.models.stack import remat_policy
 
         try:
             if self.remat_option() != "auto":
                 remat_policy(self.remat_option())
         except ValueError as e:
-            raise ValueError(f"model.remat: {e}") from None
+            raise UserError(f"model.remat: {e}") from None
 
     def quant_config(self):
         """`lora_jax.quant.QuantConfig` for `from_pretrained(quantize=...)`, or None.
@@ -113,6 +114,7 @@ class LoraSection:
     alpha_pattern: Dict[str, float] = _f({}, "{regex: alpha} overriding alpha for matching modules")
     use_rslora: bool = _f(False, "rank-stabilised scale alpha / sqrt(r)")
     init: str = _f("default", "A's init: default (Kaiming-uniform, as PEFT) | gaussian; B starts at 0")
+    use_dora: bool = _f(False, "DoRA: a trained magnitude per output unit (PEFT's use_dora)")
 
     def __post_init__(self):
         self.to_lora_config()  # LoraConfig validates every field with its own one-line errors
@@ -125,9 +127,9 @@ class LoraSection:
                               target_modules=tm if tm is None or isinstance(tm, str) else tuple(tm),
                               exclude_modules=ex if ex is None or isinstance(ex, str) else tuple(ex),
                               rank_pattern=dict(self.rank_pattern), alpha_pattern=dict(self.alpha_pattern),
-                              use_rslora=self.use_rslora, init=self.init, dtype="float32")
+                              use_rslora=self.use_rslora, init=self.init, dtype="float32", use_dora=self.use_dora)
         except ValueError as e:
-            raise ValueError(str(e).replace("LoraConfig.", "lora.")) from None
+            raise UserError(str(e).replace("LoraConfig.", "lora.")) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +178,7 @@ class OptimSection:
     warmup_ratio: float = _f(0.0, "warmup as a fraction of the total steps")
     warmup_steps: int = _f(0, "warmup steps (overrides warmup_ratio when > 0)")
     min_lr_ratio: float = _f(0.0, "final lr of cosine/linear decay, as a fraction of lr")
+    loraplus_lr_ratio: float = _f(1.0, "LoRA+: B's learning rate is lr times this (PEFT's loraplus_lr_ratio; 1 = plain LoRA)")
 
     def __post_init__(self):
         _one_of("optim.name", self.name, ("adamw", "adamw_8bit"))
@@ -188,6 +191,7 @@ class OptimSection:
         _check(0 <= self.warmup_ratio < 1, f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         _check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.loraplus_lr_ratio > 0, f"optim.loraplus_lr_ratio must be > 0 (1 = off), got {self.loraplus_lr_ratio}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,12 +207,43 @@ class MeshSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributedSection:
+    coordinator_address: Optional[str] = _f(None, "host:port of process 0 for a multi-process run (default: env "
+                                                  "JAX_COORDINATOR_ADDRESS, or what jax.distributed detects on SLURM/TPU/MPI)")
+    num_processes: Optional[int] = _f(None, "processes in the job (default: env JAX_NUM_PROCESSES / WORLD_SIZE)")
+    process_id: Optional[int] = _f(None, "this process's index (default: env JAX_PROCESS_ID / RANK); usually set per process by env")
+
+    def __post_init__(self):
+        _check(self.num_processes is None or self.num_processes >= 1, f"distributed.num_processes must be >= 1, got {self.num_processes}")
+        _check(self.process_id is None or self.process_id >= 0, f"distributed.process_id must be >= 0, got {self.process_id}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DivergenceSection:
+    loss_vs_start: float = _f(3.0, "stop when the loss stays above this many times the first step's loss for `patience` steps (0 = off)")
+    loss_vs_mean: float = _f(5.0, "stop when the loss stays above this many times its running mean for `patience` steps (0 = off)")
+    grad_collapse: float = _f(1e-4, "stop when the gradient norm stays below this fraction of the first step's for `patience` steps (0 = off)")
+    patience: int = _f(5, "consecutive suspicious steps before the run is stopped (no checkpoint is saved while suspicious)")
+    window: int = _f(20, "steps the running mean of the loss averages over (exponential)")
+
+    def __post_init__(self):
+        for k in ("loss_vs_start", "loss_vs_mean"):
+            v = getattr(self, k)
+            _check(v == 0 or v > 1, f"divergence.{k} must be > 1 (or 0 = off), got {v}")
+        _check(0 <= self.grad_collapse < 1, f"divergence.grad_collapse must be in [0, 1) (0 = off), got {self.grad_collapse}")
+        _check(self.patience >= 1, f"divergence.patience must be >= 1, got {self.patience}")
+        _check(self.window >= 1, f"divergence.window must be >= 1, got {self.window}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Recipe:
     model: ModelSection = F(default_factory=ModelSection)
     lora: LoraSection = F(default_factory=LoraSection)
     data: DataSection = F(default_factory=DataSection)
     optim: OptimSection = F(default_factory=OptimSection)
     mesh: MeshSection = F(default_factory=MeshSection)
+    distributed: DistributedSection = F(default_factory=DistributedSection)
+    divergence: DivergenceSection = F(default_factory=DivergenceSection)
     batch_size: int = _f(8, "sequences per optimizer step (split into grad_accum micro-batches)")
     grad_accum: int = _f(1, "micro-batches per optimizer step (memory knob: the update is the same)")
     max_steps: int = _f(0, "optimizer steps (0 = derive from epochs)")
@@ -313,11 +348,11 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def check_keys(tree: dict, where: str) -> None:
-    """Raise a one-line ValueError naming the first unknown key and the closest known one."""
+    """Raise a one-line UserError naming the first unknown key and the closest known one."""
     known = schema_keys()
     for key in _flatten(tree):
         if key not in known:
-            raise ValueError(f"unknown recipe key {key!r} in {where}{_closest(key, known)}")
+            raise UserError(f"unknown recipe key {key!r} in {where}{_closest(key, known)}")
 
 
 def _is_text_field(key: str) -> bool:
@@ -352,19 +387,19 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] = ()) -> Re
     if path is not None:
         path = os.fspath(path)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"recipe {path!r} not found; give a YAML file such as recipes/smollm2_default.yaml")
+            raise MissingFileError(f"recipe {path!r} not found; give a YAML file such as recipes/smollm2_default.yaml")
         try:
             with open(path) as fh:
                 tree = yaml.safe_load(fh) or {}
         except yaml.YAMLError as e:
-            raise ValueError(f"recipe {path!r} is not valid YAML: {' '.join(str(e).split())}") from None
+            raise UserError(f"recipe {path!r} is not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(tree, dict):
-            raise ValueError(f"recipe {path!r} must be a mapping of keys to values")
+            raise UserError(f"recipe {path!r} must be a mapping of keys to values")
         check_keys(tree, path)
         layers.append(OmegaConf.create(tree))
     for item in overrides:
         if "=" not in item or item.startswith("="):
-            raise ValueError(f"override {item!r} must look like key=value (e.g. lora.r=16)")
+            raise UserError(f"override {item!r} must look like key=value (e.g. lora.r=16)")
         key, raw = item.split("=", 1)
         try:
             if _is_text_field(key):  # taken verbatim: format strings hold braces and colons
@@ -372,7 +407,7 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] = ()) -> Re
             else:
                 layer = OmegaConf.from_dotlist([item])
         except OmegaConfBaseException as e:
-            raise ValueError(f"override {item!r}: {str(e).splitlines()[0]}") from None
+            raise UserError(f"override {item!r}: {str(e).splitlines()[0]}") from None
         check_keys(OmegaConf.to_container(layer), "the overrides")
         layers.append(layer)
     try:
@@ -381,7 +416,7 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] = ()) -> Re
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         msg = str(e).splitlines()[0]
-        raise ValueError(f"recipe value for {key!r}: {msg}" if key else f"recipe: {msg}") from None
+        raise UserError(f"recipe value for {key!r}: {msg}" if key else f"recipe: {msg}") from None
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

@@ -3,7 +3,8 @@
 Pipeline (all numpy, all deterministic from the seed):
 
 1. `load_rows` — `datasets.load_dataset` on a local .json/.jsonl/.csv/.parquet file, a local
-   dataset directory or a hub name; checks the prompt/response columns exist and rows remain.
+   dataset directory or a hub name; checks the prompt/response columns exist, rows remain, and
+   every prompt and response is a string (a null or a number is an error naming the row).
 2. `encode` — `prompt_text(template)` is tokenized (with the tokenizer's own BOS), the response
    follows, then EOS. The loss mask is 1 only on response tokens and the EOS, so the model learns
    the answer and where to stop, never the prompt. Examples longer than `max_length` are dropped.
@@ -27,6 +28,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from lora_jax.errors import MissingFileError, UserError
+
 SEEDS_PROMPT = "<human>: {prompt}\n<assistant>:"
 FIELDS = ("input_ids", "targets", "loss_mask", "segment_ids", "positions")
 _LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -48,13 +51,13 @@ def load_rows(path: str, split: str = "train", name: str | None = None, columns:
     ext = os.path.splitext(path)[1].lower()
     if ext in _LOCAL_BUILDERS:
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"dataset file {path!r} not found; check data.path")
+            raise MissingFileError(f"dataset file {path!r} not found; check data.path")
         if split != "train":
-            raise ValueError(f"a single file like {path!r} has only the split 'train', not {split!r}; use data.eval_path or data.eval_fraction for eval data")
+            raise UserError(f"a single file like {path!r} has only the split 'train', not {split!r}; use data.eval_path or data.eval_fraction for eval data")
         if os.path.getsize(path) == 0:
-            raise ValueError(f"dataset {path!r} is empty")
+            raise UserError(f"dataset {path!r} is empty")
     elif not os.path.isdir(path) and (path.startswith((".", "/", "~")) or os.sep in path and not _looks_like_hub_name(path)):
-        raise FileNotFoundError(f"dataset {path!r} not found; check data.path")
+        raise MissingFileError(f"dataset {path!r} not found; check data.path")
     try:
         if ext in _LOCAL_BUILDERS:
             ds = datasets.load_dataset(_LOCAL_BUILDERS[ext], data_files=path, split="train")
@@ -62,19 +65,42 @@ def load_rows(path: str, split: str = "train", name: str | None = None, columns:
             ds = datasets.load_dataset(path, name, split=split)
     except ValueError as e:
         if "no data" in str(e):  # e.g. a CSV with a header only
-            raise ValueError(f"dataset {path!r} (split {split!r}) is empty") from None
-        raise FileNotFoundError(f"could not load dataset {path!r} (split {split!r}): {' '.join(str(e).split())[:200]}") from None
+            raise UserError(f"dataset {path!r} (split {split!r}) is empty") from None
+        raise MissingFileError(f"could not load dataset {path!r} (split {split!r}): {' '.join(str(e).split())[:200]}") from None
     except Exception as e:  # datasets raises many types (DatasetNotFoundError, ConnectionError, ...)
         msg = " ".join(str(e).split())[:200]
-        raise FileNotFoundError(f"could not load dataset {path!r} (split {split!r}): {type(e).__name__}: {msg}") from None
+        raise MissingFileError(f"could not load dataset {path!r} (split {split!r}): {type(e).__name__}: {msg}") from None
     if hasattr(ds, "keys") and not hasattr(ds, "column_names"):  # a DatasetDict
-        raise ValueError(f"dataset {path!r} has splits {sorted(ds)}; set data.split")
+        raise UserError(f"dataset {path!r} has splits {sorted(ds)}; set data.split")
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
-        raise ValueError(f"dataset {path!r} has no column {missing[0]!r} (columns: {', '.join(ds.column_names)}); set data.prompt_column / data.response_column")
+        raise UserError(f"dataset {path!r} has no column {missing[0]!r} (columns: {', '.join(ds.column_names)}); set data.prompt_column / data.response_column")
     if len(ds) == 0:
-        raise ValueError(f"dataset {path!r} (split {split!r}) is empty")
-    return [dict(r) for r in ds]
+        raise UserError(f"dataset {path!r} (split {split!r}) is empty")
+    rows = [dict(r) for r in ds]
+    check_text(rows, columns, path if ext in _LOCAL_BUILDERS else f"{path} (split {split})")
+    return rows
+
+
+def check_text(rows: list[dict], columns: Iterable[str], where: str) -> None:
+    """Every row's `columns` hold strings; else a one-line error naming the row (1 = the first).
+
+    >>> check_text([{"prompt": "a", "response": "b"}, {"prompt": None, "response": "c"}], ["prompt", "response"], "d.jsonl")
+    Traceback (most recent call last):
+    ...
+    lora_jax.errors.UserError: d.jsonl row 2: 'prompt' is null, not text; fix or drop that row
+    """
+    for i, row in enumerate(rows, start=1):
+        for c in columns:
+            v = row.get(c)
+            if not isinstance(v, str):
+                what = "missing" if c not in row else "null" if v is None else f"{type(v).__name__} {_clip(v)}"
+                raise UserError(f"{where} row {i}: {c!r} is {what}, not text; fix or drop that row")
+
+
+def _clip(v) -> str:
+    s = repr(v)
+    return s if len(s) <= 40 else s[:37] + "..."
 
 
 def _looks_like_hub_name(path: str) -> bool:
@@ -94,7 +120,7 @@ def split_eval(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict]
     order = np.random.default_rng([seed, 7]).permutation(len(rows))
     n_eval = min(max(1, int(round(fraction * len(rows)))), len(rows) - 1)
     if n_eval < 1:
-        raise ValueError(f"data.eval_fraction={fraction} leaves no training rows out of {len(rows)}")
+        raise UserError(f"data.eval_fraction={fraction} leaves no training rows out of {len(rows)}")
     held = set(order[:n_eval].tolist())
     return [r for i, r in enumerate(rows) if i not in held], [rows[i] for i in sorted(held)]
 
@@ -112,7 +138,7 @@ def prompt_text(template: str, prompt: str, tokenizer: Any = None) -> str:
         return SEEDS_PROMPT.format(prompt=prompt)
     if template == "chat":
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ValueError("data.template=chat but the tokenizer has no chat template; use template=seeds or a format string")
+            raise UserError("data.template=chat but the tokenizer has no chat template; use template=seeds or a format string")
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     return template.format(prompt=prompt)
 
@@ -133,7 +159,7 @@ def encode(tokenizer: Any, template: str, prompt: str, response: str) -> tuple[l
     p = encode_prompt(tokenizer, template, prompt)
     r = list(tokenizer(response_text(template, response), add_special_tokens=False)["input_ids"])
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer defines no EOS token; the model could not learn to stop")
+        raise UserError("the tokenizer defines no EOS token; the model could not learn to stop")
     r.append(int(tokenizer.eos_token_id))
     return p + r, [0] * len(p) + [1] * len(r)
 
@@ -143,12 +169,12 @@ def encode_all(rows: list[dict], tokenizer: Any, template: str, prompt_col: str,
     """Encode every row; drop the ones longer than max_length. Returns (examples, n_dropped)."""
     out, lengths = [], []
     for row in rows:
-        ids, mask = encode(tokenizer, template, str(row[prompt_col]), str(row[response_col]))
+        ids, mask = encode(tokenizer, template, row[prompt_col], row[response_col])
         lengths.append(len(ids))
         if len(ids) <= max_length:
             out.append((ids, mask))
     if not out:
-        raise ValueError(f"every {what} example is longer than data.max_length={max_length} tokens (shortest: {min(lengths)}); raise data.max_length")
+        raise UserError(f"every {what} example is longer than data.max_length={max_length} tokens (shortest: {min(lengths)}); raise data.max_length")
     return out, len(rows) - len(out)
 
 

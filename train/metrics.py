@@ -14,6 +14,8 @@ import re
 import sqlite3
 from collections import Counter
 
+from lora_jax.errors import UserError
+
 _SQL = re.compile(r"\b(SELECT|WITH)\b.*?(;|$)", re.IGNORECASE | re.DOTALL)
 
 
@@ -94,4 +96,4 @@ def task_metric(name: str, predictions: list[str], references: list[str], db_scr
         return exact_match(predictions, references)
     if name == "sql_exec":
         return sql_execution_accuracy(predictions, references, db_script)
-    raise ValueError(f"unknown data.metric {name!r}")
+    raise UserError(f"unknown data.metric {name!r}")

@@ -1,5 +1,5 @@
-"""What the loop needs around the step: model/tokenizer resolution, the output directory rules,
-the schedule, generation for samples and the metric, the loss plot and atomic writes.
+"""What the loop needs around the step: model/tokenizer resolution, the schedule, generation for
+samples and the metric, and the loss plot (the output directory rules are in `train.rundir`).
 
 Kept out of `train/loop.py` so that the loop reads top to bottom. Everything that can fail on user
 input (paths, incompatible output_dir) fails here *before* the model is loaded or anything is
@@ -8,16 +8,11 @@ written.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-from typing import Any
 
 import numpy as np
 
-from train.config import Recipe
-
-RUN_FILE = "run.json"
+from lora_jax.errors import MissingFileError
 
 
 # -- model + tokenizer ----------------------------------------------------------------------------
@@ -26,17 +21,26 @@ def resolve_model_path(path: str) -> str:
 
     >>> resolve_model_path("/nonexistent/model")
     Traceback (most recent call last):
-    FileNotFoundError: model path '/nonexistent/model' not found; set model.path to an HF model directory, a .gguf file or 'default'
+    ...
+    lora_jax.errors.MissingFileError: model path '/nonexistent/model' not found; set model.path to an HF model directory, a .gguf file or 'default'
     """
     if path == "default":
         from lora_jax.models.gguf import default_model_path
 
         return default_model_path()
     if not os.path.exists(path):
-        raise FileNotFoundError(f"model path {path!r} not found; set model.path to an HF model directory, a .gguf file or 'default'")
+        raise MissingFileError(f"model path {path!r} not found; set model.path to an HF model directory, a .gguf file or 'default'")
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"model directory {path!r} has no config.json; point model.path at a Hugging Face model directory")
+        raise MissingFileError(f"model directory {path!r} has no config.json; point model.path at a Hugging Face model directory")
     return os.path.abspath(path)
+
+
+def check_model_files(path: str) -> None:
+    """The model's config (architecture supported, named first), weight files present and whole
+    (truncated .safetensors / GGUF named) — before any tokenizer is looked at."""
+    from lora_jax.models.loading import check_checkpoint
+
+    check_checkpoint(path)
 
 
 def load_tokenizer(path: str):
@@ -50,67 +54,7 @@ def load_tokenizer(path: str):
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"no usable tokenizer in {path!r} ({' '.join(str(e).split())[:120]}); save one with tokenizer.save_pretrained") from None
-
-
-# -- output directory -----------------------------------------------------------------------------
-def run_identity(recipe: Recipe, model_path: str) -> dict:
-    """What must match for a run in output_dir to be continued: the model and the LoRA config."""
-    lora = recipe.to_lora_config().to_peft_dict()
-    return {"model": model_path, "lora": json.loads(json.dumps(lora))}
-
-
-def prepare_output_dir(recipe: Recipe, model_path: str, resume: bool, overwrite: bool) -> bool:
-    """Check output_dir against this run; returns whether there is a checkpoint to resume from.
-
-    Nothing is created here (that happens once the inputs are known to be good). An existing run
-    needs `--resume` (same model + LoRA config) or `--overwrite`.
-    """
-    out = recipe.output_dir
-    if overwrite and resume:
-        raise ValueError("--resume and --overwrite contradict each other; pick one")
-    if not os.path.exists(out):
-        return False
-    if not os.path.isdir(out):
-        raise NotADirectoryError(f"output_dir {out!r} is a file; choose a directory")
-    entries = os.listdir(out)
-    if not entries or overwrite:
-        return False
-    run_file = os.path.join(out, RUN_FILE)
-    if not os.path.isfile(run_file):
-        raise FileExistsError(f"output_dir {out!r} is not empty and holds no lora-jax run; choose another output_dir or pass --overwrite")
-    with open(run_file) as fh:
-        old = json.load(fh)
-    new = run_identity(recipe, model_path)
-    for key in ("model", "lora"):
-        if old.get(key) != new[key]:
-            what = "another model" if key == "model" else "another LoRA config"
-            raise FileExistsError(f"output_dir {out!r} holds a run of {what} ({key}: {_short(old.get(key))}); use another output_dir or --overwrite")
-    if not resume:
-        raise FileExistsError(f"output_dir {out!r} already holds this run; pass --resume to continue it or --overwrite to start over")
-    return os.path.isdir(os.path.join(out, "checkpoints"))
-
-
-def _short(v: Any) -> str:
-    s = json.dumps(v, sort_keys=True)
-    return s if len(s) < 80 else s[:77] + "..."
-
-
-def create_output_dir(recipe: Recipe, model_path: str, overwrite: bool, recipe_yaml: str) -> None:
-    out = recipe.output_dir
-    if overwrite and os.path.isdir(out):
-        shutil.rmtree(out)
-    os.makedirs(out, exist_ok=True)
-    write_atomic(os.path.join(out, RUN_FILE), json.dumps(run_identity(recipe, model_path), indent=2))
-    write_atomic(os.path.join(out, "recipe.yaml"), recipe_yaml)
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Write via a temporary file and rename: readers never see half a file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+        raise MissingFileError(f"no usable tokenizer in {path!r} ({' '.join(str(e).split())[:120]}); save one with tokenizer.save_pretrained") from None
 
 
 # -- schedule -------------------------------------------------------------------------------------
@@ -200,19 +144,3 @@ def plot_losses(history: list[dict], path: str) -> None:
     fig.savefig(path + ".tmp.png", dpi=100)
     plt.close(fig)
     os.replace(path + ".tmp.png", path)
-
-
-def read_history(path: str, up_to_step: int) -> list[dict]:
-    """metrics.jsonl entries up to `up_to_step` (a resumed run drops what it will redo)."""
-    if not os.path.isfile(path):
-        return []
-    out = []
-    with open(path) as fh:
-        for line in fh:
-            try:
-                h = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by kill -9
-                continue
-            if h.get("step", 0) <= up_to_step:
-                out.append(h)
-    return out

@@ -124,7 +124,7 @@ def generate(
     attention_mask=None,
     *,
     max_new_tokens: int,
-    eos_token_id: int | Sequence[int] | None = None,
+    eos_token_id: int | Sequence[int] | None | str = "model",
     pad_token_id: int | None = 0,
     temperature: float = 0.0,
     top_k: int | None = None,
@@ -140,7 +140,9 @@ def generate(
       params: its 'params' collection (base, with LoRA leaves, or merged).
       input_ids / attention_mask: [B, P] (or [P]); prompts left-padded, mask 1 on real tokens.
       max_new_tokens: tokens to add per row (the loop stops early once every row hit EOS).
-      eos_token_id: an id or a list of ids that end a row; None = never stop early.
+      eos_token_id: an id or a list of ids that end a row; "model" (the default) = the
+        checkpoint's own EOS (`model.cfg.eos_token_id`, as transformers' generate defaults to the
+        model's); None = never stop early.
       pad_token_id: written after a row's EOS (None: the first EOS id, as transformers does).
       temperature: 0 = greedy; > 0 samples after temperature, top_k, top_p (transformers' order).
       repetition_penalty: transformers' (> 1 discourages repeats; applied before the above,
@@ -157,6 +159,17 @@ def generate(
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     ids, mask = _as_ids(input_ids, attention_mask)
+    cfg = getattr(model, "cfg", None)
+    n_pos = getattr(cfg, "max_position_embeddings", None)
+    if n_pos is not None and ids.shape[1] > n_pos:
+        raise ValueError(f"the prompt has {ids.shape[1]} tokens but the model has {n_pos} positions; shorten the prompt")
+    if n_pos is not None and getattr(cfg, "family", None) == "gpt2" and ids.shape[1] + max_new_tokens > n_pos:
+        raise ValueError(f"prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceed the model's {n_pos} learned "
+                         "positions; lower max_new_tokens or shorten the prompt")
+    if isinstance(eos_token_id, str):
+        if eos_token_id != "model":
+            raise ValueError(f"eos_token_id must be an id, a list of ids, None or 'model', got {eos_token_id!r}")
+        eos_token_id = getattr(cfg, "eos_token_id", None)
     sampling = SamplingParams.make(temperature, top_k, top_p, repetition_penalty)
     eos = _eos_array(eos_token_id)
     pad = pad_token_id if pad_token_id is not None else max(int(eos[0]), 0)

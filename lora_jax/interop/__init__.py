@@ -4,7 +4,7 @@
     params, lora_config = load_peft_adapter(params, adapter_dir)              # any PEFT LoRA adapter
     save_merged(params, lora_config, out_dir, hf_config=hf_config, dtype="bfloat16")  # -> HF checkpoint
 
-and the `lora-jax export` command (lora_jax/interop/cli.py). Files: adapter.py (tensor names and
+(the `lora-jax export` command is the program's: train/export.py). Files: adapter.py (tensor names and
 orientation), peft_config.py (adapter_config.json), merged.py (merged checkpoints, sharding),
 _files.py (atomic output directories).
 

@@ -9,12 +9,16 @@ key between a fixed prefix and suffix, and A/B are stored transposed:
         <->  base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight   [out, r]
     ('transformer','h','0','attn','c_attn','lora_a')      (GPT-2 Conv1D: same rule, fan_in_fan_out=true)
     stacked ('model','layers','self_attn','q_proj','lora_a') A [L, in, r]  -> one tensor per layer
+    (...,'q_proj','lora_magnitude')  m [out]  <->  ...q_proj.lora_magnitude_vector [out]   (DoRA, use_dora)
 
 The scale PEFT applies is alpha/r (or alpha/sqrt(r)) looked up for the HF module name; ours is the
 adapter's own `lora_scale` leaf (one per layer in a stack). Export therefore checks, module by
 module, that the written config gives PEFT the rank in the file and the alpha that reproduces our
 scale, pinning exact-name rank/alpha patterns where the user's patterns alone would not; import
-does the reverse (scales from the config) and refuses per-layer ranks a stack cannot hold.
+does the reverse (scales from the config). A stack whose layers differ in rank or skip layers
+(`lora_rank` leaf) is written layer by layer with each layer's true rank, skipped layers left out
+(the config's `layers_to_transform` / `exclude_modules` say so to PEFT); importing such an adapter
+into a stacked model pads A/B to the largest rank and adds the `lora_rank` leaf back.
 Every tensor in an adapter file must land somewhere, and every module the config targets must have
 weights: anything else is a one-line ValueError, never silently skipped.
 """
@@ -32,18 +36,22 @@ import numpy as np
 
 from lora_jax.config import ALL_LINEAR, LoraConfig, pattern_value
 from lora_jax.interop._files import atomic_dir, save_safetensors
+from lora_jax.interop.param_targets import from_peft, to_peft, wrapper_names
 from lora_jax.interop.peft_config import lora_config_from_peft, peft_config_dict
 from lora_jax.models.build import build_model, param_shapes
 from lora_jax.models.config import ModelConfig
+from lora_jax.models.gguf import base_model_name
 from lora_jax.models.naming import CONV1D_MODULES, LAYER_CONTAINERS, hf_module_name, is_conv1d
-from lora_jax.targeting import OUTPUT_LAYER_NAMES, is_target, module_key
+from lora_jax.models import families
+from lora_jax.targeting import OUTPUT_LAYER_NAMES, is_parameter_key, is_target, module_key, resolve_targets
 from lora_jax.transform import combine, has_lora
-from lora_jax.tree import KERNEL, LORA_A, LORA_B, LORA_SCALE, iter_leaves
+from lora_jax.tree import KERNEL, LORA_A, LORA_B, LORA_MAGNITUDE, LORA_RANK, LORA_SCALE, iter_leaves
+from lora_jax.variants.inits import rewrites_base
 
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-_SUFFIXES = {".lora_A.weight": LORA_A, ".lora_B.weight": LORA_B}
+_SUFFIXES = {".lora_A.weight": LORA_A, ".lora_B.weight": LORA_B, ".lora_magnitude_vector": LORA_MAGNITUDE}
 
 
 def is_stacked_key(key: str) -> bool:
@@ -109,45 +117,76 @@ def save_peft_adapter(params: Any, lora_config: LoraConfig, out_dir: str, *, mod
     >>> sorted(os.listdir(d))
     ['adapter_config.json', 'adapter_model.safetensors']
     """
+    if rewrites_base(lora_config.init):
+        raise ValueError(f"an init={lora_config.init!r} adapter applies to the rewritten (residual) base, not the original; "
+                         "convert it first: lora_jax.variants.convert_to_lora(params, initial_lora, lora_config)")
     cfg = _model_config(model_config, hf_config)
+    lora_config = resolve_targets(lora_config, cfg.model_type)
     if base_model_name_or_path is None and hf_config is not None:
         base_model_name_or_path = getattr(hf_config, "name_or_path", None) or None
     base = kernel_modules(param_shapes(build_model(cfg)))
     leaves: dict[str, dict[str, np.ndarray]] = {}
     for path, leaf in iter_leaves(params):
-        if path[-1] in (LORA_A, LORA_B, LORA_SCALE):
+        if path[-1] in (LORA_A, LORA_B, LORA_SCALE, LORA_RANK, LORA_MAGNITUDE):
             leaves.setdefault(module_key(path), {})[path[-1]] = np.asarray(leaf, np.float32)
     if not leaves:
         raise ValueError("params hold no LoRA leaves (lora_a/lora_b); inject or load an adapter first")
     tensors: dict[str, np.ndarray] = {}
     ranks, alphas = dict(lora_config.rank_pattern), dict(lora_config.alpha_pattern)
     names: list[str] = []
+    expert_ab: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # target_parameters adapters, written below
     for key, ab in sorted(leaves.items()):
         if not {LORA_A, LORA_B} <= set(ab):
             raise ValueError(f"module {key!r} has only {sorted(ab)}; an adapter needs both lora_a and lora_b")
-        a, b, scale = ab[LORA_A], ab[LORA_B], ab.get(LORA_SCALE)
+        a, b, scale, rank = ab[LORA_A], ab[LORA_B], ab.get(LORA_SCALE), ab.get(LORA_RANK)
+        mag = ab.get(LORA_MAGNITUDE)
+        if (mag is not None) != lora_config.use_dora:
+            raise ValueError(f"module {key!r} {'has' if mag is not None else 'has no'} DoRA magnitude but lora_config.use_dora="
+                             f"{lora_config.use_dora}; pass the LoraConfig the adapters were created with")
         stacked = is_stacked_key(key)
+        if rank is not None and not stacked:
+            raise ValueError(f"module {key!r} has per-layer ranks (lora_rank) but is not a stacked layer module of the model")
         layers = range(a.shape[0]) if stacked else [None]
         for i in layers:
             a_i, b_i = (a[i], b[i]) if stacked else (a, b)
+            if rank is not None:  # padded stack: the layer's true rank; rank 0 = layer not adapted
+                if int(rank[i]) == 0:
+                    continue
+                a_i, b_i = a_i[..., : int(rank[i])], b_i[..., : int(rank[i]), :]
             name = hf_module_name(key, i)
             if name not in base:
                 raise ValueError(f"params have an adapter at {name!r}, which the {cfg.model_type} model has no linear layer for; wrong model_config?")
             need = base[name][2]
-            if a_i.shape[0] != need[0] or b_i.shape[1] != need[1] or a_i.shape[1] != b_i.shape[0]:
+            if a_i.shape[-2] != need[0] or b_i.shape[-1] != need[1] or a_i.shape[-1] != b_i.shape[-2]:
                 raise ValueError(f"adapter at {name!r} has A {a_i.shape} and B {b_i.shape} but the model's kernel is {need}; wrong model_config?")
-            r = a_i.shape[1]
-            alpha = lora_config.alpha_for(key)
+            r = a_i.shape[-1]
+            alpha = lora_config.alpha_for(name)
             if scale is not None:
-                alpha = _alpha_of(float(scale[i] if stacked else scale), r, alpha, lora_config.use_rslora)
+                s_i = np.unique(np.asarray(scale[i] if stacked else scale).reshape(-1))
+                if s_i.size != 1:  # per-expert scales: PEFT's ParamWrapper has one scaling for all experts
+                    raise ValueError(f"adapter at {name!r} has different lora_scale values per expert; PEFT holds one")
+                alpha = _alpha_of(float(s_i[0]), r, alpha, lora_config.use_rslora)
             ranks = _pin(ranks, name, r, pattern_value(ranks, name, lora_config.r))
             alphas = _pin(alphas, name, alpha, pattern_value(alphas, name, lora_config.alpha))
-            tensors[f"{PREFIX}{name}.lora_A.weight"] = a_i.T
-            tensors[f"{PREFIX}{name}.lora_B.weight"] = b_i.T
+            if is_parameter_key(name):
+                if mag is not None:
+                    raise ValueError(f"adapter at {name!r} is DoRA on expert tensors, which PEFT has no format for; use plain LoRA there")
+                expert_ab[name] = (a_i, b_i)
+            else:
+                tensors[f"{PREFIX}{name}.lora_A.weight"] = a_i.T
+                tensors[f"{PREFIX}{name}.lora_B.weight"] = b_i.T
+                if mag is not None:
+                    tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = mag[i] if stacked else mag
             names.append(name)
+    if expert_ab:
+        declared = families.of(cfg).peft_parameters
+        if declared is None:
+            raise ValueError(f"params have expert-tensor adapters but the {cfg.model_type} model has no expert tensors")
+        for name, wrapper in wrapper_names(expert_ab, declared[1]).items():
+            tensors[f"{PREFIX}{wrapper}.lora_A.weight"], tensors[f"{PREFIX}{wrapper}.lora_B.weight"] = to_peft(*expert_ab[name])
     targets = lora_config.target_modules
     if targets == ALL_LINEAR:  # PEFT saves the expansion: the leaf names of every adapted linear layer
-        targets = tuple(sorted({n.rsplit(".", 1)[-1] for n in names}))
+        targets = tuple(sorted({n.rsplit(".", 1)[-1] for n in names if not is_parameter_key(n)}))
     written = dataclasses.replace(lora_config, target_modules=targets, rank_pattern=ranks, alpha_pattern=alphas)
     selected = {n for n in base if is_target(written, n)}
     extra, missing = selected - set(names), set(names) - selected
@@ -155,9 +194,14 @@ def save_peft_adapter(params: Any, lora_config: LoraConfig, out_dir: str, *, mod
         what = f"targets {sorted(extra)[0]!r}, which has no adapter in params" if extra else f"does not target {sorted(missing)[0]!r}, which has an adapter in params"
         raise ValueError(f"lora_config {what}; pass the LoraConfig the adapters were created with")
     conv1d = any(is_conv1d(n, cfg) for n in names)
-    config = peft_config_dict(written, fan_in_fan_out=conv1d, base_model_name_or_path=base_model_name_or_path)
+    base_name, gguf_file = base_model_name(base_model_name_or_path)
+    config = peft_config_dict(written, fan_in_fan_out=conv1d, base_model_name_or_path=base_name)
     with atomic_dir(out_dir, overwrite) as tmp:
         save_safetensors(tensors, os.path.join(tmp, WEIGHTS_FILE))
+        if gguf_file is not None:  # PEFT's model card (README.md) names the base and notes the GGUF file
+            with open(os.path.join(tmp, "README.md"), "w") as f:
+                f.write(f"---\nbase_model: {base_name}\nlibrary_name: peft\n---\n\nLoRA adapter trained with lora_jax on "
+                        f"the GGUF file `{gguf_file}` (converted from `{base_name}`; load the adapter onto `{base_name}`).\n")
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             json.dump(config, f, indent=2)
             f.write("\n")
@@ -182,8 +226,9 @@ def read_adapter(adapter_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
     cfg_path = os.path.join(adapter_dir, CONFIG_FILE)
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{adapter_dir} has no {CONFIG_FILE}; pass a PEFT adapter directory")
-    with open(cfg_path) as f:
-        config = json.load(f)
+    from lora_jax.files import read_json
+
+    config = read_json(cfg_path)
     st, pt = os.path.join(adapter_dir, WEIGHTS_FILE), os.path.join(adapter_dir, "adapter_model.bin")
     if os.path.isfile(st):
         from lora_jax.models.loading import read_safetensors
@@ -201,7 +246,7 @@ def _split_name(name: str) -> tuple[str, str]:
     for suffix, leaf in _SUFFIXES.items():
         if name.startswith(PREFIX) and name.endswith(suffix):
             return name[len(PREFIX):-len(suffix)], leaf
-    kind = ("DoRA magnitude" if "lora_magnitude_vector" in name else "embedding LoRA" if "lora_embedding" in name
+    kind = ("embedding LoRA" if "lora_embedding" in name
             else "LoRA bias" if name.endswith(".bias") else "non-LoRA")
     raise ValueError(f"adapter tensor {name!r} is a {kind} weight, which lora_jax does not support; use a plain LoRA adapter of linear layers")
 
@@ -257,11 +302,13 @@ def load_peft_adapter(params: Any, adapter_dir: str) -> tuple[Any, LoraConfig]:
     if has_lora(params):
         raise ValueError("params already hold LoRA leaves; merge() or split() them off before loading an adapter")
     kernels = kernel_modules(params)
+    wrappers = _expert_wrappers(kernels, cfg)  # PEFT ParamWrapper module -> our expert-tensor name
     found: dict[str, dict[str, np.ndarray]] = {}
     for name, arr in tensors.items():
         if _is_base_copy(name, arr, params, kernels):
             continue
         mod, leaf = _split_name(name)
+        mod = wrappers.get(mod, mod)
         if mod not in kernels and mod.split(".")[-1] in OUTPUT_LAYER_NAMES:
             raise ValueError(f"adapter tensor {name!r} adapts {mod!r}, which this model ties to the embedding (no linear "
                              "layer of its own); LoRA on a tied LM head is not supported")
@@ -277,21 +324,52 @@ def load_peft_adapter(params: Any, adapter_dir: str) -> tuple[Any, LoraConfig]:
             continue
         if not selected:
             raise ValueError(f"adapter tensor {PREFIX}{mod}.lora_A.weight is for {mod!r}, which adapter_config.json does not target")
-        if set(ab) != {LORA_A, LORA_B}:
+        if not {LORA_A, LORA_B} <= set(ab):
             raise ValueError(f"adapter has only {PREFIX}{mod}.{'lora_A' if LORA_A in ab else 'lora_B'}.weight; both lora_A and lora_B are needed")
+        if (LORA_MAGNITUDE in ab) != cfg.use_dora:
+            raise ValueError(f"adapter_config.json has use_dora={cfg.use_dora} but {PREFIX}{mod}.lora_magnitude_vector is "
+                             f"{'present' if LORA_MAGNITUDE in ab else 'missing'}; the files do not match")
         d_in, d_out = kernels[mod][2]
         r = cfg.rank_for(mod)
-        for leaf, need in ((LORA_A, (r, d_in)), (LORA_B, (d_out, r))):
-            if ab[leaf].shape != need:
-                tname = f"{PREFIX}{mod}.{'lora_A' if leaf == LORA_A else 'lora_B'}.weight"
+        e = _n_experts(params, kernels[mod][0]) if is_parameter_key(mod) else 1
+        for leaf, need in ((LORA_A, (r * e, d_in)), (LORA_B, (d_out, r * e)), (LORA_MAGNITUDE, (d_out,))):
+            if leaf in ab and ab[leaf].shape != need:
+                tname = f"{PREFIX}{mod}.{ {LORA_A: 'lora_A.weight', LORA_B: 'lora_B.weight'}.get(leaf, 'lora_magnitude_vector')}"
                 raise ValueError(f"adapter tensor {tname!r} has shape {ab[leaf].shape} but this model with r={r} needs {need}; "
                                  "the adapter was trained for another model (hidden size / rank differ)")
-    tree, cfg = _lora_tree(found, kernels, cfg)
+    tree, cfg = _lora_tree(found, kernels, cfg, {m: _n_experts(params, kernels[m][0]) for m in found if is_parameter_key(m)})
     return combine(params, tree), cfg
 
 
-def _lora_tree(found: dict, kernels: dict, cfg: LoraConfig) -> tuple[dict, LoraConfig]:
-    """Nested LoRA leaves for the model's module keys; stacks per-layer tensors where the model is stacked."""
+def _n_experts(params: Any, key: str) -> int:
+    return int(np.shape(_node(params, key)[KERNEL])[-3])
+
+
+def _expert_wrappers(kernels: dict, cfg: LoraConfig) -> dict[str, str]:
+    """PEFT module names of the ParamWrappers `cfg.target_parameters` creates -> our expert-tensor names."""
+    targeted = [n for n in kernels if is_parameter_key(n) and is_target(cfg, n)]
+    if not targeted:
+        if cfg.target_parameters:  # as PEFT: "target_parameters were set but no parameter was matched"
+            raise ValueError(f"adapter_config.json target_parameters={list(cfg.target_parameters)} match no parameter of "
+                             "this model (no MoE expert tensors of that name); the adapter was trained for another architecture")
+        return {}
+    declared = next((f.peft_parameters[1] for f in families.families()
+                     if f.peft_parameters and f.is_parameter_module(targeted[0])), None)
+    if declared is None:
+        raise ValueError(f"no model family declares the expert tensor {targeted[0]!r}")
+    return {wrapper: name for name, wrapper in wrapper_names(targeted, declared).items()}
+
+
+def _lora_tree(found: dict, kernels: dict, cfg: LoraConfig, experts: dict[str, int]) -> tuple[dict, LoraConfig]:
+    """Nested LoRA leaves for the model's module keys; stacks per-layer tensors where the model is stacked.
+    `experts`: module -> number of experts for the expert tensors (PEFT target_parameters layout)."""
+
+    def ours(m):  # (a [*E, in, r], b [*E, r, out], scale [*E]) of one PEFT module
+        if m in experts:
+            a, b = from_peft(found[m][LORA_A], found[m][LORA_B], experts[m])
+            return a, b, np.full((experts[m],), cfg.scale_for(m), np.float32)
+        return found[m][LORA_A].T, found[m][LORA_B].T, np.float32(cfg.scale_for(m))
+
     by_key: dict[str, dict[int | None, str]] = {}
     for mod in found:
         key, layer, _ = kernels[mod]
@@ -301,24 +379,42 @@ def _lora_tree(found: dict, kernels: dict, cfg: LoraConfig) -> tuple[dict, LoraC
     for key, layers in sorted(by_key.items()):
         mods = [layers[i] for i in sorted(layers, key=lambda i: -1 if i is None else i)]
         r_set, alpha_set = {cfg.rank_for(m) for m in mods}, {cfg.alpha_for(m) for m in mods}
+        extra: dict[str, np.ndarray] = {}
         if None not in layers:
             n_layers = sum(1 for k in kernels.values() if k[0] == key)
-            if len(layers) != n_layers or len(r_set) > 1 or len(alpha_set) > 1:
-                raise ValueError(f"the adapter gives {key!r} per-layer ranks/alphas or skips layers, which a scan_layers "
-                                 "(stacked) model cannot hold; load it into a model built with scan_layers=False")
-            a = np.stack([found[m][LORA_A].T for m in mods])
-            b = np.stack([found[m][LORA_B].T for m in mods])
-            scale = np.array([cfg.scale_for(m) for m in mods], np.float32)
+            ranks_i = [cfg.rank_for(layers[i]) if i in layers else 0 for i in range(n_layers)]
+            per = {i: ours(m) for i, m in layers.items()}
+            if cfg.use_dora and (len(set(ranks_i)) != 1):
+                raise ValueError(f"the DoRA adapter gives {key!r} per-layer ranks or skips layers, which a scan_layers model "
+                                 "cannot hold with DoRA; load it into a model built with scan_layers=False")
+            mag = np.stack([found[layers[i]][LORA_MAGNITUDE] for i in range(n_layers)]) if cfg.use_dora else None
+            if len(set(ranks_i)) == 1:  # every layer, one rank (per-layer alphas live in the scale vector)
+                a, b, scale = (np.stack(x).astype(np.float32) for x in zip(*(per[i] for i in range(n_layers))))
+            else:  # per-layer ranks or skipped layers: pad to the largest rank, record each layer's (lora_rank)
+                if any(m in experts for m in mods):
+                    raise ValueError(f"the adapter gives the expert tensors {key!r} per-layer ranks or skips layers, which a "
+                                     "scan_layers model cannot hold; load it into a model built with scan_layers=False")
+                r_max, (a0, b0, _) = max(ranks_i), per[min(per)]
+                a = np.zeros((n_layers, a0.shape[0], r_max), np.float32)
+                b = np.zeros((n_layers, r_max, b0.shape[1]), np.float32)
+                scale = np.zeros((n_layers,), np.float32)
+                for i, (a_i, b_i, s_i) in per.items():
+                    a[i, :, : ranks_i[i]], b[i, : ranks_i[i]], scale[i] = a_i, b_i, s_i
+                extra[LORA_RANK] = np.asarray(ranks_i, np.int32)
         else:
-            a, b = found[mods[0]][LORA_A].T, found[mods[0]][LORA_B].T
-            scale = np.float32(cfg.scale_for(mods[0]))
-        (r,), (alpha,) = r_set, alpha_set
-        ranks = _pin(ranks, key, r, cfg.rank_for(key))
-        alphas = _pin(alphas, key, alpha, cfg.alpha_for(key))
+            a, b, scale = ours(mods[0])
+            mag = found[mods[0]].get(LORA_MAGNITUDE)
+        if len(r_set) == 1 and len(alpha_set) == 1:
+            (r,), (alpha,) = r_set, alpha_set
+            ranks = _pin(ranks, key, r, cfg.rank_for(key))
+            alphas = _pin(alphas, key, alpha, cfg.alpha_for(key))
         node = tree
         for part in key.split("."):
             node = node.setdefault(part, {})
         node[LORA_A] = jnp.asarray(np.ascontiguousarray(a), cfg.jnp_dtype)
         node[LORA_B] = jnp.asarray(np.ascontiguousarray(b), cfg.jnp_dtype)
         node[LORA_SCALE] = jnp.asarray(scale, jnp.float32)
+        node.update({k: jnp.asarray(v) for k, v in extra.items()})
+        if mag is not None:
+            node[LORA_MAGNITUDE] = jnp.asarray(mag, cfg.jnp_dtype)
     return tree, dataclasses.replace(cfg, rank_pattern=ranks, alpha_pattern=alphas)

@@ -9,8 +9,8 @@ features we do not implement and our config's values for the rest:
     inference_mode true, ... (use_dora false, modules_to_save null, ...)
 
 Read: the LoRA options above map onto `LoraConfig`; metadata keys are ignored; any feature that
-changes the model's output and that we do not implement (DoRA, LoRA biases, modules_to_save,
-layers_to_transform, PiSSA-style inits that rewrite the base weights, ...) is refused with a
+changes the model's output and that we do not implement (LoRA biases, modules_to_save,
+PiSSA-style inits that rewrite the base weights, ...) is refused with a
 one-line ValueError naming it, as is any unknown key with a non-empty value.
 """
 
@@ -38,16 +38,18 @@ PEFT_DEFAULTS: dict[str, Any] = {
 
 # Keys we read into LoraConfig (or check separately).
 _HANDLED = {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "rank_pattern",
-            "alpha_pattern", "use_rslora", "init_lora_weights", "peft_type", "task_type", "fan_in_fan_out"}
+            "alpha_pattern", "use_rslora", "init_lora_weights", "peft_type", "task_type", "fan_in_fan_out",
+            "layers_to_transform", "layers_pattern", "use_dora",
+            "target_parameters"}  # LoRA on MoE expert tensors (lora_jax.models.moe)
 # Metadata, or options that only matter while initialising/training and not for the loaded weights.
 _IGNORED = {"auto_mapping", "base_model_name_or_path", "revision", "peft_version", "inference_mode",
             "megatron_core", "qalora_group_size", "loftq_config", "eva_config", "corda_config",
-            "lora_ga_config", "ensure_weight_tying", "layers_pattern"}
+            "lora_ga_config", "ensure_weight_tying"}
 # Features that change the adapted model and that lora_jax does not implement: value must be "off".
 _UNSUPPORTED = {
-    "use_dora": "DoRA (use_dora)", "bias": "trained biases (bias != 'none')", "lora_bias": "LoRA biases (lora_bias)",
-    "modules_to_save": "fully trained modules (modules_to_save)", "layers_to_transform": "layers_to_transform",
-    "megatron_config": "Megatron parallel layers (megatron_config)", "target_parameters": "LoRA on parameters (target_parameters)",
+    "bias": "trained biases (bias != 'none')", "lora_bias": "LoRA biases (lora_bias)",
+    "modules_to_save": "fully trained modules (modules_to_save)",
+    "megatron_config": "Megatron parallel layers (megatron_config)",
     "trainable_token_indices": "trainable tokens (trainable_token_indices)", "layer_replication": "layer_replication",
     "use_qalora": "QALoRA (use_qalora)", "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
     "use_bdlora": "BD-LoRA (use_bdlora)", "arrow_config": "Arrow routing (arrow_config)", "kasa_config": "KaSA (kasa_config)",
@@ -82,10 +84,10 @@ def lora_config_from_peft(d: Mapping[str, Any], source: str = "adapter_config.js
 
     >>> lora_config_from_peft({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}).alpha
     8
-    >>> lora_config_from_peft({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"], "use_dora": True})
+    >>> lora_config_from_peft({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"], "lora_bias": True})
     Traceback (most recent call last):
     ...
-    ValueError: adapter_config.json uses DoRA (use_dora), which lora_jax does not support; use a plain LoRA adapter
+    ValueError: adapter_config.json uses LoRA biases (lora_bias), which lora_jax does not support; use a plain LoRA adapter
     """
     peft_type = d.get("peft_type")
     if peft_type != "LORA":
@@ -105,7 +107,7 @@ def lora_config_from_peft(d: Mapping[str, Any], source: str = "adapter_config.js
     if init not in _OK_INITS:
         raise ValueError(f"{source} has init_lora_weights={init!r}, which rewrites the base weights; convert it to "
                          "a plain LoRA adapter with PEFT first (see PEFT's PiSSA/OLoRA conversion docs)")
-    if not d.get("target_modules"):
+    if not d.get("target_modules") and not d.get("target_parameters"):
         raise ValueError(f"{source} has no target_modules; lora_jax loads adapters of linear modules only")
     try:
         return LoraConfig.from_peft_dict(d)

@@ -1,11 +1,15 @@
 """Flax causal LMs that load Hugging Face checkpoints: Llama family (Llama 2/3/3.x, SmolLM, Mistral,
-Qwen2, Qwen3) and GPT-2, with param paths equal to HF module names (docs/CONVENTIONS.md).
+Qwen2, Qwen3), GPT-2, Gemma 2/3 (text) and Qwen3-MoE, with param paths equal to HF module names
+(docs/CONVENTIONS.md). Each family is one module of `families/` (the registry: model, HF
+model_types, naming, sharding rules, PEFT target_parameters, GGUF mapping).
 
     model, params, hf_config = from_pretrained("path/to/hf_dir", dtype="bfloat16", scan_layers=True)
     logits, cache = model.apply({"params": params}, input_ids, attention_mask=None, positions=None, cache=None)
     cache = init_cache(model.cfg, batch, max_len, dtype)   # KV cache for incremental decoding
 
-Files: config.py (ModelConfig), llama.py / gpt2.py (modules), attention.py (the attention entry
+Files: config.py (ModelConfig), families/ (one module per family + the registry), blocks.py (shared
+norms, MLP, attention, head), causal_lm.py (the shared CausalLM), moe.py (router, grouped experts,
+expert parallelism), llama.py / gpt2.py (re-exports), attention.py (the attention entry
 point, mask description, KV cache), masks.py (AttentionMask), attn_dispatch.py (which
 implementation serves a call), attn_reference.py / attn_cudnn.py / attn_splash.py (the
 implementations), rope.py, stack.py (unrolled / scanned / rematerialised blocks), build.py

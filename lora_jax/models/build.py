@@ -17,9 +17,9 @@ import jax.numpy as jnp
 from lora_jax.config import LoraConfig
 from lora_jax.defaults import platform_defaults
 from lora_jax.models.attn_dispatch import check_choice
+from lora_jax.models import families
+from lora_jax.models.causal_lm import CausalLM
 from lora_jax.models.config import ModelConfig
-from lora_jax.models.gpt2 import GPT2LMHeadModel
-from lora_jax.models.llama import LlamaForCausalLM
 from lora_jax.models.stack import remat_policy
 
 
@@ -59,7 +59,7 @@ def build_model(
     check_choice(attention)
     dtype = as_dtype(dtype)
     param_dtype = dtype if param_dtype is None else as_dtype(param_dtype)
-    cls = GPT2LMHeadModel if cfg.family == "gpt2" else LlamaForCausalLM
+    cls = families.of(cfg).causal_lm
     return cls(cfg, dtype=dtype, param_dtype=param_dtype, lora=lora, scan_layers=scan_layers, remat=remat,
                attention=attention)
 
@@ -81,8 +81,9 @@ def lm_head(model: nn.Module, params: Any) -> tuple[jax.Array, bool] | None:
     """(head weight, vocab_first) of one of our causal LMs, for a loss that applies the head itself.
 
     Tied embeddings give the embedding [V, D] (vocab_first=True), an untied head its kernel [D, V].
-    None when the model is not one of ours (no `return_hidden`) or the head carries LoRA leaves
-    (explicitly targeted `lm_head`): the caller then uses the logits the model returns.
+    None when the model is not one of ours (no `return_hidden`), its logits are soft-capped (Gemma 2)
+    or the head carries LoRA leaves (explicitly targeted `lm_head`): the caller then uses the logits
+    the model returns.
 
     >>> from lora_jax.models.config import ModelConfig
     >>> model = build_model(ModelConfig("llama", 32, 16, 32, 2, 4, 2, 4))
@@ -90,11 +91,10 @@ def lm_head(model: nn.Module, params: Any) -> tuple[jax.Array, bool] | None:
     >>> w.shape, vocab_first
     ((16, 32), False)
     """
-    if not isinstance(model, (LlamaForCausalLM, GPT2LMHeadModel)):
+    if not isinstance(model, CausalLM) or model.cfg.final_softcap is not None:  # soft-capped logits: the model's head
         return None
     if model.cfg.tie_word_embeddings:
-        embed = params["transformer"]["wte"] if isinstance(model, GPT2LMHeadModel) else params["model"]["embed_tokens"]
-        return embed["embedding"], True
+        return params[model.decoder_name][model.embed_name]["embedding"], True
     head = params["lm_head"]
     if set(head) != {"kernel"}:  # LoRA leaves (or a bias): only the model's own head applies them
         return None

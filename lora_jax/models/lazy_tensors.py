@@ -42,8 +42,11 @@ def lazy_safetensors(files: list[str]) -> LazyTensors:
     """
     from safetensors import safe_open
 
+    from lora_jax.files import check_safetensors
+
     loaders: dict[str, Callable[[], Any]] = {}
     for f in files:
+        check_safetensors(f)
         with safe_open(f, framework="numpy") as fh:
             names = list(fh.keys())
 

@@ -13,13 +13,13 @@ ml_dtypes). Tensors are converted to our tree by `lora_jax.models.naming.from_hf
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Callable
 
 import numpy as np
 
 from lora_jax.config import LoraConfig
+from lora_jax.errors import CorruptFileError, UserError
 from lora_jax.models.build import build_model
 from lora_jax.models.config import ModelConfig
 from lora_jax.models.naming import from_hf_state_dict
@@ -38,8 +38,11 @@ def read_safetensors(files: list[str]) -> dict[str, np.ndarray]:
     """
     from safetensors import safe_open
 
+    from lora_jax.files import check_safetensors
+
     out: dict[str, np.ndarray] = {}
     for f in files:
+        check_safetensors(f)
         with safe_open(f, framework="numpy") as fh:
             for name in fh.keys():
                 out[name] = fh.get_tensor(name)
@@ -47,8 +50,11 @@ def read_safetensors(files: list[str]) -> dict[str, np.ndarray]:
 
 
 def _shards(path: str, index_name: str) -> list[str]:
-    with open(os.path.join(path, index_name)) as f:
-        weight_map = json.load(f)["weight_map"]
+    from lora_jax.files import read_json
+
+    weight_map = read_json(os.path.join(path, index_name)).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CorruptFileError(f"{os.path.join(path, index_name)} has no 'weight_map'; fix or re-create the file")
     files = sorted(set(weight_map.values()))
     for name in files:
         if not os.path.isfile(os.path.join(path, name)):
@@ -96,10 +102,7 @@ def read_checkpoint(path: str, lazy: bool = False) -> tuple[Any, dict[str, np.nd
         raise FileNotFoundError(f"{path} is not a checkpoint directory (expected config.json + model.safetensors) or a .gguf file")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path} has no config.json; pass a Hugging Face checkpoint directory")
-    import transformers
-
-    hf_config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
-    ModelConfig.from_hf(hf_config)  # an unsupported architecture fails before any weights are read
+    hf_config = read_hf_config(path)
     join = lambda name: os.path.join(path, name)  # noqa: E731
     from lora_jax.models.lazy_tensors import lazy_safetensors
 
@@ -115,6 +118,64 @@ def read_checkpoint(path: str, lazy: bool = False) -> tuple[Any, dict[str, np.nd
     raise FileNotFoundError(f"{path} has config.json but no weights: expected {SAFETENSORS} or {SAFETENSORS_INDEX}")
 
 
+def read_hf_config(path: str):
+    """The transformers config of a checkpoint directory, its architecture checked as supported
+    (by name, before any weights or tokenizer are read); a malformed config.json is one line."""
+    import transformers
+
+    from lora_jax.files import read_json
+    from lora_jax.models.config import unsupported_message
+
+    file = os.path.join(path, "config.json")
+    raw = read_json(file)
+    if raw.get("model_type") not in transformers.CONFIG_MAPPING:  # unknown to transformers too: name it first
+        raise UserError(unsupported_message(raw.get("model_type"), raw.get("architectures")))
+    try:
+        hf_config = transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except Exception as e:  # noqa: BLE001 - transformers' validators raise several types
+        cause = " ".join(str(e.__cause__ or e).split())[:160]
+        raise CorruptFileError(f"{file} is not a valid {raw['model_type']} config ({cause}); fix or re-create it") from None
+    ModelConfig.from_hf(hf_config)  # an unsupported architecture fails before any weights are read
+    return hf_config
+
+
+def check_checkpoint(path: str) -> None:
+    """Everything about a checkpoint that can be checked without reading its tensors: the
+    config (architecture supported), the weight files present and each .safetensors file whole.
+
+    >>> check_checkpoint("/nonexistent")
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: checkpoint path /nonexistent does not exist
+    """
+    from lora_jax.files import check_safetensors, open_gguf
+
+    path = os.fspath(path)
+    if path.endswith(".gguf"):
+        from lora_jax.models.gguf import read_gguf_config
+
+        open_gguf(path)
+        read_gguf_config(path)
+        return
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint path {path} does not exist")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path} has no config.json; pass a Hugging Face checkpoint directory")
+    read_hf_config(path)
+    join = lambda name: os.path.join(path, name)  # noqa: E731
+    if os.path.isfile(join(SAFETENSORS)):
+        files = [join(SAFETENSORS)]
+    elif os.path.isfile(join(SAFETENSORS_INDEX)):
+        files = _shards(path, SAFETENSORS_INDEX)
+    elif os.path.isfile(join(PICKLE)) or os.path.isfile(join(PICKLE_INDEX)):
+        return
+    else:
+        raise FileNotFoundError(f"{path} has config.json but no weights: expected {SAFETENSORS} or {SAFETENSORS_INDEX}; "
+                                "point at a complete Hugging Face checkpoint")
+    for f in files:
+        check_safetensors(f)
+
+
 def from_pretrained(
     path: str,
     dtype: Any = "float32",
@@ -126,7 +187,8 @@ def from_pretrained(
     quantize: Any = None,
     attention: str = "auto",
 ) -> tuple[Any, dict, Any]:
-    """Load an HF checkpoint: (flax model, params, transformers config).
+    """Load an HF checkpoint, a GGUF file or "default" (the embedded SmolLM2-135M-Instruct GGUF):
+    (flax model, params, transformers config).
 
     dtype: compute dtype; param_dtype: storage dtype of the params (None = dtype); scan_layers:
     stack the blocks under nn.scan (params gain a leading layer axis); remat: "auto" (the
@@ -153,6 +215,9 @@ def from_pretrained(
     """
     from lora_jax.quant.loading import quantizing_reader
 
+    from lora_jax.models.gguf import resolve_model_path
+
+    path = resolve_model_path(path)  # 'default' = the embedded SmolLM2-135M-Instruct GGUF
     hf_config, tensors = read_checkpoint(path, lazy=True)
     cfg = ModelConfig.from_hf(hf_config)
     model = build_model(cfg, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat=remat, lora=lora,

@@ -24,15 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax.models import families
 from lora_jax.models.build import as_dtype, build_model, param_shapes
 from lora_jax.models.config import ModelConfig
 from lora_jax.tree import ADAPTER_LEAVES, is_param_leaf, iter_leaves, put
 
-LAYER_CONTAINERS = (("model", "layers"), ("transformer", "h"))
-CONV1D_MODULES = ("c_attn", "c_proj", "c_fc")  # GPT-2's Conv1D: weight already [in, out]
-_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
-# Buffers and tied copies some checkpoints carry that have no param of their own.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
+LAYER_CONTAINERS = families.layer_containers()  # (('model', 'layers'), ('transformer', 'h'))
+CONV1D_MODULES = tuple(m for f in families.families() for m in f.conv1d)  # weight already [in, out] (GPT-2)
+_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias", "weight": "weight"}
 
 
 def is_conv1d(module_key: str, cfg: ModelConfig) -> bool:
@@ -43,7 +42,7 @@ def is_conv1d(module_key: str, cfg: ModelConfig) -> bool:
     >>> is_conv1d("transformer.h.0.attn.c_attn", cfg), is_conv1d("lm_head", cfg)
     (True, False)
     """
-    return cfg.family == "gpt2" and module_key.split(".")[-1] in CONV1D_MODULES
+    return module_key.split(".")[-1] in families.of(cfg).conv1d
 
 
 def hf_module_name(module_key: str, layer_index: int | None = None) -> str:
@@ -166,10 +165,26 @@ def from_hf_state_dict(
     (16, 8)
     """
     dtype = as_dtype(param_dtype)
+    family = families.of(cfg)
     shapes = param_shapes(build_model(cfg, scan_layers=False))
     out: dict = {}
     used = set()
     for path, sds in iter_leaves(shapes):
+        codec = family.codec(".".join(path[:-1])) if path[-1] == "kernel" else None
+        if codec is not None:  # one leaf from several HF tensors (fused MoE experts)
+            names = codec.names(".".join(path[:-1]), cfg)
+            keys = [_lookup(tensors, n) for n in names]
+            if None in keys:
+                raise ValueError(f"checkpoint has no tensor {names[keys.index(None)]!r} (the {cfg.model_type} config needs it)")
+            if convert is not None and convert(path, np.zeros((1, 1), np.float32), False, dtype) is not None:
+                raise ValueError(f"{'.'.join(path[:-1])!r} is a stack of MoE expert weights, which quantized loading does not support")
+            used.update(keys)
+            arr = codec.join([np.asarray(tensors[k]) for k in keys], cfg)
+            if tuple(arr.shape) != tuple(sds.shape):
+                raise ValueError(f"tensors {keys[0]!r}... make a leaf of shape {tuple(arr.shape)} but the config needs "
+                                 f"{tuple(sds.shape)}; config.json and the weights disagree")
+            put(out, path, arr)
+            continue
         name, transpose = hf_param_name(path, cfg)
         hf_shape = tuple(reversed(sds.shape)) if transpose else tuple(sds.shape)
         key = _lookup(tensors, name)
@@ -189,7 +204,7 @@ def from_hf_state_dict(
             raise ValueError(f"tensor {key!r} has shape {tuple(arr.shape)} but the config needs {hf_shape}; "
                              "config.json and the weights disagree")
         put(out, path, (arr.T if transpose else arr).astype(dtype, copy=False))  # cast now: fp32 never held whole
-    unused = sorted(k for k in tensors if k not in used and not k.endswith(_IGNORED_SUFFIXES)
+    unused = sorted(k for k in tensors if k not in used and not k.endswith(family.ignored_suffixes or ("\0",))
                     and not (k == "lm_head.weight" and cfg.tie_word_embeddings))
     if unused:
         warnings.warn(f"{len(unused)} checkpoint tensors are not used by the model: {', '.join(unused[:5])}", stacklevel=2)
@@ -217,7 +232,12 @@ def to_hf_state_dict(params: Any, cfg: ModelConfig) -> dict[str, np.ndarray]:
     (32, 16)
     """
     out: dict[str, np.ndarray] = {}
+    family = families.of(cfg)
     for path, leaf in iter_leaves(unstack_layers(params)):
+        codec = family.codec(".".join(path[:-1])) if path[-1] == "kernel" else None
+        if codec is not None:
+            out.update(zip(codec.names(".".join(path[:-1]), cfg), codec.split(np.asarray(leaf), cfg)))
+            continue
         name, transpose = hf_param_name(path, cfg)
         arr = np.asarray(leaf)
         out[name] = np.ascontiguousarray(arr.T) if transpose else arr

@@ -23,8 +23,10 @@ import numpy as np
 from lora_jax.models.config import ModelConfig
 
 
-def inv_frequencies(cfg: ModelConfig) -> np.ndarray:
+def inv_frequencies(cfg: ModelConfig, local: bool = False) -> np.ndarray:
     """float32 [head_dim // 2] inverse frequencies, with the config's rope scaling applied.
+
+    `local=True`: those of sliding-window layers (Gemma 3's rope_local_theta / rope_local_scaling).
 
     >>> from lora_jax.models.config import ModelConfig
     >>> cfg = ModelConfig("llama", 32, 16, 32, 1, 2, 2, 8, rope_theta=10000.0)
@@ -32,9 +34,11 @@ def inv_frequencies(cfg: ModelConfig) -> np.ndarray:
     (4,)
     """
     dim = cfg.head_dim
+    theta, rope = cfg.rope_theta, cfg.rope
+    if local and cfg.rope_local_theta is not None:
+        theta, rope = cfg.rope_local_theta, dict(cfg.rope_local_scaling or (("rope_type", "default"),))
     exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    inv = (np.float32(1.0) / (np.float32(cfg.rope_theta) ** exponent)).astype(np.float32)
-    rope = cfg.rope
+    inv = (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
     kind = rope.get("rope_type", "default")
     if kind == "linear":
         inv = (inv / np.float32(rope["factor"])).astype(np.float32)
@@ -52,8 +56,8 @@ def inv_frequencies(cfg: ModelConfig) -> np.ndarray:
     return inv
 
 
-def cos_sin(cfg: ModelConfig, positions: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [B, T, head_dim] for integer positions [B, T].
+def cos_sin(cfg: ModelConfig, positions: jax.Array, dtype, local: bool = False) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [B, T, head_dim] for integer positions [B, T] (`local`: sliding layers' rope).
 
     >>> from lora_jax.models.config import ModelConfig
     >>> cfg = ModelConfig("llama", 32, 16, 32, 1, 2, 2, 8)
@@ -61,7 +65,7 @@ def cos_sin(cfg: ModelConfig, positions: jax.Array, dtype) -> tuple[jax.Array, j
     >>> cos.shape, float(cos[0, 0, 0]), float(sin[0, 0, 0])
     ((1, 3, 8), 1.0, 0.0)
     """
-    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_frequencies(cfg))
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_frequencies(cfg, local))
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 

@@ -10,11 +10,11 @@ Typical use (see `lora_jax.training.step` for the whole training loop):
 """
 
 from lora_jax.sharding.mesh import AXES, BATCH_AXES, MeshConfig, initialize_distributed, make_mesh
-from lora_jax.sharding.placement import batch_sharding, init_sharded, inject_sharded, load_sharded, shard_batch
+from lora_jax.sharding.placement import batch_sharding, init_sharded, inject_sharded, load_sharded, shard_batch, to_host
 from lora_jax.sharding.rules import GPT2_RULES, LLAMA_RULES, check_spec, default_rules, named_shardings, param_specs
 
 __all__ = [
     "AXES", "BATCH_AXES", "GPT2_RULES", "LLAMA_RULES", "MeshConfig", "batch_sharding", "check_spec",
     "default_rules", "init_sharded", "initialize_distributed", "inject_sharded", "load_sharded",
-    "make_mesh", "named_shardings", "param_specs", "shard_batch",
+    "make_mesh", "named_shardings", "param_specs", "shard_batch", "to_host",
 ]

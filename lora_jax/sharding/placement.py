@@ -10,6 +10,8 @@
   copies only its slice; in a multi-process job each process touches only its devices' slices.
 - `shard_batch(batch, mesh)`: a host batch (the same global numpy batch on every process) ->
   global arrays split over ('data', 'fsdp') on axis `batch_axis`.
+- `to_host(tree)`: global arrays -> whole numpy arrays on every process (gathering the shards
+  other processes hold; `np.asarray` fails on an array that is not fully addressable).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from lora_jax.config import LoraConfig
 from lora_jax.sharding.mesh import BATCH_AXES
 from lora_jax.targeting import KernelLayout
 from lora_jax.transform import inject, split
-from lora_jax.tree import LORA_A, LORA_SCALE
+from lora_jax.tree import CONSTANT_LEAVES, LORA_A
 
 
 def init_sharded(init_fn: Callable[..., Any], shardings: Any, *args: Any) -> Any:
@@ -64,19 +66,28 @@ def inject_sharded(
     >>> lora["q"]["lora_a"].shape
     (4, 2)
     """
+    if config.init not in ("default", "gaussian"):
+        raise ValueError(f"init={config.init!r} rewrites the frozen kernels, which inject_sharded does not return; "
+                         "call lora_jax.inject on the params (then place them) instead")
+    if config.use_dora:  # DoRA's magnitude is the norm of the kernels: they enter as (sharded) arguments
+        make_d = lambda key, fr: split(inject(fr, config, key, layouts=layouts))[0]  # noqa: E731
+        return jax.jit(make_d, out_shardings=_with_constant_shardings(shardings, jax.eval_shape(make_d, rng, frozen)))(rng, frozen)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), frozen)
-    return jax.jit(lambda key: split(inject(abstract, config, key, layouts=layouts))[0],
-                   out_shardings=_with_scale_shardings(shardings))(rng)
+    make = lambda key: split(inject(abstract, config, key, layouts=layouts))[0]  # noqa: E731
+    return jax.jit(make, out_shardings=_with_constant_shardings(shardings, jax.eval_shape(make, rng)))(rng)
 
 
-def _with_scale_shardings(shardings: Any) -> Any:
-    """Shardings for the adapters' `lora_scale` leaves where the caller gave only A/B's: replicated."""
-    if not isinstance(shardings, Mapping):
+def _with_constant_shardings(shardings: Any, out: Any) -> Any:
+    """Shardings for the adapters' constant leaves (`lora_scale`, `lora_rank`) in `out` where the
+    caller gave only A/B's: replicated."""
+    if not isinstance(shardings, Mapping) or not isinstance(out, Mapping):
         return shardings
-    out = {k: _with_scale_shardings(v) for k, v in shardings.items()}
-    if LORA_A in out and LORA_SCALE not in out and isinstance(out[LORA_A], NamedSharding):
-        out[LORA_SCALE] = NamedSharding(out[LORA_A].mesh, P())
-    return out
+    full = {k: _with_constant_shardings(shardings[k], out.get(k)) for k in shardings}
+    if isinstance(full.get(LORA_A), NamedSharding):
+        for leaf in CONSTANT_LEAVES:
+            if leaf in out and leaf not in full:
+                full[leaf] = NamedSharding(full[LORA_A].mesh, P())
+    return full
 
 
 def load_sharded(host_arrays: Any, shardings: Any, dtypes: Any = None) -> Any:
@@ -139,3 +150,20 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh, batch_axis: int = 0) -> di
             )
         out[k] = jax.make_array_from_callback(v.shape, batch_sharding(mesh, v.ndim, batch_axis), lambda idx, v=v: v[idx])
     return out
+
+
+def to_host(tree: Any) -> Any:
+    """Every array of `tree` as a whole numpy array on this process (a collective in a
+    multi-process job: every process must call it; shards held elsewhere are gathered).
+
+    >>> from lora_jax.sharding import make_mesh
+    >>> mesh = make_mesh(devices=jax.devices()[:1])
+    >>> w = load_sharded({"w": np.arange(4.0)}, NamedSharding(mesh, P("fsdp")))
+    >>> to_host(w)["w"].tolist()
+    [0.0, 1.0, 2.0, 3.0]
+    """
+    if all(getattr(x, "is_fully_addressable", True) for x in jax.tree.leaves(tree)):
+        return jax.tree.map(np.asarray, tree)
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))

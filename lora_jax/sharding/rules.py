@@ -11,10 +11,14 @@ LoRA leaves are never matched by rules: their specs are *derived* from the kerne
 so the low-rank matmuls line up with the kernel's own sharding (no resharding between x @ W and
 x @ A @ B):
 
-    kernel  [*stack, in, out]  spec (*Nones, S_in, S_out)
-    lora_a  [*stack, in,  r ]  spec (*Nones, S_in, None)
-    lora_b  [*stack, r,  out]  spec (*Nones, None, S_out)
+    kernel  [*stack, in, out]  spec (*S_stack, S_in, S_out)
+    lora_a  [*stack, in,  r ]  spec (*S_stack, S_in, None)
+    lora_b  [*stack, r,  out]  spec (*S_stack, None, S_out)
     lora_scale [*stack]        replicated
+    lora_magnitude [*stack, out]  spec (*S_stack, S_out)   (DoRA)
+
+(S_stack is None for scanned layers; MoE expert tensors [E, in, out] split E over 'expert'.) Rules
+may name the optional axis 'expert' (OPTIONAL_AXES): on a mesh without it that entry is unsharded.
 
 A quantized kernel (`lora_jax.quant.QuantizedKernel`) is matched by the kernel's rule and its
 fields take specs derived from the kernel's (`lora_jax.quant.partition_specs`): codes and block
@@ -24,7 +28,7 @@ Errors are loud and name the param, its shape and the spec: a leaf with more tha
 elements that no rule matches (small ones — norms, biases — are replicated), or a spec whose mesh
 axes do not divide the dimension they split.
 
-Default rules (`default_rules('llama' | 'gpt2')`): FSDP over each matrix's model-dim axis, Megatron
+Default rules (`default_rules(family or model_type)`, declared by each family): FSDP over each matrix's model-dim axis, Megatron
 tensor parallelism — q/k/v/gate/up (GPT-2 c_attn/c_fc) column-parallel (output axis over
 'tensor'), o/down (GPT-2 c_proj) row-parallel (input axis over 'tensor'), embeddings and the LM
 head split over the vocabulary by 'tensor' and the model dim by 'fsdp'.
@@ -42,49 +46,38 @@ from jax.sharding import PartitionSpec as P
 
 from lora_jax.quant.kernel import is_quantized, partition_specs
 from lora_jax.targeting import KernelLayout, resolve_layout
-from lora_jax.tree import ADAPTER_LEAVES, KERNEL, LORA_A, LORA_SCALE, get, iter_leaves, put
+from lora_jax.tree import ADAPTER_LEAVES, CONSTANT_LEAVES, KERNEL, LORA_A, LORA_MAGNITUDE, LORA_SCALE, get, iter_leaves, put  # noqa: F401
 
 Rules = Sequence[tuple[str, P]]
 
 COLUMN = P("fsdp", "tensor")  # [in, out]: output features split by 'tensor'
 ROW = P("tensor", "fsdp")  # [in, out]: input features split by 'tensor'
-
-LLAMA_RULES: Rules = (
-    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.kernel$", COLUMN),
-    (r"(o_proj|down_proj)\.kernel$", ROW),
-    (r"embed_tokens\.embedding$", P("tensor", "fsdp")),  # [vocab, d]
-    (r"lm_head\.kernel$", P("fsdp", "tensor")),  # [d, vocab]
-    (r"(norm|layernorm)\.(scale|bias)$", P()),
-    (r"\.bias$", P()),
-)
-
-GPT2_RULES: Rules = (
-    (r"(c_attn|c_fc)\.kernel$", COLUMN),
-    (r"c_proj\.kernel$", ROW),
-    (r"wte\.embedding$", P("tensor", "fsdp")),  # [vocab, d]
-    (r"wpe\.embedding$", P(None, "fsdp")),  # [positions, d]
-    (r"lm_head\.kernel$", P("fsdp", "tensor")),
-    (r"ln_(1|2|f)\.(scale|bias)$", P()),
-    (r"\.bias$", P()),
-)
-
-_ARCHS = {
-    "llama": LLAMA_RULES, "mistral": LLAMA_RULES, "qwen2": LLAMA_RULES, "qwen3": LLAMA_RULES,
-    "smollm": LLAMA_RULES, "smollm2": LLAMA_RULES, "gpt2": GPT2_RULES,
-}
+OPTIONAL_AXES = ("expert",)  # named by MoE rules; dropped (unsharded) on a mesh without them
 DEFAULT_MIN_SIZE = 2**16  # leaves up to this many elements may go unmatched (replicated)
 
 
 def default_rules(arch: str) -> Rules:
-    """The default rules of a supported architecture ('llama' family: llama/mistral/qwen2/qwen3, 'gpt2').
+    """The default rules of a model family, named by family or HF model_type ('llama', 'qwen2', 'gpt2',
+    'gemma2', 'qwen3_moe', ...): each family declares them (`lora_jax.models.families`).
 
     >>> default_rules("llama")[0][1]
     P('fsdp', 'tensor')
     """
-    key = arch.lower().replace("-", "").replace("_", "")
-    if key not in _ARCHS:
-        raise ValueError(f"no default partition rules for architecture {arch!r}; supported: {sorted(_ARCHS)} (or pass rules=)")
-    return _ARCHS[key]
+    from lora_jax.models import families
+
+    key = arch.lower().replace("-", "_")
+    key = {"smollm": "llama", "smollm2": "llama"}.get(key, key)
+    try:
+        return tuple(families.for_name(key).rules)
+    except ValueError:
+        known = sorted({t for f in families.families() for t in (f.name, *f.model_types)})
+        raise ValueError(f"no default partition rules for architecture {arch!r}; supported: {known} (or pass rules=)") from None
+
+
+def __getattr__(name: str) -> Any:  # LLAMA_RULES / GPT2_RULES: the families' own lists
+    if name in ("LLAMA_RULES", "GPT2_RULES"):
+        return default_rules(name.split("_")[0])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _axis_size(mesh_shape: Mapping[str, int], entry: Any) -> int:
@@ -127,6 +120,22 @@ def _match(rules: Rules, name: str) -> P | None:
     return None
 
 
+def _drop_absent(spec: P, mesh: Mesh | None) -> P:
+    """`spec` without the OPTIONAL_AXES the mesh lacks (all of them without a mesh).
+
+    >>> _drop_absent(P("expert", "fsdp", None), None)
+    P(None, 'fsdp', None)
+    """
+    have = set(mesh.axis_names) if mesh is not None else set()
+
+    def keep(entry):
+        names = entry if isinstance(entry, tuple) else (entry,)
+        kept = tuple(n for n in names if n is not None and (n not in OPTIONAL_AXES or n in have))
+        return None if not kept else kept[0] if len(kept) == 1 else kept
+
+    return P(*(keep(e) for e in spec))
+
+
 def _joined(entries: Sequence[Any]) -> Any:
     """One spec entry for a flattened group of axes (major-to-minor), e.g. DenseGeneral inputs."""
     names: list[str] = []
@@ -149,10 +158,9 @@ def param_specs(
     from their kernel's (module docstring); `layouts` as for `lora_jax.inject`.
 
     >>> import jax.numpy as jnp
-    >>> p = {"layers": {"q_proj": {"kernel": jnp.zeros((2, 8, 16)), "lora_a": jnp.zeros((2, 8, 4)),
-    ...                            "lora_b": jnp.zeros((2, 4, 16))}}}
-    >>> specs = param_specs(p, default_rules("llama"))
-    >>> specs["layers"]["q_proj"]["lora_a"], specs["layers"]["q_proj"]["lora_b"]
+    >>> q = {"q_proj": {"kernel": jnp.zeros((2, 8, 16)), "lora_a": jnp.zeros((2, 8, 4)), "lora_b": jnp.zeros((2, 4, 16))}}
+    >>> specs = param_specs({"model": {"layers": {"self_attn": q}}}, default_rules("llama"))
+    >>> specs["model"]["layers"]["self_attn"]["q_proj"]["lora_a"], specs["model"]["layers"]["self_attn"]["q_proj"]["lora_b"]
     (P(None, 'fsdp', None), P(None, None, 'tensor'))
     """
     out: dict = {}
@@ -170,6 +178,7 @@ def param_specs(
                     f"{min_size:,}); add a (regex, PartitionSpec) rule for it (P() replicates it)"
                 )
             spec = P()
+        spec = _drop_absent(spec, mesh)
         check_spec(name, shape, spec, None)
         full = P(*_expand(spec, len(shape)))
         check_spec(name, shape, full, mesh)
@@ -182,7 +191,7 @@ def param_specs(
     for path, leaf in leaves:
         if path[-1] not in ADAPTER_LEAVES:
             continue
-        if path[-1] == LORA_SCALE:
+        if path[-1] in CONSTANT_LEAVES:  # lora_scale / lora_rank: tiny, replicated
             put(out, path, P())
             continue
         name, shape = ".".join(path), tuple(leaf.shape)
@@ -191,12 +200,14 @@ def param_specs(
             kernel, kspec = get(params, kpath), tuple(kernel_specs[kpath])
         except (KeyError, TypeError):
             raise ValueError(f"LoRA leaf {name!r} has no sibling 'kernel'; compute specs on the combined (lora + frozen) tree") from None
-        stack, ins, _ = resolve_layout(kpath, tuple(kernel.shape), layouts).split(tuple(kernel.shape))
-        s, i = len(stack), len(stack) + len(ins)
-        if any(e is not None for e in kspec[:s]):
-            raise ValueError(f"kernel {'.'.join(kpath)!r} spec {P(*kspec)} shards its stacked layer axis; LoRA needs it unsharded")
-        lead = (None,) * s
-        spec = P(*lead, _joined(kspec[s:i]), None) if path[-1] == LORA_A else P(*lead, None, _joined(kspec[i:]))
+        layout = resolve_layout(kpath, tuple(kernel.shape), layouts)
+        in_axes, out_axes = layout.own_axes(len(kernel.shape))  # input axes need not lead (nn.Einsum)
+        lead = tuple(kspec[: layout.stack])  # stacked axes keep the kernel's split (MoE experts over 'expert')
+        if path[-1] == LORA_MAGNITUDE:  # DoRA's m [*stack, out]: sharded as the kernel's output axes
+            spec = P(*lead, _joined([kspec[a] for a in out_axes]))
+        else:
+            spec = (P(*lead, _joined([kspec[a] for a in in_axes]), None) if path[-1] == LORA_A
+                    else P(*lead, None, _joined([kspec[a] for a in out_axes])))
         check_spec(name, shape, spec, mesh)
         put(out, path, spec)
     return out

@@ -51,7 +51,7 @@ from lora_jax.sharding.mesh import BATCH_AXES
 from lora_jax.sharding.rules import named_shardings
 from lora_jax.targeting import iter_leaves, path_key
 from lora_jax.training.loss import chunked_ce_sum, masked_ce_sum
-from lora_jax.transform import combine, split, split_constants
+from lora_jax.transform import combine, split, split_constants, zero_padded_slots
 from lora_jax.tree import get
 
 State = dict[str, Any]
@@ -268,7 +268,7 @@ def make_train_step(model: Any, tx: optax.GradientTransformation, mesh: Mesh, pa
         denom = jnp.maximum(n, 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, lora)
         updates, opt_state = tx.update(grads, state["opt_state"], lora)
-        new_state = {"lora": combine(optax.apply_updates(lora, updates), constants), "opt_state": opt_state,
+        new_state = {"lora": zero_padded_slots(combine(optax.apply_updates(lora, updates), constants)), "opt_state": opt_state,
                      "step": state["step"] + 1, "rng": state["rng"]}
         lr = schedule(state["step"]) if callable(schedule) else jnp.asarray(jnp.nan if schedule is None else schedule)
         metrics = {"loss": s / denom, "grad_norm": optax.global_norm(grads),

@@ -1,0 +1,190 @@
+"""Named adapters on one base: `Adapters`, one pytree holding the frozen base and N named LoRA trees.
+
+The layout (a registered pytree: the arrays are its children, names/configs/active its static data):
+
+    before (one adapter, `lora_jax.inject`):          after (`Adapters.from_params(params, cfg, "sql")`
+                                                       .add("chat", chat_lora, chat_cfg)):
+    {'model': {'layers': {'0': {'self_attn': {         Adapters(
+        'q_proj': {'kernel': W,                          base={'model': {... 'q_proj': {'kernel': W}}},
+                   'lora_a': A, 'lora_b': B,             adapters={'sql':  {'model': {... 'q_proj': {'lora_a', 'lora_b', 'lora_scale'}}},
+                   'lora_scale': s}}}}}}                           'chat': {'model': {... 'q_proj': {...}, 'v_proj': {...}}}},
+                                                         configs={'sql': LoraConfig(...), 'chat': LoraConfig(...)},
+                                                         active='sql')
+
+`adapters.params` is the ordinary param tree of the base plus the active adapter (what every forward,
+`merge`, `save_peft_adapter` and training step take), or the base alone when disabled. Every method
+returns a new `Adapters` (pure, as the rest of lora_jax); the base arrays are shared, never copied.
+
+PEFT equivalents: add_adapter/load_adapter(adapter_name=) -> `add`/`load`; set_adapter -> `set_active`;
+disable_adapter (context) -> `disable`; delete_adapter -> `delete` (the active one deleted: the first
+remaining becomes active, as PEFT); add_weighted_adapter -> `add_weighted` (lora_jax.adapters.merging);
+`adapter_names=` mixed batches -> `bank` (lora_jax.adapters.per_example).
+On disk `save_all(dir)` writes PEFT's multi-adapter layout (`PeftModel.save_pretrained` with several
+adapters): the adapter named "default" in `dir/`, every other one in `dir/<name>/`, so PEFT reads it
+with `PeftModel.from_pretrained(base, dir)` + `load_adapter(f"{dir}/{name}", adapter_name=name)`.
+
+>>> import jax, jax.numpy as jnp, lora_jax
+>>> cfg = lora_jax.LoraConfig(r=2, target_modules=["q"])
+>>> p = lora_jax.inject({"q": {"kernel": jnp.ones((4, 4))}}, cfg, jax.random.key(0))
+>>> ad = Adapters.from_params(p, cfg, "sql").add("chat", lora_jax.split(p)[0], cfg)
+>>> ad.names, ad.active, sorted(ad.disable().params["q"])
+(('sql', 'chat'), 'sql', ['kernel'])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Mapping, Sequence
+
+import jax
+
+from lora_jax.config import LoraConfig
+from lora_jax.interop._files import atomic_dir
+from lora_jax.interop.adapter import CONFIG_FILE, load_peft_adapter, save_peft_adapter
+from lora_jax.transform import combine, has_lora, split
+
+DEFAULT = "default"
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class Adapters:
+    """The frozen base and named LoRA adapters (see the module docstring)."""
+
+    base: Any
+    adapters: Mapping[str, Any]
+    configs: Mapping[str, LoraConfig]
+    active: str | None = None
+
+    # -- pytree --------------------------------------------------------------------------------
+    def tree_flatten(self):
+        names = tuple(self.adapters)
+        return (self.base, tuple(self.adapters[n] for n in names)), (names, tuple(self.configs[n] for n in names), self.active)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        names, configs, active = aux
+        base, trees = children
+        return cls(base, dict(zip(names, trees)), dict(zip(names, configs)), active)
+
+    # -- building ------------------------------------------------------------------------------
+    @classmethod
+    def from_params(cls, params: Any, config: LoraConfig | None = None, name: str = DEFAULT) -> "Adapters":
+        """From a param tree; its LoRA leaves (if any) become adapter `name` (active), with `config`."""
+        lora, frozen = split(params)
+        if not lora:
+            return cls(frozen, {}, {}, None)
+        if config is None:
+            raise ValueError("params hold an adapter: pass the LoraConfig it was made with (config=)")
+        return cls(frozen, {name: lora}, {name: config}, name)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.adapters)
+
+    def _need(self, name: str) -> None:
+        if name not in self.adapters:
+            raise ValueError(f"no adapter named {name!r}; the adapters are {list(self.adapters)}")
+
+    def add(self, name: str, lora: Any, config: LoraConfig, *, activate: bool = False) -> "Adapters":
+        """A new adapter `name` (its LoRA tree, e.g. `lora_jax.split(params)[0]`); the first one added is active."""
+        if not isinstance(name, str) or not name or name == "__base__":
+            raise ValueError(f"adapter name must be a non-empty string other than '__base__', got {name!r}")
+        if name in self.adapters:
+            raise ValueError(f"an adapter named {name!r} exists; delete it first or choose another name")
+        lora, rest = split(lora)
+        if rest or not has_lora(lora):
+            raise ValueError(f"adapter {name!r}: pass its LoRA tree only (lora_jax.split(params)[0])")
+        active = name if (activate or self.active is None and not self.adapters) else self.active
+        return Adapters(self.base, {**self.adapters, name: lora}, {**self.configs, name: config}, active)
+
+    def set_active(self, name: str) -> "Adapters":
+        """Make `name` the adapter `params` carries (PEFT's set_adapter)."""
+        self._need(name)
+        return dataclasses.replace(self, active=name)
+
+    def disable(self) -> "Adapters":
+        """No active adapter: `params` is the base model (PEFT's disable_adapter)."""
+        return dataclasses.replace(self, active=None)
+
+    def delete(self, name: str) -> "Adapters":
+        """Remove `name`; if it was active, the first remaining adapter becomes active (as PEFT)."""
+        self._need(name)
+        rest = {n: t for n, t in self.adapters.items() if n != name}
+        configs = {n: c for n, c in self.configs.items() if n != name}
+        active = self.active if self.active != name else next(iter(rest), None)
+        return Adapters(self.base, rest, configs, active)
+
+    def replace_adapter(self, name: str, lora: Any) -> "Adapters":
+        """Adapter `name` with new values (e.g. after training), same config."""
+        self._need(name)
+        return dataclasses.replace(self, adapters={**self.adapters, name: split(lora)[0]})
+
+    # -- using ---------------------------------------------------------------------------------
+    @property
+    def params(self) -> Any:
+        """The param tree: base + active adapter (base alone when disabled)."""
+        return self.base if self.active is None else combine(self.base, self.adapters[self.active])
+
+    @property
+    def config(self) -> LoraConfig | None:
+        """The active adapter's LoraConfig (None when disabled)."""
+        return None if self.active is None else self.configs[self.active]
+
+    def add_weighted(self, names: Sequence[str], weights: Sequence[float], new_name: str,
+                     combination_type: str = "svd", **kwargs) -> "Adapters":
+        """PEFT's add_weighted_adapter: a new adapter merging `names` (`lora_jax.adapters.merging`)."""
+        from lora_jax.adapters.merging import add_weighted_adapter
+
+        for n in names:
+            self._need(n)
+        tree, cfg = add_weighted_adapter([(self.adapters[n], self.configs[n]) for n in names], weights,
+                                         combination_type, **kwargs)
+        return self.add(new_name, tree, cfg)
+
+    def bank(self, names: Sequence[str] | None = None) -> Any:
+        """The per-example bank of `names` (all by default), in that order (`lora_jax.adapters.per_example`)."""
+        from lora_jax.adapters.per_example import stack_adapters
+
+        names = list(names or self.names)
+        for n in names:
+            self._need(n)
+        return stack_adapters([self.adapters[n] for n in names])
+
+    # -- PEFT directories ----------------------------------------------------------------------
+    def save(self, name: str, out_dir: str, **kwargs) -> str:
+        """Adapter `name` as its own PEFT directory (kwargs: save_peft_adapter's, e.g. model_config=)."""
+        self._need(name)
+        return save_peft_adapter(self.adapters[name], self.configs[name], out_dir, **kwargs)
+
+    def save_all(self, out_dir: str, *, overwrite: bool = False, **kwargs) -> str:
+        """Every adapter in PEFT's multi-adapter layout ("default" at the root, others in subdirectories)."""
+        clash = [n for n in self.adapters if n != DEFAULT and os.path.basename(n) != n]
+        if clash:
+            raise ValueError(f"adapter name {clash[0]!r} cannot be a directory name; rename it")
+        with atomic_dir(out_dir, overwrite) as tmp:
+            if DEFAULT in self.adapters:
+                self.save(DEFAULT, tmp, overwrite=True, **kwargs)
+            for n in self.adapters:
+                if n != DEFAULT:
+                    self.save(n, os.path.join(tmp, n), **kwargs)
+        return os.path.abspath(out_dir)
+
+    def load(self, adapter_dir: str, name: str = DEFAULT) -> "Adapters":
+        """Add the PEFT adapter in `adapter_dir` as `name` (PEFT's load_adapter(dir, adapter_name=name))."""
+        params, cfg = load_peft_adapter(self.base, adapter_dir)
+        return self.add(name, split(params)[0], cfg)
+
+    @classmethod
+    def load_all(cls, base: Any, adapter_dir: str) -> "Adapters":
+        """Every adapter of a PEFT multi-adapter directory: the root's as "default", subdirectories by name."""
+        out = cls(split(base)[1], {}, {}, None)
+        if os.path.isfile(os.path.join(adapter_dir, CONFIG_FILE)):
+            out = out.load(adapter_dir, DEFAULT)
+        for n in sorted(os.listdir(adapter_dir)):
+            if os.path.isfile(os.path.join(adapter_dir, n, CONFIG_FILE)):
+                out = out.load(os.path.join(adapter_dir, n), n)
+        if not out.adapters:
+            raise FileNotFoundError(f"{adapter_dir} holds no PEFT adapter (no adapter_config.json in it or its subdirectories)")
+        return out

@@ -1,0 +1,371 @@
+"""LoRA for flax.nnx models, unmodified: `nnx.Linear`, `nnx.LinearGeneral` and `nnx.Einsum`.
+
+`inject(model, config, rngs)` replaces, in place, every targeted module by a `LoraLinear` that
+holds the original module as `base` and adds the adapter as variables of their own types:
+
+    model.layers[0].attn.q_proj = nnx.Linear(...)                 # before
+    ->
+    model.layers[0].attn.q_proj = LoraLinear(
+        base=nnx.Linear(...),                                    # frozen, untouched
+        lora_a=LoraParam(A[in, r]),                              # PEFT's lora_A, Kaiming-uniform
+        lora_b=LoraParam(B[r, out]),                             # PEFT's lora_B, zeros
+        lora_scale=LoraScale(alpha / r),                         # a constant, never trained
+        dropout=nnx.Dropout(config.dropout))                     # on the adapter input, in train mode
+
+`LoraParam` subclasses `nnx.Param`, so `nnx.state(model, LoraParam)`, `nnx.split(model, LoraParam,
+...)` and `nnx.Optimizer(model, tx, wrt=LoraParam)` / `nnx.grad(..., argnums=nnx.DiffState(0,
+LoraParam))` see only the adapters. Targeting is the same language as for param trees
+(`lora_jax.targeting`): the module key is the module's attribute path (`layers.0.attn.q_proj`),
+so an nnx model whose attributes follow Hugging Face's names exports to PEFT
+(`save_peft_adapter`) and loads PEFT adapters (`load_peft_adapter`). The forward is the same
+unmerged `x @ W + dropout(x) @ A @ B · scale` as the linen path (`lora_jax.layers.lora_delta`);
+an `nnx.Einsum` forms ΔW and runs it through the module's own equation. `merge` / `unmerge` fold
+ΔW in and out of the base kernels in place; `merge_and_unload` returns the plain model.
+Modules stacked by `nnx.vmap` (kernels with extra leading layer axes, run under `nnx.scan`) get
+stacked adapters A [L, in, r], B [L, r, out] and a scale per layer, which `nnx.scan` slices with
+the kernel; they take one rank for all layers and no dropout (refused otherwise, one line).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lora_jax.config import ALL_LINEAR, LoraConfig
+from lora_jax.layers import lora_delta
+from lora_jax.targeting import KernelLayout, Layouts, _in_project_tree, einsum_in_axes, plan_targets, resolve_targets
+from lora_jax.transform import _init_a, delta_weight
+
+_SUPPORTED = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
+
+
+class LoraParam(nnx.Param):
+    """The trained adapter factors (A and B): an `nnx.Param`, so filters can pick them alone."""
+
+
+class LoraScale(nnx.Variable):
+    """The adapter's scale (PEFT's alpha/r): part of the adapter, never trained."""
+
+
+def _layout(module: nnx.Module, key: str) -> KernelLayout:
+    kernel = module.kernel[...]
+    if isinstance(module, nnx.Linear):
+        n_in, own = 1, 2
+    elif isinstance(module, nnx.LinearGeneral):
+        if module.batch_axis:
+            raise ValueError(f"nnx.LinearGeneral {key!r} has batch_axis; LoRA on batched LinearGeneral is not supported")
+        n_in, own = len(module.in_features), len(module.in_features) + len(module.out_features)
+    else:
+        in_axes = einsum_in_axes(module.einsum_str)
+        if not in_axes:
+            raise ValueError(f"nnx.Einsum {key!r} ({module.einsum_str!r}) contracts no kernel axis with its input; nothing to adapt")
+        own = len(module.einsum_str.replace(" ", "").split("->")[0].split(",")[1].replace("...", ""))
+        if kernel.ndim < own:
+            raise ValueError(f"nnx.Einsum {key!r} has a kernel of shape {kernel.shape}, fewer axes than its equation")
+        return KernelLayout(stack=kernel.ndim - own, n_in=len(in_axes), in_axes=in_axes)
+    if kernel.ndim < own:
+        raise ValueError(f"{type(module).__name__} {key!r} has a kernel of shape {kernel.shape}, fewer axes than it declares")
+    return KernelLayout(stack=kernel.ndim - own, n_in=n_in)  # leading axes beyond the module's own: nnx.vmap'd layers
+
+
+class LoraLinear(nnx.Module):
+    """A targeted `nnx.Linear` / `LinearGeneral` / `Einsum` (`base`) plus its LoRA adapter."""
+
+    def __init__(self, base: nnx.Module, a: jax.Array, b: jax.Array, scale: float, dropout: float, rngs: nnx.Rngs | None,
+                 layout: KernelLayout = KernelLayout()):
+        self.base = base
+        self.in_axes = layout.in_axes  # static: the kernel's input axes when they are not its leading ones
+        self.own_ndim = base.kernel.ndim - layout.stack
+        self.lora_a = LoraParam(a)
+        self.lora_b = LoraParam(b)
+        self.lora_scale = LoraScale(jnp.asarray(scale, jnp.float32))
+        self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+        self.merged = False
+
+    def _delta_kernel(self) -> jax.Array:
+        kernel = self.base.kernel[...]
+        layout = None if self.in_axes is None else KernelLayout(
+            stack=kernel.ndim - self.own_ndim, n_in=len(self.in_axes), in_axes=self.in_axes)
+        return delta_weight(self.lora_a[...], self.lora_b[...], self.lora_scale[...], kernel.shape, layout)
+
+    def __call__(self, x: jax.Array, *args, **kwargs) -> jax.Array:
+        y = self.base(x, *args, **kwargs)
+        if self.merged:
+            return y
+        h = self.dropout(x) if self.dropout is not None else x
+        if isinstance(self.base, nnx.Einsum):
+            return y + jnp.einsum(self.base.einsum_str, h.astype(y.dtype), self._delta_kernel().astype(y.dtype))
+        if isinstance(self.base, nnx.LinearGeneral):
+            axes = tuple(sorted(a % h.ndim for a in self.base.axis))
+            h = jnp.moveaxis(h, axes, tuple(range(h.ndim - len(axes), h.ndim)))
+            delta = lora_delta(h.astype(y.dtype), self.lora_a[...], self.lora_b[...], self.lora_scale[...], n_in=len(axes))
+            return y + delta.reshape(y.shape)
+        return y + lora_delta(h.astype(y.dtype), self.lora_a[...], self.lora_b[...], self.lora_scale[...])
+
+
+def _modules(model: nnx.Module) -> list[tuple[tuple, str, nnx.Module]]:
+    """(graph path, module key, module) of every Linear/LinearGeneral/Einsum/LoraLinear, wrappers' bases excluded."""
+    out = []
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, LoraLinear) or (isinstance(node, _SUPPORTED) and not (path and path[-1] == "base")):
+            out.append((tuple(path), ".".join(str(p) for p in path), node))
+    return out
+
+
+def _set(model: nnx.Module, path: tuple, value: nnx.Module) -> None:
+    parent = model
+    for p in path[:-1]:
+        parent = parent[p] if isinstance(p, int) or not hasattr(parent, str(p)) else getattr(parent, p)
+    if isinstance(path[-1], int):
+        parent[path[-1]] = value
+    else:
+        setattr(parent, path[-1], value)
+
+
+def adapters(model: nnx.Module) -> dict[str, LoraLinear]:
+    """module key -> LoraLinear for every adapted module of `model`."""
+    return {key: m for _, key, m in _modules(model) if isinstance(m, LoraLinear)}
+
+
+def inject(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs | jax.Array, *, model_type: str | None = None,
+           output_module: str | None = None) -> nnx.Module:
+    """Wrap every module `config` targets in a `LoraLinear`, in place; returns `model`.
+
+    `model_type` resolves `target_modules=None` (PEFT's per-architecture default); `output_module`
+    names the model's output layer for `all-linear` (needed unless the model follows HF's layout
+    with `model.layers` / `transformer.h` and an `lm_head`).
+
+    >>> from flax import nnx
+    >>> import lora_jax.nnx as lnnx
+    >>> class Net(nnx.Module):
+    ...     def __init__(self, rngs):
+    ...         self.q_proj = nnx.Linear(4, 8, rngs=rngs)
+    >>> net = lnnx.inject(Net(nnx.Rngs(0)), LoraConfig(r=2, target_modules=["q_proj"]), nnx.Rngs(1))
+    >>> net.q_proj.lora_a.shape, net.q_proj.lora_b.shape, float(net.q_proj.lora_scale[...])
+    ((4, 2), (2, 8), 4.0)
+    """
+    rngs = rngs if isinstance(rngs, nnx.Rngs) else nnx.Rngs(rngs)
+    found = [(p, k, m) for p, k, m in _modules(model)]
+    if any(isinstance(m, LoraLinear) for _, _, m in found):
+        raise ValueError("the model already holds LoRA adapters; merge_and_unload() it before injecting again")
+    tree: dict = {}
+    for _, key, m in found:
+        node = tree
+        for part in key.split("."):
+            node = node.setdefault(part, {})
+        node["kernel"] = jax.ShapeDtypeStruct(m.kernel.shape, m.kernel.dtype)
+    by_key = {k: (p, m) for p, k, m in found}
+    if not by_key:
+        raise ValueError("the model has no nnx.Linear / nnx.LinearGeneral / nnx.Einsum module to adapt")
+    layouts, problems = {}, {}
+    for k, (_, m) in by_key.items():
+        try:
+            layouts[k] = _layout(m, k)
+        except ValueError as e:  # raised only if the module is a target
+            layouts[k], problems[k] = KernelLayout(), e
+    if output_module is not None:
+        layouts = Layouts(layouts, output_module=output_module)
+    elif config.target_modules == ALL_LINEAR and not _in_project_tree(tree):
+        raise ValueError("target_modules='all-linear' must leave out the model's output layer, which lora_jax cannot tell "
+                         "from this nnx model's names; pass output_module='<its attribute path>' (e.g. 'head')")
+    probe = plan_targets(tree, config, layouts, model_type)
+    key = rngs.params()
+    for i, t in enumerate(probe):
+        mkey = ".".join(t.path[:-1])
+        path, module = by_key[mkey]
+        if not path:
+            raise ValueError(f"the model itself is a {type(module).__name__}; inject adapts submodules: wrap it in an nnx.Module")
+        if mkey in problems:
+            raise problems[mkey]
+        stack, ins, outs = layouts[mkey].split(tuple(module.kernel.shape))
+        if len(set(t.ranks)) != 1 or 0 in t.ranks:
+            raise ValueError(f"LoraConfig gives the layers stacked in nnx module {mkey!r} different ranks or skips some; "
+                             "lora_jax.nnx supports one rank per stacked module: use one rank, or build the layers as a list")
+        if stack and config.dropout > 0:
+            raise ValueError(f"lora_dropout on the stacked (nnx.vmap'd) module {mkey!r} is not supported; set lora_dropout=0 "
+                             "or build the layers as a list")
+        r = t.ranks[0]
+        d_in, d_out = math.prod(ins), math.prod(outs)
+        a = _init_a(jax.random.fold_in(key, i), stack + (d_in, r), config, r)
+        b = jnp.zeros(stack + (r, d_out), config.jnp_dtype)
+        scale = jnp.asarray([alpha / math.sqrt(r) if config.use_rslora else alpha / r for alpha in t.alphas],
+                            jnp.float32).reshape(stack)
+        _set(model, path, LoraLinear(module, a, b, scale, config.dropout, rngs if config.dropout > 0 else None, layouts[mkey]))
+    return model
+
+
+def merge(model: nnx.Module) -> nnx.Module:
+    """Fold every adapter into its base kernel (W += ΔW) in place; the forward then skips it.
+
+    >>> class Net(nnx.Module):
+    ...     def __init__(self, rngs):
+    ...         self.q_proj = nnx.Linear(2, 3, rngs=rngs)
+    >>> net = inject(Net(nnx.Rngs(0)), LoraConfig(r=1, target_modules=["q_proj"]), nnx.Rngs(1))
+    >>> merge(net).q_proj.merged, unmerge(net).q_proj.merged
+    (True, False)
+    """
+    for m in adapters(model).values():
+        if not m.merged:
+            k = m.base.kernel
+            k[...] = (k[...].astype(jnp.float32) + m._delta_kernel()).astype(k.dtype)
+            m.merged = True
+    return model
+
+
+def unmerge(model: nnx.Module) -> nnx.Module:
+    """Take merged adapters back out of their kernels (W -= ΔW) in place."""
+    for m in adapters(model).values():
+        if m.merged:
+            k = m.base.kernel
+            k[...] = (k[...].astype(jnp.float32) - m._delta_kernel()).astype(k.dtype)
+            m.merged = False
+    return model
+
+
+def merge_and_unload(model: nnx.Module) -> nnx.Module:
+    """Merge every adapter and put the plain base modules back: the model without LoRA.
+
+    >>> class Net(nnx.Module):
+    ...     def __init__(self, rngs):
+    ...         self.q_proj = nnx.Linear(2, 3, rngs=rngs)
+    >>> net = inject(Net(nnx.Rngs(0)), LoraConfig(r=1, target_modules=["q_proj"]), nnx.Rngs(1))
+    >>> type(merge_and_unload(net).q_proj).__name__
+    'Linear'
+    """
+    merge(model)
+    for path, _, m in _modules(model):
+        if isinstance(m, LoraLinear):
+            _set(model, path, m.base)
+    return model
+
+
+def count_parameters(model: nnx.Module) -> tuple[int, int]:
+    """(trainable, total) as PEFT counts: trainable = LoraParam elements; scales are not params."""
+    lora = sum(x.size for x in jax.tree.leaves(nnx.state(model, LoraParam)))
+    total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    return lora, total
+
+
+def trainable_parameters_line(model: nnx.Module) -> str:
+    """PEFT's `print_trainable_parameters` line for an nnx model.
+
+    >>> class Net(nnx.Module):
+    ...     def __init__(self, rngs):
+    ...         self.q_proj = nnx.Linear(4, 4, use_bias=False, rngs=rngs)
+    >>> trainable_parameters_line(inject(Net(nnx.Rngs(0)), LoraConfig(r=2, target_modules=["q_proj"]), nnx.Rngs(1)))
+    'trainable params: 16 || all params: 32 || trainable%: 50.0000'
+    """
+    trainable, total = count_parameters(model)
+    pct = 100 * trainable / total if total else 0.0
+    return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}"
+
+
+# ---- PEFT interop (module keys = HF module names) ------------------------------------------------
+
+def _layer_names(key: str, m: LoraLinear) -> list[str]:
+    """PEFT module names of an adapted module: itself, or one per layer of a stacked (nnx.vmap'd) one."""
+    from lora_jax.targeting import _peft_names
+
+    if m.lora_a.ndim == 2:
+        return [key]
+    names = _peft_names(key, m.lora_a.shape[0]) if m.lora_a.ndim == 3 else [key]
+    if len(set(names)) != m.lora_a.shape[0] or m.lora_a.ndim != 3:
+        raise ValueError(f"the stacked nnx module {key!r} has no per-layer HF names (not under model.layers / transformer.h); "
+                         "PEFT export needs HF module names")
+    return names
+
+
+def _per_layer(key: str, m: LoraLinear):
+    """(PEFT name, A [in, r], B [r, out], scale) for each PEFT module an adapted nnx module stands for."""
+    a, b = np.asarray(m.lora_a[...], np.float32), np.asarray(m.lora_b[...], np.float32)
+    scale = np.asarray(m.lora_scale[...], np.float32)
+    names = _layer_names(key, m)
+    if len(names) == 1 and a.ndim == 2:
+        return [(names[0], a, b, float(scale))]
+    return [(n, a[i], b[i], float(scale[i])) for i, n in enumerate(names)]
+
+
+def save_peft_adapter(model: nnx.Module, config: LoraConfig, out_dir: str, *, base_model_name_or_path: str | None = None,
+                      model_type: str | None = None, overwrite: bool = False) -> str:
+    """Write the adapters of an nnx model whose module paths are HF names as a PEFT adapter directory.
+
+    Tensors `base_model.model.{key}.lora_A.weight` [r, in] / `lora_B.weight` [out, r]; the config
+    pins exact-name rank/alpha patterns wherever the adapter's own rank/scale differ from what
+    `config` would give PEFT. Atomic; an existing non-empty out_dir needs overwrite=True.
+    """
+    from lora_jax.interop._files import atomic_dir, save_safetensors
+    from lora_jax.interop.adapter import CONFIG_FILE, PREFIX, WEIGHTS_FILE, _alpha_of, _pin
+    from lora_jax.interop.peft_config import peft_config_dict
+    from lora_jax.config import pattern_value
+
+    config = resolve_targets(config, model_type)
+    found = adapters(model)
+    if not found:
+        raise ValueError("the model holds no LoRA adapters; inject or load one first")
+    if any(m.merged for m in found.values()):
+        raise ValueError("the adapters are merged into the kernels; unmerge(model) before saving the adapter")
+    tensors, ranks, alphas = {}, dict(config.rank_pattern), dict(config.alpha_pattern)
+    for key, m in sorted(found.items()):
+        for name, a, b, scale in _per_layer(key, m):
+            r = a.shape[1]
+            alpha = _alpha_of(scale, r, config.alpha_for(name), config.use_rslora)
+            ranks = _pin(ranks, name, r, pattern_value(ranks, name, config.r))
+            alphas = _pin(alphas, name, alpha, pattern_value(alphas, name, config.alpha))
+            tensors[f"{PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a.T)
+            tensors[f"{PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b.T)
+    targets = config.target_modules
+    if targets == ALL_LINEAR:
+        targets = tuple(sorted({k.rsplit(".", 1)[-1] for k in found}))
+    written = dataclasses.replace(config, target_modules=targets, rank_pattern=ranks, alpha_pattern=alphas)
+    d = peft_config_dict(written, base_model_name_or_path=base_model_name_or_path)
+    with atomic_dir(out_dir, overwrite) as tmp:
+        save_safetensors(tensors, os.path.join(tmp, WEIGHTS_FILE))
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            json.dump(d, f, indent=2)
+            f.write("\n")
+    return os.path.abspath(out_dir)
+
+
+def load_peft_adapter(model: nnx.Module, adapter_dir: str, rngs: nnx.Rngs | jax.Array | None = None) -> tuple[nnx.Module, LoraConfig]:
+    """Inject a PEFT LoRA adapter's weights into an nnx model (module paths = HF names), in place.
+
+    Every tensor must land on an adapted module with the shape the config's rank gives, and every
+    adapted module must get both tensors; anything else is a one-line ValueError.
+    """
+    from lora_jax.interop.adapter import CONFIG_FILE, PREFIX, read_adapter
+    from lora_jax.interop.peft_config import lora_config_from_peft
+
+    config_dict, tensors = read_adapter(adapter_dir)
+    cfg = lora_config_from_peft(config_dict, os.path.join(os.fspath(adapter_dir), CONFIG_FILE))
+    inject(model, cfg, rngs if rngs is not None else nnx.Rngs(0))
+    found = adapters(model)
+    used = set()
+    for key, m in found.items():
+        names = _layer_names(key, m)
+        for leaf, suffix in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
+            var = getattr(m, leaf)
+            need = tuple(var.shape[-2:])[::-1]
+            layers = []
+            for mod in names:
+                name = f"{PREFIX}{mod}.{suffix}.weight"
+                if name not in tensors:
+                    raise ValueError(f"adapter_config.json targets {mod!r} but the adapter has no {name!r}; the files do not match")
+                arr = np.asarray(tensors[name], np.float32)
+                if arr.shape != need:
+                    raise ValueError(f"adapter tensor {name!r} has shape {arr.shape} but this model needs {need}; "
+                                     "the adapter was trained for another model")
+                layers.append(arr.T)
+                used.add(name)
+            var[...] = jnp.asarray(layers[0] if var.ndim == 2 else np.stack(layers), cfg.jnp_dtype)
+    extra = sorted(set(tensors) - used)
+    if extra:
+        raise ValueError(f"adapter tensor {extra[0]!r} matches no adapted nnx module (is it targeted, and do module paths follow HF names?)")
+    return model, cfg
