@@ -203,7 +203,7 @@ def from_hf_state_dict(
         if tuple(arr.shape) != hf_shape:
             raise ValueError(f"tensor {key!r} has shape {tuple(arr.shape)} but the config needs {hf_shape}; "
                              "config.json and the weights disagree")
-        put(out, path, arr.T if transpose else arr)
+        put(out, path, (arr.T if transpose else arr).astype(dtype, copy=False))  # cast now: fp32 never held whole
     unused = sorted(k for k in tensors if k not in used and not k.endswith(family.ignored_suffixes or ("\0",))
                     and not (k == "lm_head.weight" and cfg.tie_word_embeddings))
     if unused:
