@@ -4,7 +4,7 @@ The public API is what this module re-exports (everything else is internal). Whe
 
     lora_jax.config / targeting / transform / layers / intercept / optim / summary   the LoRA core
     lora_jax.tree          paths, get/put/filter of param trees and the leaf kinds (kernel, lora_a, ...)
-    lora_jax.models        Flax Llama / Mistral / Qwen2 / Qwen3 / GPT-2, HF safetensors + GGUF import
+    lora_jax.models        Flax Llama / Mistral / Qwen2 / Qwen3 / GPT-2 / Gemma 2/3 / Qwen3-MoE (one module per family), HF safetensors + GGUF import
     lora_jax.generation    KV-cache generation and chat templates
     lora_jax.interop       PEFT adapters in and out, merged HF checkpoints out
     lora_jax.nnx           LoRA for flax.nnx models (LoraParam variables, merge, PEFT in/out)

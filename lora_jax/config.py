@@ -179,6 +179,9 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.target_parameters and self.dropout:
             raise ValueError("LoraConfig.target_parameters does not work with dropout != 0 (PEFT refuses it too); set dropout=0")
+        if self.target_parameters and self.use_dora:
+            raise ValueError("LoraConfig.target_parameters does not work with use_dora=True (PEFT refuses it too); "
+                             "use plain LoRA on the expert tensors")
         if self.target_modules is not None and not self.target_modules and not self.target_parameters:
             raise ValueError("LoraConfig.target_modules is empty; name modules (e.g. ['q_proj', 'v_proj']) or use 'all-linear'")
         self._check_layers()

@@ -8,8 +8,9 @@ the low-rank term is added to its output. Models written in plain Flax style nee
     logits = lora_jax.apply(model.apply, config)({"params": params}, x)
 
 Dense and DenseGeneral take the unmerged path x·A·B·scale (ΔW never formed). `nn.Einsum` kernels
-may contract in any axis order, so there ΔW is formed per call and pushed through the module's own
-equation — correct for any equation, costlier. For arbitrary pure functions of a param tree the
+may contract any of their axes, so there ΔW is formed per call (A over the contracted axes, B over
+the others, put back in the kernel's axis order) and pushed through the module's own equation —
+correct for any equation, costlier. For arbitrary pure functions of a param tree the
 fallback is merge-on-the-fly: `loss(lora_jax.merge(combine(lora, frozen), config))`, which forms
 every ΔW each step (the costliest path; use it only where no module structure exists).
 """
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 
 from lora_jax.config import LoraConfig
 from lora_jax.layers import Dense, adapter_delta
-from lora_jax.targeting import KERNEL, LORA_A, LORA_B, KernelLayout, Layouts, iter_leaves, module_key
+from lora_jax.targeting import KERNEL, LORA_A, LORA_B, KernelLayout, Layouts, einsum_in_axes, iter_leaves, module_key
 from lora_jax.tree import LORA_MAGNITUDE
 from lora_jax.transform import adapter_scale, delta_weight
 
@@ -34,12 +35,6 @@ _INTERCEPTED = (nn.Dense, nn.DenseGeneral, nn.Einsum)
 def _dense_general_axes(module: nn.DenseGeneral, ndim: int) -> tuple[int, ...]:
     axis = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
     return tuple(sorted(a % ndim for a in axis))
-
-
-def _einsum_n_in(module: nn.Einsum) -> int:
-    inputs, _ = module.einsum_str.replace(" ", "").split("->")
-    x_sub, k_sub = inputs.split(",")
-    return sum(c in x_sub for c in k_sub)
 
 
 def _lora_interceptor(config: LoraConfig) -> Callable:
@@ -63,7 +58,9 @@ def _lora_interceptor(config: LoraConfig) -> Callable:
                                  "kernels (exclude this module) or plain LoRA")
             kernel = node[KERNEL]
             scale = adapter_scale(node, config, ".".join(module.path))
-            dw = delta_weight(node[LORA_A], node[LORA_B], scale, kernel.shape).astype(y.dtype)
+            in_axes = _einsum_in_axes(module)  # this call's kernel: no stacked axes here
+            layout = KernelLayout(stack=0, n_in=len(in_axes), in_axes=in_axes)
+            dw = delta_weight(node[LORA_A], node[LORA_B], scale, kernel.shape, layout).astype(y.dtype)
             return y + jnp.einsum(module.einsum_str, x.astype(y.dtype), dw)
         if isinstance(module, nn.DenseGeneral):
             if module.batch_dims:
@@ -97,10 +94,7 @@ def apply(apply_fn: Callable, config: LoraConfig) -> Callable:
 
 
 def _einsum_in_axes(module: nn.Einsum) -> tuple[int, ...]:
-    """Positions, among the kernel's own axes, of the axes the equation contracts with the input."""
-    inputs, _ = module.einsum_str.replace(" ", "").split("->")
-    x_sub, k_sub = inputs.split(",")
-    return tuple(i for i, c in enumerate(k_sub.replace("...", "")) if c in x_sub)
+    return einsum_in_axes(module.einsum_str)
 
 
 def kernel_layouts(model: nn.Module, *args, **kwargs) -> Layouts:
@@ -111,8 +105,8 @@ def kernel_layouts(model: nn.Module, *args, **kwargs) -> Layouts:
     itself sees. The output layer (`Layouts.output_module`, which `all-linear` leaves out as PEFT
     does) is the dense module whose output is the model's output; when the model post-processes
     that output (a cast, a soft-cap), the last dense module called, if its output has the model
-    output's shape; else None. An `nn.Einsum` that contracts kernel axes other than its leading
-    ones is refused here (LoRA's A would sit on the wrong axes).
+    output's shape; else None. An `nn.Einsum` may contract any of its kernel's axes
+    (`KernelLayout.in_axes`): A takes exactly the contracted ones, B the rest.
 
     >>> import jax.numpy as jnp, flax.linen as nn
     >>> layouts = kernel_layouts(nn.DenseGeneral((2, 3), name="o"), jnp.ones((1, 4)))
@@ -132,14 +126,10 @@ def kernel_layouts(model: nn.Module, *args, **kwargs) -> Layouts:
                 n_in = len(_dense_general_axes(module, x.ndim))
             elif isinstance(module, nn.Einsum):
                 in_axes = _einsum_in_axes(module)
-                if in_axes != tuple(range(len(in_axes))):
-                    raise ValueError(f"nn.Einsum {key!r} ({module.einsum_str!r}) contracts kernel axes {in_axes}, not its leading "
-                                     "ones; lora_jax adapts Einsum kernels whose input axes come first: reorder the equation "
-                                     "or leave the module out of target_modules")
                 n_in = len(in_axes)
             else:
                 n_in = 1
-            local[key] = (module.get_variable("params", KERNEL).ndim, n_in)
+            local[key] = (module.get_variable("params", KERNEL).ndim, n_in, in_axes if isinstance(module, nn.Einsum) else None)
             calls.append((key, out))
         return out
 
@@ -160,6 +150,6 @@ def kernel_layouts(model: nn.Module, *args, **kwargs) -> Layouts:
     for path, leaf in iter_leaves(variables.get("params", {})):
         key = module_key(path)
         if path[-1] == KERNEL and key in local:
-            ndim, n_in = local[key]
-            layouts[key] = KernelLayout(stack=leaf.ndim - ndim, n_in=n_in)
+            ndim, n_in, in_axes = local[key]
+            layouts[key] = KernelLayout(stack=leaf.ndim - ndim, n_in=n_in, in_axes=in_axes)
     return layouts

@@ -41,7 +41,7 @@ from flax import nnx
 
 from lora_jax.config import ALL_LINEAR, LoraConfig
 from lora_jax.layers import lora_delta
-from lora_jax.targeting import KernelLayout, Layouts, plan_targets, resolve_targets
+from lora_jax.targeting import KernelLayout, Layouts, _in_project_tree, einsum_in_axes, plan_targets, resolve_targets
 from lora_jax.transform import _init_a, delta_weight
 
 _SUPPORTED = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
@@ -55,11 +55,6 @@ class LoraScale(nnx.Variable):
     """The adapter's scale (PEFT's alpha/r): part of the adapter, never trained."""
 
 
-def _einsum_in_axes(eq: str) -> tuple[int, ...]:
-    x_sub, k_sub = eq.replace(" ", "").split("->")[0].split(",")
-    return tuple(i for i, c in enumerate(k_sub) if c in x_sub)
-
-
 def _layout(module: nnx.Module, key: str) -> KernelLayout:
     kernel = module.kernel[...]
     if isinstance(module, nnx.Linear):
@@ -69,11 +64,13 @@ def _layout(module: nnx.Module, key: str) -> KernelLayout:
             raise ValueError(f"nnx.LinearGeneral {key!r} has batch_axis; LoRA on batched LinearGeneral is not supported")
         n_in, own = len(module.in_features), len(module.in_features) + len(module.out_features)
     else:
-        in_axes = _einsum_in_axes(module.einsum_str)
-        if in_axes != tuple(range(len(in_axes))):
-            raise ValueError(f"nnx.Einsum {key!r} ({module.einsum_str!r}) contracts kernel axes {in_axes}, not its leading ones; "
-                             "lora_jax adapts Einsum kernels whose input axes come first: reorder the equation or leave it out")
-        n_in, own = len(in_axes), kernel.ndim
+        in_axes = einsum_in_axes(module.einsum_str)
+        if not in_axes:
+            raise ValueError(f"nnx.Einsum {key!r} ({module.einsum_str!r}) contracts no kernel axis with its input; nothing to adapt")
+        own = len(module.einsum_str.replace(" ", "").split("->")[0].split(",")[1].replace("...", ""))
+        if kernel.ndim < own:
+            raise ValueError(f"nnx.Einsum {key!r} has a kernel of shape {kernel.shape}, fewer axes than its equation")
+        return KernelLayout(stack=kernel.ndim - own, n_in=len(in_axes), in_axes=in_axes)
     if kernel.ndim < own:
         raise ValueError(f"{type(module).__name__} {key!r} has a kernel of shape {kernel.shape}, fewer axes than it declares")
     return KernelLayout(stack=kernel.ndim - own, n_in=n_in)  # leading axes beyond the module's own: nnx.vmap'd layers
@@ -82,8 +79,11 @@ def _layout(module: nnx.Module, key: str) -> KernelLayout:
 class LoraLinear(nnx.Module):
     """A targeted `nnx.Linear` / `LinearGeneral` / `Einsum` (`base`) plus its LoRA adapter."""
 
-    def __init__(self, base: nnx.Module, a: jax.Array, b: jax.Array, scale: float, dropout: float, rngs: nnx.Rngs | None):
+    def __init__(self, base: nnx.Module, a: jax.Array, b: jax.Array, scale: float, dropout: float, rngs: nnx.Rngs | None,
+                 layout: KernelLayout = KernelLayout()):
         self.base = base
+        self.in_axes = layout.in_axes  # static: the kernel's input axes when they are not its leading ones
+        self.own_ndim = base.kernel.ndim - layout.stack
         self.lora_a = LoraParam(a)
         self.lora_b = LoraParam(b)
         self.lora_scale = LoraScale(jnp.asarray(scale, jnp.float32))
@@ -92,7 +92,9 @@ class LoraLinear(nnx.Module):
 
     def _delta_kernel(self) -> jax.Array:
         kernel = self.base.kernel[...]
-        return delta_weight(self.lora_a[...], self.lora_b[...], self.lora_scale[...], kernel.shape)
+        layout = None if self.in_axes is None else KernelLayout(
+            stack=kernel.ndim - self.own_ndim, n_in=len(self.in_axes), in_axes=self.in_axes)
+        return delta_weight(self.lora_a[...], self.lora_b[...], self.lora_scale[...], kernel.shape, layout)
 
     def __call__(self, x: jax.Array, *args, **kwargs) -> jax.Array:
         y = self.base(x, *args, **kwargs)
@@ -171,6 +173,9 @@ def inject(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs | jax.Array, *,
             layouts[k], problems[k] = KernelLayout(), e
     if output_module is not None:
         layouts = Layouts(layouts, output_module=output_module)
+    elif config.target_modules == ALL_LINEAR and not _in_project_tree(tree):
+        raise ValueError("target_modules='all-linear' must leave out the model's output layer, which lora_jax cannot tell "
+                         "from this nnx model's names; pass output_module='<its attribute path>' (e.g. 'head')")
     probe = plan_targets(tree, config, layouts, model_type)
     key = rngs.params()
     for i, t in enumerate(probe):
@@ -193,7 +198,7 @@ def inject(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs | jax.Array, *,
         b = jnp.zeros(stack + (r, d_out), config.jnp_dtype)
         scale = jnp.asarray([alpha / math.sqrt(r) if config.use_rslora else alpha / r for alpha in t.alphas],
                             jnp.float32).reshape(stack)
-        _set(model, path, LoraLinear(module, a, b, scale, config.dropout, rngs if config.dropout > 0 else None))
+        _set(model, path, LoraLinear(module, a, b, scale, config.dropout, rngs if config.dropout > 0 else None, layouts[mkey]))
     return model
 
 

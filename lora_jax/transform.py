@@ -37,7 +37,7 @@ from flax import nnx
 from flax.core import unfreeze
 
 from lora_jax.config import LoraConfig
-from lora_jax.targeting import KernelLayout, Target, plan_targets
+from lora_jax.targeting import KernelLayout, Target, plan_targets, resolve_layout
 from lora_jax.tree import (
     KERNEL,
     LORA_A,
@@ -58,10 +58,6 @@ from lora_jax.tree import (
 )
 
 Params = Any
-
-# Private aliases kept for modules that still import them; new code uses lora_jax.tree.
-_get, _set, _copy, _has_path = get, put, copy_tree, has_path
-
 
 def has_lora(params: Params) -> bool:
     """Whether any `lora_a`/`lora_b` leaf is in the tree.
@@ -249,26 +245,30 @@ def adapter_scale(node: Any, config: LoraConfig | None, key: str) -> Any:
     return config.scale_for(key, r)
 
 
-def delta_weight(a: jax.Array, b: jax.Array, scale: Any, kernel_shape: tuple[int, ...]) -> jax.Array:
+def delta_weight(a: jax.Array, b: jax.Array, scale: Any, kernel_shape: tuple[int, ...],
+                 layout: KernelLayout | None = None) -> jax.Array:
     """ΔW = A @ B · scale in fp32, shaped like the kernel (stacked axes batched; a stacked scale
-    [*stack] scales each layer's product).
+    [*stack] scales each layer's product); `layout` puts the axes in the kernel's order where its
+    input axes are not the leading ones (`KernelLayout.in_axes`).
 
     >>> delta_weight(jnp.ones((2, 1)), jnp.ones((1, 3)), 2.0, (2, 3)).sum()
     Array(12., dtype=float32)
     """
     scale = jnp.asarray(scale, jnp.float32)
     dw = jnp.matmul(a.astype(jnp.float32), b.astype(jnp.float32)) * scale[..., None, None]
-    return dw.reshape(kernel_shape)
+    return dw.reshape(kernel_shape) if layout is None else layout.to_kernel(dw, tuple(kernel_shape))
 
 
 def _adapted_modules(params: Params) -> list[tuple[str, ...]]:
     return [p[:-1] for p, _ in iter_leaves(params) if p[-1] == LORA_A]
 
 
-def merge(params: Params, config: LoraConfig | None = None) -> Params:
+def merge(params: Params, config: LoraConfig | None = None, *, layouts: Mapping[str, KernelLayout] | None = None) -> Params:
     """Fold every adapter into its kernel (W += A @ B · scale) and drop the adapter leaves.
 
     The scale is each adapter's own `lora_scale`; `config` is needed only for adapters without one.
+    `layouts` as for `inject`: a kernel of 3+ axes outside the project's layer containers
+    (DenseGeneral / Einsum / user scans) needs its layout, never guessed.
 
     >>> import jax
     >>> p = inject({"q": {"kernel": jnp.zeros((4, 4))}}, LoraConfig(r=2, target_modules=["q"]), jax.random.key(0))
@@ -287,17 +287,21 @@ def merge(params: Params, config: LoraConfig | None = None) -> Params:
             from lora_jax.quant.quantize import dequantize_params
 
             kernel = dequantize_params({"k": kernel}, warn=True)["k"]
+        layout = resolve_layout(mod + (KERNEL,), tuple(kernel.shape), layouts)
         if magnitude is not None:  # DoRA: W' = m / ||W + ΔW|| · (W + ΔW)
+            if layout.in_axes is not None:
+                raise ValueError(f"DoRA on {'.'.join(mod)!r}, a kernel whose input axes are not its leading ones, is not supported")
             from lora_jax.variants.dora import merged_kernel  # noqa: PLC0415
 
             w2d = kernel.reshape(a.shape[:-1] + b.shape[-1:])
             node[KERNEL] = merged_kernel(w2d, a, b, scale, magnitude).reshape(kernel.shape).astype(kernel.dtype)
             continue
-        node[KERNEL] = (kernel.astype(jnp.float32) + delta_weight(a, b, scale, kernel.shape)).astype(kernel.dtype)
+        node[KERNEL] = (kernel.astype(jnp.float32) + delta_weight(a, b, scale, kernel.shape, layout)).astype(kernel.dtype)
     return out
 
 
-def unmerge(merged: Params, lora: Params, config: LoraConfig | None = None) -> Params:
+def unmerge(merged: Params, lora: Params, config: LoraConfig | None = None, *,
+            layouts: Mapping[str, KernelLayout] | None = None) -> Params:
     """Take the adapters in `lora` back out of merged kernels (W -= A @ B · scale) and re-attach them.
 
     Exact up to floating-point rounding of the kernel's dtype.
@@ -318,6 +322,8 @@ def unmerge(merged: Params, lora: Params, config: LoraConfig | None = None) -> P
         scale = adapter_scale(adapter, config, ".".join(mod))
         node = get(out, mod)
         kernel = node[KERNEL]
-        node[KERNEL] = (kernel.astype(jnp.float32) - delta_weight(adapter[LORA_A], adapter[LORA_B], scale, kernel.shape)).astype(kernel.dtype)
+        layout = resolve_layout(mod + (KERNEL,), tuple(kernel.shape), layouts)
+        delta = delta_weight(adapter[LORA_A], adapter[LORA_B], scale, kernel.shape, layout)
+        node[KERNEL] = (kernel.astype(jnp.float32) - delta).astype(kernel.dtype)
         node.update({k: v for k, v in adapter.items()})
     return out

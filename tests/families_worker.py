@@ -57,9 +57,9 @@ def run(shape, lora_kwargs, mesh):
     lora_s, frozen_s = put(lora, lspecs), put(frozen, fspecs)
     ids_s = jax.device_put(ids, jax.NamedSharding(mesh, jax.P(("data",) + (("fsdp",) if "fsdp" in mesh.axis_names else ()))))
     with jax.set_mesh(mesh):
-        (_, logits), grads = jax.jit(fn)(lora_s, frozen_s, ids_s)
-        jaxpr = str(jax.make_jaxpr(fn)(lora_s, frozen_s, ids_s))
-    info = {"shard_map": "shard_map" in jaxpr}
+        traced = jax.jit(fn).trace(lora_s, frozen_s, ids_s)  # one trace: inspected, then compiled
+        (_, logits), grads = traced.lower().compile()(lora_s, frozen_s, ids_s)
+    info = {"shard_map": "shard_map" in str(traced.jaxpr)}
     if shape is MOE:
         k = frozen_s["model"]["layers"]["mlp"]["experts"]["gate_up_proj"]["kernel"]
         a = lora_s["model"]["layers"]["mlp"]["experts"]["gate_up_proj"]["lora_a"]

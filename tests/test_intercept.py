@@ -69,7 +69,8 @@ def test_kernel_layouts_read_dense_general_axes(setup):
 def test_inject_keeps_outputs_then_adapters_change_them_and_merge_agrees(setup):
     model, ids, params = setup
     cfg = LoraConfig(r=3, alpha=6, target_modules=["query", "value", "out", "fc1", "fc2", "head"])
-    lp = lora_jax.inject(params, cfg, jax.random.key(2), layouts=lora_jax.kernel_layouts(model, ids))
+    layouts = lora_jax.kernel_layouts(model, ids)
+    lp = lora_jax.inject(params, cfg, jax.random.key(2), layouts=layouts)
     assert lp["block_0"]["attn"]["out"]["lora_a"].shape == (16, 3)  # (heads*head_dim, r)
     assert lp["block_0"]["attn"]["query"]["lora_b"].shape == (3, 16)
     f = jax.jit(lora_jax.apply(model.apply, cfg))
@@ -78,7 +79,7 @@ def test_inject_keeps_outputs_then_adapters_change_them_and_merge_agrees(setup):
 
     lp = randomize_lora(lp)
     unmerged = f({"params": lp}, ids)
-    merged = model.apply({"params": lora_jax.merge(lp, cfg)}, ids)
+    merged = model.apply({"params": lora_jax.merge(lp, cfg, layouts=layouts)}, ids)  # 3-axis kernels: layouts, never guessed
     assert float(jnp.abs(unmerged - base).max()) > 1e-2  # the adapters really act
     np.testing.assert_allclose(unmerged, merged, rtol=1e-5, atol=1e-5 * float(jnp.abs(merged).max()))
 

@@ -178,6 +178,10 @@ def test_targeting_and_all_linear_output_layer():
     assert "lm_head" not in keys and len(keys) == L * 6
     with pytest.raises(ValueError, match="which is not a dense kernel"):
         lnnx.inject(TinyLM(nnx.Rngs(0)), LoraConfig(target_modules=".*self_attn"), nnx.Rngs(1))
+    with pytest.raises(ValueError, match="all-linear.*pass output_module="):
+        lnnx.inject(Attention(nnx.Rngs(0)), LoraConfig(target_modules="all-linear"), nnx.Rngs(1))
+    some = lnnx.inject(Attention(nnx.Rngs(0)), LoraConfig(target_modules="all-linear"), nnx.Rngs(1), output_module="o_proj")
+    assert sorted(lnnx.adapters(some)) == ["k_proj", "q_proj", "v_proj"]
     with pytest.raises(ValueError, match="already holds LoRA adapters"):
         lnnx.inject(model, LoraConfig(target_modules=["q_proj"]), nnx.Rngs(1))
 

@@ -44,7 +44,7 @@ from lora_jax.errors import UserError
 from lora_jax.models.blocks import activation
 from lora_jax.models.config import ModelConfig
 from lora_jax.quant.kernel import is_quantized
-from lora_jax.tree import KERNEL, LORA_A, LORA_B, LORA_SCALE
+from lora_jax.tree import KERNEL, LORA_A, LORA_B, LORA_MAGNITUDE, LORA_SCALE
 
 EXPERT_AXIS = "expert"
 
@@ -177,6 +177,9 @@ class ExpertTensor(nn.Module):
             raise UserError(f"{'.'.join(self.path)}: quantized MoE expert tensors are not supported; load the MoE "
                             "base unquantized")
         p = {KERNEL: self.param(KERNEL, nn.initializers.lecun_normal(batch_axis=(0,)), self.shape, self.param_dtype)}
+        if self.has_variable("params", LORA_MAGNITUDE):
+            raise UserError(f"{'.'.join(self.path)}: DoRA on expert tensors is not supported (PEFT's target_parameters "
+                            "refuses it too)")
         if self.has_variable("params", LORA_A) and self.has_variable("params", LORA_B):
             if self.lora is not None and self.lora.dropout > 0:
                 raise UserError(f"{'.'.join(self.path)}: LoRA on expert tensors (PEFT target_parameters) has no "

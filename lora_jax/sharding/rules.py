@@ -200,13 +200,14 @@ def param_specs(
             kernel, kspec = get(params, kpath), tuple(kernel_specs[kpath])
         except (KeyError, TypeError):
             raise ValueError(f"LoRA leaf {name!r} has no sibling 'kernel'; compute specs on the combined (lora + frozen) tree") from None
-        stack, ins, _ = resolve_layout(kpath, tuple(kernel.shape), layouts).split(tuple(kernel.shape))
-        s, i = len(stack), len(stack) + len(ins)
-        lead = tuple(kspec[:s])  # stacked axes keep the kernel's split (MoE experts over 'expert')
+        layout = resolve_layout(kpath, tuple(kernel.shape), layouts)
+        in_axes, out_axes = layout.own_axes(len(kernel.shape))  # input axes need not lead (nn.Einsum)
+        lead = tuple(kspec[: layout.stack])  # stacked axes keep the kernel's split (MoE experts over 'expert')
         if path[-1] == LORA_MAGNITUDE:  # DoRA's m [*stack, out]: sharded as the kernel's output axes
-            spec = P(*lead, _joined(kspec[i:]))
+            spec = P(*lead, _joined([kspec[a] for a in out_axes]))
         else:
-            spec = P(*lead, _joined(kspec[s:i]), None) if path[-1] == LORA_A else P(*lead, None, _joined(kspec[i:]))
+            spec = (P(*lead, _joined([kspec[a] for a in in_axes]), None) if path[-1] == LORA_A
+                    else P(*lead, None, _joined([kspec[a] for a in out_axes])))
         check_spec(name, shape, spec, mesh)
         put(out, path, spec)
     return out

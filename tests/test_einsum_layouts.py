@@ -1,0 +1,72 @@
+"""Einsum kernels whose contracted axes are not the leading ones (linen and nnx): A spans exactly
+the contracted axes (its fan-in), B the others; forward, merge and derived shardings agree."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+import lora_jax
+import lora_jax.nnx as lnnx
+from lora_jax import KernelLayout, LoraConfig
+from lora_jax.sharding.rules import param_specs
+
+H, D, K, R = 2, 16, 3, 4
+EQ = "btd,hdk->bthk"  # contracts the kernel's middle axis
+
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.Einsum((H, D, K), EQ, use_bias=False, name="proj")(x)
+        return nn.Dense(5, name="head")(h.reshape(h.shape[:2] + (H * K,)))
+
+
+def test_linen_einsum_any_equation():
+    x = jax.random.normal(jax.random.key(0), (2, 3, D))
+    model = Net()
+    params = model.init(jax.random.key(1), x)["params"]
+    layouts = lora_jax.kernel_layouts(model, x)
+    assert layouts["proj"] == KernelLayout(stack=0, n_in=1, in_axes=(1,))
+    cfg = LoraConfig(r=R, lora_alpha=8, target_modules=["proj"])
+    lp = lora_jax.inject(params, cfg, jax.random.key(2), layouts=layouts)
+    a = lp["proj"]["lora_a"]
+    assert a.shape == (D, R) and lp["proj"]["lora_b"].shape == (R, H * K)
+    assert float(jnp.abs(a).max()) <= 1 / D**0.5 and float(jnp.abs(a).max()) > 0.8 / D**0.5  # fan-in = D, PEFT's bound
+    lp["proj"]["lora_b"] = jax.random.normal(jax.random.key(3), (R, H * K))
+    y = lora_jax.apply(model.apply, cfg)({"params": lp}, x)
+    assert float(jnp.abs(y - model.apply({"params": params}, x)).max()) > 1e-3
+    merged = lora_jax.merge(lp, layouts=layouts)
+    dw = merged["proj"]["kernel"] - params["proj"]["kernel"]
+    expect = 2.0 * jnp.einsum("dr,rhk->hdk", a, lp["proj"]["lora_b"].reshape(R, H, K))  # ΔW over (d) x (h, k)
+    np.testing.assert_allclose(dw, expect, atol=1e-5)
+    np.testing.assert_allclose(model.apply({"params": merged}, x), y, atol=1e-5)
+    with pytest.raises(ValueError, match="kernel 'proj' has shape .*pass layouts="):
+        lora_jax.merge(lp)
+    rules = [(r"proj\.kernel", P("tensor", "fsdp", None)), (r".*", P())]
+    specs = param_specs(lp, rules, layouts=layouts)
+    assert specs["proj"]["lora_a"] == P("fsdp", None) and specs["proj"]["lora_b"] == P(None, "tensor")
+
+
+class NnxNet(nnx.Module):
+    def __init__(self, rngs):
+        self.proj = nnx.Einsum(EQ, (H, D, K), rngs=rngs)
+
+    def __call__(self, x):
+        return self.proj(x)
+
+
+def test_nnx_einsum_any_equation():
+    x = jax.random.normal(jax.random.key(0), (2, 3, D))
+    model = NnxNet(nnx.Rngs(0))
+    base = np.asarray(model(x))
+    lnnx.inject(model, LoraConfig(r=R, lora_alpha=8, target_modules=["proj"]), nnx.Rngs(1))
+    assert model.proj.lora_a.shape == (D, R) and model.proj.lora_b.shape == (R, H * K)
+    model.proj.lora_b[...] = jax.random.normal(jax.random.key(3), (R, H * K))
+    y = np.asarray(model(x))
+    assert np.abs(y - base).max() > 1e-3
+    plain = lnnx.merge_and_unload(model)
+    np.testing.assert_allclose(np.asarray(plain(x)), y, atol=1e-5)
