@@ -69,11 +69,11 @@ def test_dora_gradients_match_peft_detached_norm(tiny_checkpoint, tmp_path):
 def test_dora_init_is_peft_norm_and_leaves_output_unchanged():
     kernel = jax.random.normal(jax.random.key(0), (3, 16, 8))  # stacked [L, in, out]
     p = lora_jax.inject({"layers": {"q": {"kernel": kernel}}}, lora_jax.LoraConfig(r=2, target_modules=["q"], use_dora=True),
-                        jax.random.key(1), layouts={"layers.q": lora_jax.KernelLayout(stack=1, n_in=1)})
+                        jax.random.key(1), layouts=(L := {"layers.q": lora_jax.KernelLayout(stack=1, n_in=1)}))
     np.testing.assert_allclose(p["layers"]["q"]["lora_magnitude"], np.linalg.norm(np.asarray(kernel), axis=1), rtol=1e-6)
     assert lora_jax.count_parameters(p)[0] == 3 * (16 * 2 + 2 * 8 + 8)  # A, B and m are trainable
     with pytest.raises(ValueError, match="DoRA, whose merge cannot be undone"):
-        lora_jax.unmerge(lora_jax.merge(p), lora_jax.split(p)[0])
+        lora_jax.unmerge(lora_jax.merge(p, layouts=L), lora_jax.split(p)[0], layouts=L)
 
 
 def test_dora_magnitude_spec_follows_the_kernel_output_axes():
