@@ -27,6 +27,7 @@ code; process 0 alone writes the run's files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -66,19 +67,32 @@ class _Say(logging.Handler):
         _say(record.getMessage())
 
 
-def _show_library_choices() -> None:
+@contextlib.contextmanager
+def _library_choices_shown():
+    """Show the library's INFO choices during one run, and leave logging as it was afterwards
+    (`run` may be called in a process that goes on: tests, notebooks)."""
     log = logging.getLogger("lora_jax.attention")
-    if not any(isinstance(h, _Say) for h in log.handlers):
-        log.addHandler(_Say())
-        log.setLevel(logging.INFO)
-        log.propagate = False  # shown once, by _Say (not again by a root handler another library set up)
+    handler, level, propagate = _Say(), log.level, log.propagate
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False  # shown once, by _Say (not again by a root handler another library set up)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        log.propagate = propagate
 
 
 def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> int:
+    with _library_choices_shown():
+        return _run(recipe, resume=resume, overwrite=overwrite)
+
+
+def _run(recipe: Recipe, *, resume: bool, overwrite: bool) -> int:
     t_start = time.time()
     hosts.initialize(recipe.distributed)  # before any other JAX call; a no-op for one process
     main = hosts.is_main()
-    _show_library_choices()
     lora_cfg = recipe.to_lora_config()
     out = recipe.output_dir
 
