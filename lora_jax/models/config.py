@@ -131,6 +131,32 @@ class ModelConfig:
         return dataclasses.replace(cfg, eos_token_id=_eos(getattr(hf_config, "eos_token_id", None)))
 
 
+def decoder_fields(hf_config: Any, *, tie_default: bool, max_positions_default: int) -> dict:
+    """The ModelConfig fields every RMSNorm decoder config (Llama, Gemma, Qwen, ...) spells the same way.
+
+    >>> import transformers
+    >>> f = decoder_fields(transformers.LlamaConfig(num_attention_heads=8, num_key_value_heads=2), tie_default=False,
+    ...                    max_positions_default=2048)
+    >>> f["num_kv_heads"], f["head_dim"]
+    (2, 512)
+    """
+    g = lambda name, default=None: getattr(hf_config, name, default)  # noqa: E731
+    n_heads = hf_config.num_attention_heads
+    return dict(
+        model_type=hf_config.model_type,
+        vocab_size=hf_config.vocab_size,
+        hidden_size=hf_config.hidden_size,
+        intermediate_size=hf_config.intermediate_size,
+        num_layers=hf_config.num_hidden_layers,
+        num_heads=n_heads,
+        num_kv_heads=g("num_key_value_heads") or n_heads,
+        head_dim=g("head_dim") or hf_config.hidden_size // n_heads,
+        norm_eps=float(hf_config.rms_norm_eps),
+        tie_word_embeddings=bool(g("tie_word_embeddings", tie_default)),
+        max_position_embeddings=int(g("max_position_embeddings", max_positions_default)),
+    )
+
+
 def read_rope(g) -> tuple[float, tuple[tuple[str, Any], ...] | None]:
     """(theta, rope_scaling) from a transformers rope dict getter (rope_parameters or rope_scaling)."""
     rope = dict(g("rope_parameters") or g("rope_scaling") or {})

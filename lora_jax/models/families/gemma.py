@@ -37,7 +37,7 @@ from lora_jax.config import LoraConfig
 from lora_jax.models import attention
 from lora_jax.models.blocks import Attention, GatedMLP, rms_norm
 from lora_jax.models.causal_lm import CausalLM
-from lora_jax.models.config import ModelConfig, read_rope, rope_from_dict
+from lora_jax.models.config import ModelConfig, decoder_fields, read_rope, rope_from_dict
 from lora_jax.models.families import Family
 from lora_jax.models.families.llama import RULES
 from lora_jax.models.rope import cos_sin
@@ -128,7 +128,7 @@ def config_from_hf(hf_config: Any) -> ModelConfig:
     if g("use_bidirectional_attention"):
         raise ValueError(f"{model_type} with use_bidirectional_attention=True (an encoder) is not supported; "
                          "lora_jax serves causal LMs")
-    n_layers, n_heads = hf_config.num_hidden_layers, hf_config.num_attention_heads
+    n_layers = hf_config.num_hidden_layers
     rope = dict(g("rope_parameters") or {})
     if "full_attention" in rope:  # Gemma 3: one rope dict per layer type
         theta, scaling = rope_from_dict(rope["full_attention"], g("rope_theta", 10000.0))
@@ -146,17 +146,7 @@ def config_from_hf(hf_config: Any) -> ModelConfig:
     softcap = lambda v: None if v is None else float(v)  # noqa: E731
     bias = bool(g("attention_bias", False))
     return ModelConfig(
-        model_type=model_type,
-        vocab_size=hf_config.vocab_size,
-        hidden_size=hf_config.hidden_size,
-        intermediate_size=hf_config.intermediate_size,
-        num_layers=n_layers,
-        num_heads=n_heads,
-        num_kv_heads=g("num_key_value_heads") or n_heads,
-        head_dim=g("head_dim") or hf_config.hidden_size // n_heads,
-        norm_eps=float(hf_config.rms_norm_eps),
-        tie_word_embeddings=bool(g("tie_word_embeddings", True)),
-        max_position_embeddings=int(g("max_position_embeddings", 8192)),
+        **decoder_fields(hf_config, tie_default=True, max_positions_default=8192),
         rope_theta=theta,
         rope_scaling=scaling,
         attention_bias=bias,

@@ -38,7 +38,7 @@ from lora_jax.config import LoraConfig
 from lora_jax.models import attention
 from lora_jax.models.blocks import Attention, GatedMLP, RMSNorm
 from lora_jax.models.causal_lm import CausalLM
-from lora_jax.models.config import ModelConfig, read_rope
+from lora_jax.models.config import ModelConfig, decoder_fields, read_rope
 from lora_jax.models.families import Family
 from lora_jax.models.rope import cos_sin
 from lora_jax.models.stack import block_stack, saved
@@ -117,7 +117,6 @@ def config_from_hf(hf_config: Any) -> ModelConfig:
     g = lambda name, default=None: getattr(hf_config, name, default)  # noqa: E731
     model_type = hf_config.model_type
     n_layers = hf_config.num_hidden_layers
-    n_heads = hf_config.num_attention_heads
     theta, scaling = read_rope(g)
     window = g("sliding_window")
     if model_type in ("qwen2", "qwen3", "qwen3_moe"):
@@ -128,17 +127,7 @@ def config_from_hf(hf_config: Any) -> ModelConfig:
         sliding = (window is not None,) * n_layers
     attn_bias = bool(g("attention_bias", False))
     return ModelConfig(
-        model_type=model_type,
-        vocab_size=hf_config.vocab_size,
-        hidden_size=hf_config.hidden_size,
-        intermediate_size=hf_config.intermediate_size,
-        num_layers=n_layers,
-        num_heads=n_heads,
-        num_kv_heads=g("num_key_value_heads") or n_heads,
-        head_dim=g("head_dim") or hf_config.hidden_size // n_heads,
-        norm_eps=float(hf_config.rms_norm_eps),
-        tie_word_embeddings=bool(g("tie_word_embeddings", False)),
-        max_position_embeddings=int(g("max_position_embeddings", 2048)),
+        **decoder_fields(hf_config, tie_default=False, max_positions_default=2048),
         rope_theta=theta,
         rope_scaling=scaling,
         attention_bias=True if model_type == "qwen2" else attn_bias,
