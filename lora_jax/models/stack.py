@@ -128,3 +128,12 @@ class Unrolled(nn.Module):
                 ks.append(layer_kv[0])
                 vs.append(layer_kv[1])
         return x, (None if kv is None else (jnp.stack(ks), jnp.stack(vs)))
+
+
+def run_blocks(layers, x, cos, sin, mask, window, cache, new_cache):
+    """Run a `block_stack` over x with this call's KV cache (None when not decoding): (x, the updated cache)."""
+    kv = None if cache is None else (cache["k"], cache["v"])
+    x, kv = layers(x, cos, sin, mask, window, None if cache is None else cache["index"], kv)
+    if new_cache is not None:
+        new_cache = dict(new_cache, k=kv[0], v=kv[1])
+    return x, new_cache

@@ -41,7 +41,7 @@ from lora_jax.models.config import ModelConfig, decoder_fields, read_rope, rope_
 from lora_jax.models.families import Family
 from lora_jax.models.families.llama import RULES
 from lora_jax.models.rope import cos_sin
-from lora_jax.models.stack import block_stack, saved
+from lora_jax.models.stack import block_stack, run_blocks, saved
 
 
 def _pick(local: Any, pair: Any, sliding: Any) -> Any:
@@ -95,12 +95,8 @@ class GemmaModel(nn.Module):
             cos, sin = (cos, cos_l), (sin, sin_l)
         layers = block_stack(GemmaDecoderLayer, c, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora,
                              scan=self.scan_layers, remat=self.remat, name="layers")
-        kv = None if cache is None else (cache["k"], cache["v"])
-        x, kv = layers(x, cos, sin, mask, window, None if cache is None else cache["index"], kv)
-        x = rms_norm(c, self.dtype, self.param_dtype, "norm")(x)
-        if new_cache is not None:
-            new_cache = dict(new_cache, k=kv[0], v=kv[1])
-        return x, new_cache
+        x, new_cache = run_blocks(layers, x, cos, sin, mask, window, cache, new_cache)
+        return rms_norm(c, self.dtype, self.param_dtype, "norm")(x), new_cache
 
 
 class Gemma2ForCausalLM(CausalLM):

@@ -35,7 +35,7 @@ from lora_jax.models.blocks import activation
 from lora_jax.models.causal_lm import CausalLM
 from lora_jax.models.config import ModelConfig
 from lora_jax.models.families import Family
-from lora_jax.models.stack import block_stack, saved
+from lora_jax.models.stack import block_stack, run_blocks, saved
 
 
 def _layer_norm(cfg: ModelConfig, dtype, param_dtype, name: str) -> nn.LayerNorm:
@@ -111,12 +111,8 @@ class GPT2Model(nn.Module):
         x = wte(input_ids) + wpe(positions)
         blocks = block_stack(GPT2Block, c, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora,
                              scan=self.scan_layers, remat=self.remat, name="h")
-        kv = None if cache is None else (cache["k"], cache["v"])
-        x, kv = blocks(x, None, None, mask, None, None if cache is None else cache["index"], kv)
-        x = _layer_norm(c, self.dtype, self.param_dtype, "ln_f")(x)
-        if new_cache is not None:
-            new_cache = dict(new_cache, k=kv[0], v=kv[1])
-        return x, new_cache
+        x, new_cache = run_blocks(blocks, x, None, None, mask, None, cache, new_cache)
+        return _layer_norm(c, self.dtype, self.param_dtype, "ln_f")(x), new_cache
 
 
 class GPT2LMHeadModel(CausalLM):

@@ -41,7 +41,7 @@ from lora_jax.models.causal_lm import CausalLM
 from lora_jax.models.config import ModelConfig, decoder_fields, read_rope
 from lora_jax.models.families import Family
 from lora_jax.models.rope import cos_sin
-from lora_jax.models.stack import block_stack, saved
+from lora_jax.models.stack import block_stack, run_blocks, saved
 
 LlamaAttention = Attention  # HF's names for the shared blocks
 LlamaMLP = GatedMLP
@@ -87,13 +87,8 @@ class LlamaModel(nn.Module):
         cos, sin = cos_sin(c, positions, self.dtype)
         layers = block_stack(self.block, c, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora,
                              scan=self.scan_layers, remat=self.remat, name="layers")
-        kv = None if cache is None else (cache["k"], cache["v"])
-        index = None if cache is None else cache["index"]
-        x, kv = layers(x, cos, sin, mask, window, index, kv)
-        x = RMSNorm(c.norm_eps, self.dtype, self.param_dtype, name="norm")(x)
-        if new_cache is not None:
-            new_cache = dict(new_cache, k=kv[0], v=kv[1])
-        return x, new_cache
+        x, new_cache = run_blocks(layers, x, cos, sin, mask, window, cache, new_cache)
+        return RMSNorm(c.norm_eps, self.dtype, self.param_dtype, name="norm")(x), new_cache
 
 
 class LlamaForCausalLM(CausalLM):
