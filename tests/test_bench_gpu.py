@@ -1,4 +1,4 @@
-"""benchmarks/bench_gpu.py and check_gpu_attention.py run end to end in --tiny mode on CPU."""
+"""benchmarks/gpu_session.sh (check_gpu_attention.py, then bench_gpu.py) runs end to end in --tiny mode on CPU."""
 
 from __future__ import annotations
 
@@ -13,13 +13,19 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
-def test_bench_gpu_tiny_smoke_run(tmp_path):
-    out = tmp_path / "gpu.md"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--tiny", "--steps", "2",
-                           "--warmup", "1", "--out", str(out)], capture_output=True, text=True, timeout=1200,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+def test_gpu_session_tiny_smoke_run(tmp_path):
+    """benchmarks/gpu_session.sh --tiny: the attention check and the step benchmark, their files in $OUT."""
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), "--tiny"], capture_output=True, text=True,
+                          timeout=1200, env=dict(os.environ, OUT=str(tmp_path), PY=sys.executable))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    text = out.read_text()
+    assert "check_gpu_attention: exit 0" in proc.stdout and "bench_gpu tiny: exit 0" in proc.stdout, proc.stdout[-3000:]
+    assert "jax " in (tmp_path / "gpu_device.txt").read_text()
+
+    check = (tmp_path / "gpu_attention_check.md").read_text()
+    rows = [line for line in check.splitlines() if line.startswith("| 16 |")]
+    assert len(rows) == 12 and all(line.endswith("| yes |") for line in rows), check
+
+    text = (tmp_path / "gpu_tiny.md").read_text()
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| jax_") or
             line.startswith("| peft")}
     assert set(rows) == {"jax_lora", "jax_full", "peft"}
@@ -28,13 +34,3 @@ def test_bench_gpu_tiny_smoke_run(tmp_path):
         assert float(cells[0]) > 0 and float(cells[1].replace(",", "")) > 0, line  # step ms, tokens/s
     assert "LoRA / full step time:" in text
     assert "attention=auto uses reference for (cpu, bfloat16, head_dim 16, 4/2 heads, T=128 S=128, causal mask)" in text
-
-
-@pytest.mark.slow
-def test_check_gpu_attention_tiny_smoke_run():
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "check_gpu_attention.py"), "--impl", "xla", "--tiny",
-                           "--repeats", "1"], capture_output=True, text=True, timeout=1200,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [line for line in proc.stdout.splitlines() if line.startswith("| 16 |")]
-    assert len(rows) == 12 and all(line.endswith("| yes |") for line in rows), proc.stdout
