@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import lora_jax
@@ -87,6 +88,29 @@ def test_init_matches_peft_distributions():
     g = lora_jax.inject(p, LoraConfig(r=64, target_modules=["q"], init="gaussian"), jax.random.key(0))["q"]
     assert abs(float(g["lora_a"].std()) - 1 / 64) < 0.1 / 64
     assert a.dtype == jnp.float32 and not g["lora_b"].any()
+
+
+def test_init_lora_weights_false_draws_b_as_peft():
+    import peft
+    import torch
+
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(400, 300)),
+                                 peft.LoraConfig(r=16, target_modules=["0"], init_lora_weights=False))
+    tb = theirs.base_model.model[0].lora_B["default"].weight.detach().numpy()  # [out, r]: U(±1/sqrt(r))
+    p = {"q": {"kernel": jnp.zeros((400, 300))}}
+    ours = lora_jax.inject(p, LoraConfig(r=16, target_modules=["q"], init_lora_weights=False), jax.random.key(0))["q"]
+    b, bound = np.asarray(ours["lora_b"]), 1 / 16**0.5
+    assert abs(np.abs(tb).max() - bound) < 0.01 * bound and abs(np.abs(b).max() - bound) < 0.01 * bound
+    assert abs(b.std() - tb.std()) < 0.03 * tb.std() and np.abs(b).max() <= bound
+    assert float(jnp.abs(ours["lora_a"]).max()) <= 1 / 400**0.5  # A: as the default init
+    # Stacked layers of different ranks (padded): each layer's bound is its own rank's, padded slots stay 0.
+    stacked = {"model": {"layers": {"mlp": {"up_proj": {"kernel": jnp.zeros((2, 64, 64))}}}}}
+    cfg = LoraConfig(r=16, target_modules=["up_proj"], rank_pattern={"layers.1.mlp.up_proj": 4}, init_lora_weights=False)
+    node = lora_jax.inject(stacked, cfg, jax.random.key(0))["model"]["layers"]["mlp"]["up_proj"]
+    b = np.asarray(node["lora_b"])
+    assert node["lora_rank"].tolist() == [16, 4] and not b[1, 4:].any() and not np.asarray(node["lora_a"])[1, :, 4:].any()
+    assert 0.95 / 4 < np.abs(b[0]).max() <= 1 / 4 and 0.9 / 2 < np.abs(b[1, :4]).max() <= 1 / 2
 
 
 def test_lora_leaves_are_fp32_over_a_bf16_base():
