@@ -43,7 +43,8 @@ from lora_jax.models.config import ModelConfig
 from lora_jax.models.gguf import base_model_name
 from lora_jax.models.naming import CONV1D_MODULES, LAYER_CONTAINERS, hf_module_name, is_conv1d
 from lora_jax.models import families
-from lora_jax.targeting import OUTPUT_LAYER_NAMES, is_parameter_key, is_target, module_key, resolve_targets
+from lora_jax.targeting import (OUTPUT_LAYER_NAMES, convert_moe_targets, is_parameter_key, is_target, module_key, module_names,
+                                resolve_targets)
 from lora_jax.transform import combine, has_lora
 from lora_jax.tree import KERNEL, LORA_A, LORA_B, LORA_MAGNITUDE, LORA_RANK, LORA_SCALE, iter_leaves
 from lora_jax.variants.inits import rewrites_base
@@ -124,7 +125,9 @@ def save_peft_adapter(params: Any, lora_config: LoraConfig, out_dir: str, *, mod
     lora_config = resolve_targets(lora_config, cfg.model_type)
     if base_model_name_or_path is None and hf_config is not None:
         base_model_name_or_path = getattr(hf_config, "name_or_path", None) or None
-    base = kernel_modules(param_shapes(build_model(cfg)))
+    shapes = param_shapes(build_model(cfg))
+    base = kernel_modules(shapes)
+    lora_config = convert_moe_targets(lora_config, module_names(shapes))  # PEFT's rewrite for fused MoE experts
     leaves: dict[str, dict[str, np.ndarray]] = {}
     for path, leaf in iter_leaves(params):
         if path[-1] in (LORA_A, LORA_B, LORA_SCALE, LORA_RANK, LORA_MAGNITUDE):
