@@ -394,9 +394,14 @@ def _stack_depth(params: Any) -> int | None:
 
 
 def _check_module_matches(params: Any, config: LoraConfig, n_layers: int | None) -> None:
-    """PEFT raises when a target pattern matches a module it cannot adapt: so do we."""
+    """PEFT raises when a target pattern matches a module it cannot adapt: so do we. A tied LM head
+    (no `lm_head` kernel in a project model's tree) PEFT adapts as a Linear sharing the embedding;
+    lora_jax does not, so naming it is an error rather than silently skipped."""
     if config.target_modules in (ALL_LINEAR, None):
         return
+    if _in_project_tree(params) and not isinstance(params.get("lm_head"), Mapping) and is_target(config, "lm_head"):
+        raise ValueError(f"target_modules={config.target_modules!r} names 'lm_head', which this model ties to the embedding "
+                         "(no linear layer of its own); LoRA on a tied LM head is not supported: leave it out")
     for path, node in _nodes(params):
         if KERNEL in node:
             continue

@@ -133,6 +133,15 @@ def test_bad_targets_name_the_problem(config, message):
         lora_jax.inject(tree(), config, jax.random.key(0))
 
 
+def test_a_tied_lm_head_named_as_a_target_is_refused_not_skipped():
+    # PEFT adapts a tied lm_head (a Linear sharing the embedding); before, lora_jax silently adapted q_proj only.
+    tied = {k: v for k, v in tree().items() if k != "lm_head"}
+    for tm in (["q_proj", "lm_head"], r".*(q_proj|lm_head)"):
+        with pytest.raises(ValueError, match="names 'lm_head', which this model ties to the embedding"):
+            lora_jax.inject(tied, LoraConfig(target_modules=tm), jax.random.key(0))
+    assert len(targets(LoraConfig(target_modules=["q_proj", "lm_head"], exclude_modules=["lm_head"]), tied)) == 2
+
+
 def test_injecting_twice_is_refused():
     cfg = LoraConfig(target_modules=["q_proj"])
     p = lora_jax.inject(tree(), cfg, jax.random.key(0))
