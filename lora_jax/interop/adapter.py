@@ -330,6 +330,9 @@ def load_peft_adapter(params: Any, adapter_dir: str) -> tuple[Any, LoraConfig]:
         if mod not in kernels and mod.split(".")[-1] in OUTPUT_LAYER_NAMES:
             raise ValueError(f"adapter tensor {name!r} adapts {mod!r}, which this model ties to the embedding (no linear "
                              "layer of its own); LoRA on a tied LM head is not supported")
+        if mod not in kernels and re.search(r"\.experts\.\d+\.(gate_proj|up_proj|down_proj|w1|w2|w3)$", mod):
+            raise ValueError(f"adapter tensor {name!r} is a per-expert LoRA of transformers 4, whose experts transformers 5 fuses; "
+                             "PEFT converts it on load: PeftModel.from_pretrained(base, dir).save_pretrained(new_dir), then load new_dir")
         if mod not in kernels:
             raise ValueError(f"adapter tensor {name!r} {tuple(arr.shape)} is for module {mod!r}, which this model has no "
                              "linear layer for; the adapter was trained for another architecture")
