@@ -412,11 +412,11 @@ def _check_module_matches(params: Any, config: LoraConfig, n_layers: int | None)
         hit = next((n for n in names if is_target(config, n)), None)
         if hit is not None:
             holds = sorted(str(k) for k in node)
-            raise ValueError(
-                f"target_modules={config.target_modules!r} matches module {hit!r}, which is not a dense kernel (it holds: "
-                f"{', '.join(holds[:6])}{', ...' if len(holds) > 6 else ''}); PEFT refuses such a target too: narrow the "
-                "pattern to modules that own a 'kernel' (e.g. 'q_proj')"
-            )
+            why = ("LoRA on embeddings (PEFT's lora_embedding_A/B) is not supported by lora_jax: leave it out or narrow the "
+                   "pattern" if "embedding" in node else "PEFT refuses such a target too: narrow the pattern to modules that "
+                   "own a 'kernel' (e.g. 'q_proj')")
+            raise ValueError(f"target_modules={config.target_modules!r} matches module {hit!r}, which is not a dense kernel (it "
+                             f"holds: {', '.join(holds[:6])}{', ...' if len(holds) > 6 else ''}); {why}")
     for path, _ in iter_leaves(params):
         if path[-1] != KERNEL and not isinstance(config.target_modules, str) and _matches(config.target_modules, ".".join(path)):
             raise ValueError(f"target_modules={config.target_modules!r} matches {'.'.join(path)!r}, which is not a dense kernel; "
