@@ -360,3 +360,44 @@ class LoraConfig:
         )
         kwargs.update(overrides)
         return cls(**kwargs)
+
+    # PEFT's PeftConfig methods, for code moved from PEFT (lora_jax.interop.peft_config does the work).
+    def to_dict(self) -> dict[str, Any]:
+        """The full adapter_config.json dict PEFT would write for this config (`peft.LoraConfig.to_dict`).
+
+        >>> LoraConfig(r=4, target_modules=["q_proj"]).to_dict()["peft_version"] is not None
+        True
+        """
+        from lora_jax.interop.peft_config import peft_config_dict  # noqa: PLC0415  (interop builds on this module)
+
+        return peft_config_dict(self)
+
+    def save_pretrained(self, save_directory: str) -> None:
+        """Write `save_directory/adapter_config.json` (only the config, as PEFT's `save_pretrained`)."""
+        import json
+        import os
+
+        os.makedirs(save_directory, exist_ok=True)
+        with open(os.path.join(save_directory, "adapter_config.json"), "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")
+
+    @classmethod
+    def from_pretrained(cls, adapter_dir: str) -> "LoraConfig":
+        """The config in `adapter_dir/adapter_config.json` (a local PEFT adapter directory), refusing the
+        PEFT features lora_jax does not implement, as `load_peft_adapter` does.
+
+        >>> import tempfile
+        >>> d = tempfile.mkdtemp(); LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj"]).save_pretrained(d)
+        >>> LoraConfig.from_pretrained(d).scale_for("q_proj")
+        4.0
+        """
+        import os
+
+        from lora_jax.files import read_json
+        from lora_jax.interop.peft_config import lora_config_from_peft  # noqa: PLC0415
+
+        path = os.path.join(os.fspath(adapter_dir), "adapter_config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json; pass a local PEFT adapter directory")
+        return lora_config_from_peft(read_json(path), path)

@@ -95,3 +95,15 @@ def test_init_lora_weights_false_is_random_and_round_trips():
     d = cfg.to_peft_dict()
     assert d["init_lora_weights"] is False and LoraConfig.from_peft_dict(d) == cfg
     assert peft.LoraConfig(**{k: v for k, v in d.items() if k != "peft_type"}).init_lora_weights is False
+
+
+def test_peft_config_methods_round_trip_with_peft(tmp_path):
+    ours = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_rslora=True, rank_pattern={"v_proj": 2})
+    ours.save_pretrained(tmp_path / "ours")
+    theirs = peft.LoraConfig.from_pretrained(tmp_path / "ours")  # PEFT reads what we wrote
+    assert (theirs.r, theirs.lora_alpha, set(theirs.target_modules), theirs.rank_pattern) == (4, 16, {"q_proj", "v_proj"}, {"v_proj": 2})
+    peft.LoraConfig(r=2, target_modules=["k_proj"], init_lora_weights=False, task_type="CAUSAL_LM").save_pretrained(tmp_path / "theirs")
+    assert LoraConfig.from_pretrained(tmp_path / "theirs") == LoraConfig(r=2, target_modules=["k_proj"], init_lora_weights=False)
+    assert set(ours.to_dict()) >= set(theirs.to_dict())
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        LoraConfig.from_pretrained(tmp_path / "none")
