@@ -32,7 +32,7 @@ import jax.numpy as jnp
 ALL_LINEAR = "all-linear"
 # Inits that leave the base weights alone ("random" is PEFT's init_lora_weights=False: A and B both
 # drawn as torch's nn.Linear default, so the adapter is not a no-op at step 0).
-PLAIN_INITS = ("default", "gaussian", "random")
+PLAIN_INITS = ("default", "gaussian", "random", "orthogonal")
 _INITS = PLAIN_INITS + ("pissa", "olora")  # and pissa_niter_N (lora_jax.variants.inits)
 _DTYPES = ("float32", "bfloat16", "float16")
 _UNSET = object()
@@ -126,7 +126,8 @@ class LoraConfig:
       use_rslora: rank-stabilised scale alpha / sqrt(r).
       init: "default" (A Kaiming-uniform as PEFT, B = 0), "gaussian" (A ~ N(0, 1/r), B = 0), "random"
         (PEFT's init_lora_weights=False: A and B as torch's nn.Linear default, U(±1/sqrt(fan_in)), so the
-        adapter acts from step 0; for tests), or one that rewrites the base weights: "pissa",
+        adapter acts from step 0; for tests), "orthogonal" (PEFT's: A, B nonzero with A @ B = 0; even r),
+        or one that rewrites the base weights: "pissa",
         "pissa_niter_N", "olora" (`lora_jax.variants.inits`).
       dtype: dtype of the A/B leaves (fp32 by default, even over a bf16 base).
       use_dora: DoRA (weight-decomposed LoRA, `lora_jax.variants.dora`): a trained magnitude per output.
@@ -353,7 +354,7 @@ class LoraConfig:
             rank_pattern=d.get("rank_pattern") or {},
             alpha_pattern=d.get("alpha_pattern") or {},
             use_rslora=bool(d.get("use_rslora", False)),
-            init="gaussian" if init == "gaussian" else "random" if init is False else "default",
+            init=init if init in ("gaussian", "orthogonal") else "random" if init is False else "default",
             use_dora=bool(d.get("use_dora", False)),
             layers_to_transform=d.get("layers_to_transform"),
             layers_pattern=d.get("layers_pattern") or None,

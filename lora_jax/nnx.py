@@ -42,7 +42,7 @@ from flax import nnx
 from lora_jax.config import ALL_LINEAR, PLAIN_INITS, LoraConfig
 from lora_jax.layers import lora_delta
 from lora_jax.targeting import KernelLayout, Layouts, _in_project_tree, einsum_in_axes, plan_targets, resolve_targets
-from lora_jax.transform import _init_a, _init_b, delta_weight
+from lora_jax.transform import delta_weight, init_ab
 
 _SUPPORTED = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
 
@@ -198,8 +198,7 @@ def inject(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs | jax.Array, *,
                              "or build the layers as a list")
         r = t.ranks[0]
         d_in, d_out = math.prod(ins), math.prod(outs)
-        a = _init_a(jax.random.fold_in(key, i), stack + (d_in, r), config, r)
-        b = _init_b(jax.random.fold_in(key, i), stack + (r, d_out), config, r)
+        a, b = init_ab(jax.random.fold_in(key, i), stack, d_in, d_out, config, r)
         scale = jnp.asarray([alpha / math.sqrt(r) if config.use_rslora else alpha / r for alpha in t.alphas],
                             jnp.float32).reshape(stack)
         _set(model, path, LoraLinear(module, a, b, scale, config.dropout, rngs if config.dropout > 0 else None, layouts[mkey]))

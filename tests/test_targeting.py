@@ -113,6 +113,25 @@ def test_init_lora_weights_false_draws_b_as_peft():
     assert 0.95 / 4 < np.abs(b[0]).max() <= 1 / 4 and 0.9 / 2 < np.abs(b[1, :4]).max() <= 1 / 2
 
 
+def test_orthogonal_init_as_peft():
+    import peft
+    import torch
+
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(200, 300)),
+                                 peft.LoraConfig(r=16, target_modules=["0"], init_lora_weights="orthogonal"))
+    ta, tb = (theirs.base_model.model[0].lora_A["default"].weight.detach().numpy(),
+              theirs.base_model.model[0].lora_B["default"].weight.detach().numpy())
+    cfg = LoraConfig(r=16, target_modules=["q"], init_lora_weights="orthogonal")
+    ours = lora_jax.inject({"q": {"kernel": jnp.zeros((200, 300))}}, cfg, jax.random.key(0))["q"]
+    a, b = np.asarray(ours["lora_a"]), np.asarray(ours["lora_b"])
+    assert np.abs(a @ b).max() < 1e-6 and np.abs(tb @ ta).max() < 1e-6  # nonzero A and B, zero product
+    assert abs(a.std() / ta.std() - 1) < 0.1 and abs(b.std() / tb.std() - 1) < 0.1
+    assert cfg.to_peft_dict()["init_lora_weights"] == "orthogonal" and LoraConfig.from_peft_dict(cfg.to_peft_dict()) == cfg
+    with pytest.raises(ValueError, match="Orthogonal initialization requires the LoRA rank to be even, got 7"):  # PEFT's message
+        lora_jax.inject({"q": {"kernel": jnp.zeros((8, 8))}}, LoraConfig(r=7, target_modules=["q"], init="orthogonal"), jax.random.key(0))
+
+
 def test_lora_leaves_are_fp32_over_a_bf16_base():
     p = {"q": {"kernel": jnp.zeros((8, 8), jnp.bfloat16)}}
     out = lora_jax.inject(p, LoraConfig(r=2, target_modules=["q"]), jax.random.key(0))
