@@ -31,7 +31,7 @@ import jax.numpy as jnp
 
 ALL_LINEAR = "all-linear"
 # Inits that leave the base weights alone ("random" is PEFT's init_lora_weights=False: A and B both
-# drawn as torch's nn.Linear default, so the adapter is not a no-op at step 0).
+# drawn as torch's nn.Linear default, so the adapter is not a no-op at step 0; "orthogonal" is PEFT's).
 PLAIN_INITS = ("default", "gaussian", "random", "orthogonal")
 _INITS = PLAIN_INITS + ("pissa", "olora")  # and pissa_niter_N (lora_jax.variants.inits)
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -127,8 +127,7 @@ class LoraConfig:
       init: "default" (A Kaiming-uniform as PEFT, B = 0), "gaussian" (A ~ N(0, 1/r), B = 0), "random"
         (PEFT's init_lora_weights=False: A and B as torch's nn.Linear default, U(±1/sqrt(fan_in)), so the
         adapter acts from step 0; for tests), "orthogonal" (PEFT's: A, B nonzero with A @ B = 0; even r),
-        or one that rewrites the base weights: "pissa",
-        "pissa_niter_N", "olora" (`lora_jax.variants.inits`).
+        or one that rewrites the base weights: "pissa", "pissa_niter_N", "olora" (`lora_jax.variants.inits`).
       dtype: dtype of the A/B leaves (fp32 by default, even over a bf16 base).
       use_dora: DoRA (weight-decomposed LoRA, `lora_jax.variants.dora`): a trained magnitude per output.
       layers_to_transform: layer index or indices to adapt (PEFT's; 0 means layer 0), with
@@ -172,7 +171,8 @@ class LoraConfig:
         if init_lora_weights is not _UNSET:
             if not isinstance(init_lora_weights, (bool, str)):
                 raise ValueError(f"LoraConfig(init_lora_weights={init_lora_weights!r}) is not supported; lora_jax initialises "
-                                 "as PEFT's True (Kaiming A, zero B), False (random A and B), 'gaussian', 'pissa', 'pissa_niter_N' or 'olora'")
+                                 "as PEFT's True (Kaiming A, zero B), False (random A and B), 'gaussian', 'orthogonal', 'pissa', "
+                                 "'pissa_niter_N' or 'olora'")
             init = {True: "default", False: "random"}.get(init_lora_weights, init_lora_weights)
         for key, value in peft_kwargs.items():
             if key not in _PEFT_KWARGS:
