@@ -276,8 +276,9 @@ def convert_moe_targets(config: LoraConfig, names: Any) -> LoraConfig:
         raise ValueError("target_modules='all-linear' on a mixture of experts: PEFT (transformers >= 5) then also adapts the "
                          f"expert tensors and the router (target_parameters gate.weight), which lora_jax cannot; {_EXPLICIT}")
     if isinstance(targets, str):  # PEFT resolves a regex to the leaf names it matches (v4 expert names probed)
-        hits = {n.rsplit(".", 1)[-1] for n in names if re.fullmatch(targets, n)}
-        hits |= {old for c in containers for old in MOE_V4_NAMES if old != "gate" and re.fullmatch(targets, f"{c}.{old}")}
+        hit = lambda n: re.fullmatch(targets, n) and not (config.exclude_modules and _matches(config.exclude_modules, n))  # noqa: E731
+        hits = {n.rsplit(".", 1)[-1] for n in names if hit(n)}
+        hits |= {old for c in containers for old in MOE_V4_NAMES if old != "gate" and hit(f"{c}.{old}")}
         if not hits:
             return config
         targets = tuple(sorted(hits))
