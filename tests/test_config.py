@@ -76,6 +76,10 @@ def test_every_peft_field_is_accepted_and_numpy_scalars_are_plain():
                              layers_to_transform=[0], layers_pattern="layers", task_type="CAUSAL_LM")
     d = json.loads(json.dumps(theirs.to_dict(), default=sorted))  # what adapter_config.json holds
     assert LoraConfig(**d) == LoraConfig.from_peft_dict(d)  # every PEFT key (peft_version, eva_config, ...) accepted
+    from lora_jax.interop.peft_config import lora_config_from_peft
+
+    d["runtime_config"] = {"ephemeral_gpu_offload": False}  # PEFT runtime-only; some saved configs carry it
+    assert lora_config_from_peft(d) == LoraConfig.from_peft_dict(d)
     cfg = LoraConfig(r=np.int64(4), lora_alpha=np.float32(8), layers_to_transform=np.int64(1), target_modules=["q"])
     assert (type(cfg.r), type(cfg.alpha), type(cfg.layers_to_transform)) == (int, float, int)
     json.dumps(cfg.to_peft_dict())
