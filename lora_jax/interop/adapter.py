@@ -127,10 +127,13 @@ def save_peft_adapter(params: Any, lora_config: LoraConfig, out_dir: str, *, mod
     if model_config is None and hf_config is None and not _in_project_tree(params) and any(
             p[-1] == KERNEL for p, _ in iter_leaves(params)):
         cfg, shapes = None, params  # any linen model: the full tree names its modules (PEFT's names if they follow torch's)
-        flat = [module_key(p) for p, x in iter_leaves(params) if p[-1] == LORA_A and np.ndim(_node(params, module_key(p))[KERNEL]) != 2]
-        if flat:
-            raise ValueError(f"the adapted kernel {flat[0]!r} is not 2-D [in, out]: PEFT's LoRA layers are nn.Linear, so it has "
-                             "no PEFT format; save this model's adapters with lora_jax.training checkpoints instead")
+        for key in (module_key(p) for p, _ in iter_leaves(params) if p[-1] == LORA_A):
+            kernel = _node(params, key).get(KERNEL)
+            if kernel is None:
+                raise ValueError(f"params hold an adapter at {key!r} but not its kernel: pass the full tree (or model_config=)")
+            if np.ndim(kernel) != 2:
+                raise ValueError(f"the adapted kernel {key!r} is not 2-D [in, out]: PEFT's LoRA layers are nn.Linear, so it has "
+                                 "no PEFT format; save this model's adapters with lora_jax.training checkpoints instead")
     else:
         cfg = _model_config(model_config, hf_config)
         shapes = param_shapes(build_model(cfg))
