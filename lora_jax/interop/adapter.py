@@ -131,7 +131,7 @@ def save_peft_adapter(params: Any, lora_config: LoraConfig, out_dir: str, *, mod
             kernel = _node(params, key).get(KERNEL)
             if kernel is None:
                 raise ValueError(f"params hold an adapter at {key!r} but not its kernel: pass the full tree (or model_config=)")
-            if np.ndim(kernel) != 2:
+            if len(getattr(kernel, "shape", ())) != 2:  # (a quantized kernel has the float shape)
                 raise ValueError(f"the adapted kernel {key!r} is not 2-D [in, out]: PEFT's LoRA layers are nn.Linear, so it has "
                                  "no PEFT format; save this model's adapters with lora_jax.training checkpoints instead")
     else:
