@@ -23,23 +23,37 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import re
 from typing import Any, Mapping
 
 import jax.numpy as jnp
 
 ALL_LINEAR = "all-linear"
-_INITS = ("default", "gaussian", "pissa", "olora")  # and pissa_niter_N (lora_jax.variants.inits)
+# Inits that leave the base weights alone ("random" is PEFT's init_lora_weights=False: A and B both
+# drawn as torch's nn.Linear default, so the adapter is not a no-op at step 0; "orthogonal" is PEFT's).
+PLAIN_INITS = ("default", "gaussian", "random", "orthogonal")
+_INITS = PLAIN_INITS + ("pissa", "olora")  # and pissa_niter_N (lora_jax.variants.inits)
 _DTYPES = ("float32", "bfloat16", "float16")
 _UNSET = object()
-# PEFT LoraConfig keyword -> its "off" values. Metadata (accepted whatever the value) has None here.
+# PEFT LoraConfig keyword -> its "off" values. Metadata, and the sub-configs of inits lora_jax refuses
+# anyway (they act only with their init_lora_weights), are accepted whatever the value: None here.
+# Every field of PEFT 0.21's LoraConfig is here, so `LoraConfig(**adapter_config_dict)` works.
 _PEFT_KWARGS: dict[str, tuple | None] = {
     "task_type": None, "inference_mode": None, "base_model_name_or_path": None, "revision": None,
-    "peft_type": None, "fan_in_fan_out": None, "auto_mapping": None,
+    "peft_type": None, "fan_in_fan_out": None, "auto_mapping": None, "peft_version": None,
+    "runtime_config": None, "ensure_weight_tying": None, "megatron_core": None, "qalora_group_size": None,
+    "loftq_config": None, "eva_config": None, "corda_config": None, "lora_ga_config": None,
     "bias": ("none",), "lora_bias": (False,), "modules_to_save": (None, [], ()),
     "layer_replication": (None,), "trainable_token_indices": (None,),
     "megatron_config": (None,), "use_qalora": (False,), "alora_invocation_tokens": (None,),
+    "use_bdlora": (None,), "arrow_config": (None,), "kasa_config": (None,), "velora_config": (None,),
+    "monteclora_config": (None,),
 }
+# PEFT's TaskType values. For these PEFT also fully trains the task head (it adds the head to
+# modules_to_save), which lora_jax does not do: refused rather than silently left frozen.
+_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+_HEAD_TASKS = {"SEQ_CLS": "['classifier', 'score']", "TOKEN_CLS": "['classifier', 'score']", "QUESTION_ANS": "['qa_outputs']"}
 
 
 def _as_tuple(value: Any, field: str) -> str | tuple[str, ...] | None:
@@ -54,6 +68,22 @@ def _as_tuple(value: Any, field: str) -> str | tuple[str, ...] | None:
     if not all(isinstance(v, str) and v for v in items):
         raise ValueError(f"LoraConfig.{field} must hold non-empty strings, got {value!r}")
     return tuple(sorted(set(items)))  # a set of names, as in PEFT: order carries no meaning
+
+
+def _check_task_type(value: Any) -> None:
+    task = getattr(value, "value", value)  # PEFT's TaskType enum or its string
+    if task is not None and task not in _TASK_TYPES:
+        raise ValueError(f"LoraConfig(task_type={task!r}) is not one of PEFT's task types {_TASK_TYPES}")
+    if task in _HEAD_TASKS:
+        raise ValueError(f"LoraConfig(task_type={task!r}): PEFT then also fully trains the task head (modules_to_save="
+                         f"{_HEAD_TASKS[task]}), which lora_jax does not; train the head yourself and leave task_type unset")
+
+
+def _plain_number(value: Any) -> Any:
+    """numpy / other numbers.Number scalars as Python int / float (bools and non-numbers as they are)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return value
+    return int(value) if isinstance(value, numbers.Integral) else float(value)
 
 
 def _check_regex(pattern: str, field: str) -> None:
@@ -94,15 +124,18 @@ class LoraConfig:
         dropout with it.
       rank_pattern / alpha_pattern: {regex: value} overriding r / alpha for matching modules.
       use_rslora: rank-stabilised scale alpha / sqrt(r).
-      init: "default" (A Kaiming-uniform as PEFT, B = 0) or "gaussian" (A ~ N(0, 1/r), B = 0), or one
-        that rewrites the base weights: "pissa", "pissa_niter_N", "olora" (`lora_jax.variants.inits`).
+      init: "default" (A Kaiming-uniform as PEFT, B = 0), "gaussian" (A ~ N(0, 1/r), B = 0), "random"
+        (PEFT's init_lora_weights=False: A and B as torch's nn.Linear default, U(±1/sqrt(fan_in)), so the
+        adapter acts from step 0; for tests), "orthogonal" (PEFT's: A, B nonzero with A @ B = 0; even r),
+        or one that rewrites the base weights: "pissa", "pissa_niter_N", "olora" (`lora_jax.variants.inits`).
       dtype: dtype of the A/B leaves (fp32 by default, even over a bf16 base).
       use_dora: DoRA (weight-decomposed LoRA, `lora_jax.variants.dora`): a trained magnitude per output.
       layers_to_transform: layer index or indices to adapt (PEFT's; 0 means layer 0), with
         layers_pattern naming the layer container (e.g. "layers", "h"); list targets only.
 
-    PEFT's names are accepted as well: `lora_alpha`, `lora_dropout`, `init_lora_weights` (True,
-    "gaussian"), and PEFT's metadata keywords (`task_type`, `inference_mode`, ...).
+    PEFT's names are accepted as well: `lora_alpha`, `lora_dropout`, `init_lora_weights` (True, False,
+    "gaussian", ...), and every other field of PEFT's LoraConfig at its "off" value or as metadata
+    (`task_type`, `inference_mode`, `peft_version`, ...), so `LoraConfig(**adapter_config_dict)` works.
 
     >>> LoraConfig(r=8, lora_alpha=32, lora_dropout=0.1, task_type="CAUSAL_LM").alpha
     32
@@ -136,13 +169,16 @@ class LoraConfig:
             if ours is not _UNSET and theirs is not _UNSET:
                 raise ValueError(f"LoraConfig got both {name}= and PEFT's spelling of it; pass one")
         if init_lora_weights is not _UNSET:
-            if init_lora_weights is not True and not isinstance(init_lora_weights, str):
-                raise ValueError(f"LoraConfig(init_lora_weights={init_lora_weights!r}) is not supported; lora_jax "
-                                 "initialises as PEFT's True (Kaiming A, zero B), 'gaussian', 'pissa', 'pissa_niter_N' or 'olora'")
-            init = "default" if init_lora_weights is True else init_lora_weights
+            if not isinstance(init_lora_weights, (bool, str)):
+                raise ValueError(f"LoraConfig(init_lora_weights={init_lora_weights!r}) is not supported; lora_jax initialises "
+                                 "as PEFT's True (Kaiming A, zero B), False (random A and B), 'gaussian', 'orthogonal', 'pissa', "
+                                 "'pissa_niter_N' or 'olora'")
+            init = {True: "default", False: "random"}.get(init_lora_weights, init_lora_weights)
         for key, value in peft_kwargs.items():
             if key not in _PEFT_KWARGS:
                 raise TypeError(f"LoraConfig got an unexpected keyword argument {key!r}")
+            if key == "task_type":
+                _check_task_type(value)
             off = _PEFT_KWARGS[key]
             if off is not None and not any(value is o or (not isinstance(value, bool) and value == o) for o in off):
                 raise ValueError(f"LoraConfig({key}={value!r}): this PEFT feature is not supported by lora_jax; "
@@ -160,7 +196,7 @@ class LoraConfig:
     # PEFT's attribute names, for code that reads them.
     lora_alpha = property(lambda self: self.alpha)
     lora_dropout = property(lambda self: self.dropout)
-    init_lora_weights = property(lambda self: True if self.init == "default" else self.init)
+    init_lora_weights = property(lambda self: {"default": True, "random": False}.get(self.init, self.init))
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
@@ -169,8 +205,10 @@ class LoraConfig:
         if isinstance(self.target_parameters, str):
             raise ValueError("LoraConfig.target_parameters must be a list of parameter names, e.g. ['mlp.experts.down_proj']")
         set_("target_parameters", _as_tuple(self.target_parameters, "target_parameters") or None)
-        set_("rank_pattern", dict(self.rank_pattern or {}))
-        set_("alpha_pattern", dict(self.alpha_pattern or {}))
+        set_("rank_pattern", {k: _plain_number(v) for k, v in dict(self.rank_pattern or {}).items()})
+        set_("alpha_pattern", {k: _plain_number(v) for k, v in dict(self.alpha_pattern or {}).items()})
+        for field in ("r", "alpha", "dropout"):
+            set_(field, _plain_number(getattr(self, field)))
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"LoraConfig.r must be an integer >= 1, got {self.r!r}")
         if not isinstance(self.alpha, (int, float)) or not self.alpha > 0:
@@ -203,9 +241,9 @@ class LoraConfig:
 
     def _check_layers(self) -> None:
         """PEFT's rules for layers_to_transform / layers_pattern (an int is one layer, 0 included)."""
-        layers, pattern = self.layers_to_transform, self.layers_pattern
+        layers, pattern = _plain_number(self.layers_to_transform), self.layers_pattern
         if layers is not None and not isinstance(layers, int):
-            layers = tuple(layers)
+            layers = tuple(_plain_number(i) for i in layers)
         if isinstance(layers, bool) or not (layers is None or isinstance(layers, int) or all(
                 isinstance(i, int) and not isinstance(i, bool) for i in layers)):
             raise ValueError(f"LoraConfig.layers_to_transform must be a layer index or a list of them, got {layers!r}")
@@ -291,7 +329,7 @@ class LoraConfig:
             "rank_pattern": dict(self.rank_pattern),
             "alpha_pattern": dict(self.alpha_pattern),
             "use_rslora": self.use_rslora,
-            "init_lora_weights": True if self.init == "default" else self.init,
+            "init_lora_weights": self.init_lora_weights,
             "use_dora": self.use_dora,
             "layers_to_transform": layers if layers is None or isinstance(layers, int) else list(layers),
             "layers_pattern": self.layers_pattern if self.layers_pattern is None or isinstance(self.layers_pattern, str)
@@ -316,10 +354,51 @@ class LoraConfig:
             rank_pattern=d.get("rank_pattern") or {},
             alpha_pattern=d.get("alpha_pattern") or {},
             use_rslora=bool(d.get("use_rslora", False)),
-            init="gaussian" if init == "gaussian" else "default",
+            init=init if init in ("gaussian", "orthogonal") else "random" if init is False else "default",
             use_dora=bool(d.get("use_dora", False)),
             layers_to_transform=d.get("layers_to_transform"),
             layers_pattern=d.get("layers_pattern") or None,
         )
         kwargs.update(overrides)
         return cls(**kwargs)
+
+    # PEFT's PeftConfig methods, for code moved from PEFT (lora_jax.interop.peft_config does the work).
+    def to_dict(self) -> dict[str, Any]:
+        """The full adapter_config.json dict PEFT would write for this config (`peft.LoraConfig.to_dict`).
+
+        >>> LoraConfig(r=4, target_modules=["q_proj"]).to_dict()["peft_version"] is not None
+        True
+        """
+        from lora_jax.interop.peft_config import peft_config_dict  # noqa: PLC0415  (interop builds on this module)
+
+        return peft_config_dict(self)
+
+    def save_pretrained(self, save_directory: str) -> None:
+        """Write `save_directory/adapter_config.json` (only the config, as PEFT's `save_pretrained`)."""
+        import json
+        import os
+
+        os.makedirs(save_directory, exist_ok=True)
+        with open(os.path.join(save_directory, "adapter_config.json"), "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+            f.write("\n")
+
+    @classmethod
+    def from_pretrained(cls, adapter_dir: str) -> "LoraConfig":
+        """The config in `adapter_dir/adapter_config.json` (a local PEFT adapter directory), refusing the
+        PEFT features lora_jax does not implement, as `load_peft_adapter` does.
+
+        >>> import tempfile
+        >>> d = tempfile.mkdtemp(); LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj"]).save_pretrained(d)
+        >>> LoraConfig.from_pretrained(d).scale_for("q_proj")
+        4.0
+        """
+        import os
+
+        from lora_jax.files import read_json
+        from lora_jax.interop.peft_config import lora_config_from_peft  # noqa: PLC0415
+
+        path = os.path.join(os.fspath(adapter_dir), "adapter_config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json; pass a local PEFT adapter directory")
+        return lora_config_from_peft(read_json(path), path)

@@ -39,10 +39,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lora_jax.config import ALL_LINEAR, LoraConfig
+from lora_jax.config import ALL_LINEAR, PLAIN_INITS, LoraConfig
 from lora_jax.layers import lora_delta
 from lora_jax.targeting import KernelLayout, Layouts, _in_project_tree, einsum_in_axes, plan_targets, resolve_targets
-from lora_jax.transform import _init_a, delta_weight
+from lora_jax.transform import delta_weight, init_ab
 
 _SUPPORTED = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
 
@@ -152,6 +152,10 @@ def inject(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs | jax.Array, *,
     >>> net.q_proj.lora_a.shape, net.q_proj.lora_b.shape, float(net.q_proj.lora_scale[...])
     ((4, 2), (2, 8), 4.0)
     """
+    if config.use_dora or config.init not in PLAIN_INITS:  # never silently plain LoRA instead
+        raise ValueError(f"lora_jax.nnx.inject supports plain LoRA (init {PLAIN_INITS}), not "
+                         f"{'use_dora=True' if config.use_dora else f'init={config.init!r}'}; use the linen path "
+                         "(lora_jax.inject on a param tree) for DoRA / PiSSA / OLoRA")
     rngs = rngs if isinstance(rngs, nnx.Rngs) else nnx.Rngs(rngs)
     found = [(p, k, m) for p, k, m in _modules(model)]
     if any(isinstance(m, LoraLinear) for _, _, m in found):
@@ -194,8 +198,7 @@ def inject(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs | jax.Array, *,
                              "or build the layers as a list")
         r = t.ranks[0]
         d_in, d_out = math.prod(ins), math.prod(outs)
-        a = _init_a(jax.random.fold_in(key, i), stack + (d_in, r), config, r)
-        b = jnp.zeros(stack + (r, d_out), config.jnp_dtype)
+        a, b = init_ab(jax.random.fold_in(key, i), stack, d_in, d_out, config, r)
         scale = jnp.asarray([alpha / math.sqrt(r) if config.use_rslora else alpha / r for alpha in t.alphas],
                             jnp.float32).reshape(stack)
         _set(model, path, LoraLinear(module, a, b, scale, config.dropout, rngs if config.dropout > 0 else None, layouts[mkey]))

@@ -243,6 +243,66 @@ def resolve_targets(config: LoraConfig, model_type: str | None) -> LoraConfig:
     return dataclasses.replace(config, target_modules=DEFAULT_TARGET_MODULES[model_type])
 
 
+# transformers >= 5 fuses the experts of MoE models (Qwen3-MoE: `mlp.experts.gate_up_proj` / `down_proj`
+# parameters, the router `mlp.gate` a custom module), so PEFT 0.21 rewrites target_modules that name the
+# pre-fusion nn.Linear modules into target_parameters (peft/utils/transformers_weight_conversion.py,
+# _convert_peft_config_moe): v4 name -> fused parameter; a fused pair needs both halves and gets rank and
+# alpha doubled (same alpha/r) via a `.*\.gate_up_proj` pattern; the router becomes `gate.weight`.
+MOE_V4_NAMES = {"gate": "gate.weight", "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj"}
+MOE_FUSED = {"gate_up_proj": ("gate_proj", "up_proj")}
+_EXPLICIT = ("list the targets instead, e.g. target_modules=['q_proj', 'k_proj', 'v_proj', 'o_proj'], "
+             "target_parameters=['mlp.experts.gate_up_proj', 'mlp.experts.down_proj']")
+
+
+def convert_moe_targets(config: LoraConfig, names: Any) -> LoraConfig:
+    """`config` as PEFT (with transformers >= 5) rewrites it for a model with fused MoE expert tensors:
+    `names` are the model's PEFT module/parameter names; without expert tensors `config` is returned.
+
+    A regex or "all-linear" is first resolved to leaf names, as PEFT does; LoRA on the router
+    (PEFT's `gate.weight`), which lora_jax does not implement, is refused in one line.
+
+    >>> names = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.gate",
+    ...          "model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"]
+    >>> c = convert_moe_targets(LoraConfig(r=2, alpha=4, target_modules=["q_proj", "gate_proj", "up_proj"]), names)
+    >>> c.target_modules, c.target_parameters, list(c.rank_pattern.values()), list(c.alpha_pattern.values())
+    (('q_proj',), ('gate_up_proj',), [4], [8])
+    """
+    names = list(names)
+    containers = sorted({n.rpartition(".")[0] for n in names if is_parameter_key(n)})
+    targets = config.target_modules
+    if not containers or targets is None or not targets:
+        return config
+    if targets == ALL_LINEAR:
+        raise ValueError("target_modules='all-linear' on a mixture of experts: PEFT (transformers >= 5) then also adapts the "
+                         f"expert tensors and the router (target_parameters gate.weight), which lora_jax cannot; {_EXPLICIT}")
+    if isinstance(targets, str):  # PEFT resolves a regex to the leaf names it matches (v4 expert names probed)
+        hit = lambda n: re.fullmatch(targets, n) and not (config.exclude_modules and _matches(config.exclude_modules, n))  # noqa: E731
+        hits = {n.rsplit(".", 1)[-1] for n in names if hit(n)}
+        hits |= {old for c in containers for old in MOE_V4_NAMES if old != "gate" and hit(f"{c}.{old}")}
+        if not hits:
+            return config
+        targets = tuple(sorted(hits))
+    mapped = {t: next((new for old, new in MOE_V4_NAMES.items() if t == old or t.endswith("." + old)), None) for t in targets}
+    if not any(mapped.values()):
+        return config if targets == config.target_modules else dataclasses.replace(config, target_modules=targets)
+    if "gate.weight" in mapped.values():
+        router = next(t for t, new in mapped.items() if new == "gate.weight")
+        raise ValueError(f"target_modules names {router!r}, the MoE router: PEFT (transformers >= 5) adapts its weight "
+                         "(target_parameters gate.weight), which lora_jax does not support; leave the router out")
+    ranks, alphas = dict(config.rank_pattern), dict(config.alpha_pattern)
+    for fused, parts in MOE_FUSED.items():
+        present = {old for t, new in mapped.items() if new == fused for old in parts if t == old or t.endswith("." + old)}
+        if present and present != set(parts):
+            raise ValueError(f"Cannot convert PEFT target(s) {', '.join(sorted(present))} without also targeting "
+                             f"{', '.join(sorted(set(parts) - present))} because they are fused into {fused} (PEFT's rule)")
+        if present:
+            ranks[rf".*\.{re.escape(fused)}"] = config.r * len(parts)
+            alphas[rf".*\.{re.escape(fused)}"] = config.alpha * len(parts)
+    params = tuple(sorted(set(config.target_parameters or ()) | {new for new in mapped.values() if new}))
+    return dataclasses.replace(config, target_modules=tuple(t for t, new in mapped.items() if not new), target_parameters=params,
+                               rank_pattern=ranks, alpha_pattern=alphas)
+
+
 def _guess_model_type(params: Any) -> str | None:
     """The project's families from their trees: 'transformer.h' is GPT-2, 'model.layers' is
     Llama-like (every such family shares PEFT's default, q_proj/v_proj)."""
@@ -314,6 +374,17 @@ def _peft_names(key: str, n_layers: int | None) -> list[str]:
     return [f"{container}.{i}.{rest}" for i in range(n_layers)]
 
 
+def module_names(params: Any) -> list[str]:
+    """PEFT names of every module (dict node) of the tree, a stacked (scan_layers) one once per layer.
+
+    >>> import numpy as np
+    >>> module_names({"model": {"layers": {"mlp": {"up_proj": {"kernel": np.zeros((2, 4, 8))}}}}})[-2:]
+    ['model.layers.0.mlp.up_proj', 'model.layers.1.mlp.up_proj']
+    """
+    n_layers = _stack_depth(params)
+    return [n for path, _ in _nodes(params) for n in _peft_names(".".join(path), n_layers)]
+
+
 def _stack_depth(params: Any) -> int | None:
     for o, inner in _layer_containers():
         node = params.get(o, {}).get(inner) if isinstance(params, Mapping) and isinstance(params.get(o), Mapping) else None
@@ -324,9 +395,14 @@ def _stack_depth(params: Any) -> int | None:
 
 
 def _check_module_matches(params: Any, config: LoraConfig, n_layers: int | None) -> None:
-    """PEFT raises when a target pattern matches a module it cannot adapt: so do we."""
+    """PEFT raises when a target pattern matches a module it cannot adapt: so do we. A tied LM head
+    (no `lm_head` kernel in a project model's tree) PEFT adapts as a Linear sharing the embedding;
+    lora_jax does not, so naming it is an error rather than silently skipped."""
     if config.target_modules in (ALL_LINEAR, None):
         return
+    if _in_project_tree(params) and not isinstance(params.get("lm_head"), Mapping) and is_target(config, "lm_head"):
+        raise ValueError(f"target_modules={config.target_modules!r} names 'lm_head', which this model ties to the embedding "
+                         "(no linear layer of its own); LoRA on a tied LM head is not supported: leave it out")
     for path, node in _nodes(params):
         if KERNEL in node:
             continue
@@ -337,11 +413,11 @@ def _check_module_matches(params: Any, config: LoraConfig, n_layers: int | None)
         hit = next((n for n in names if is_target(config, n)), None)
         if hit is not None:
             holds = sorted(str(k) for k in node)
-            raise ValueError(
-                f"target_modules={config.target_modules!r} matches module {hit!r}, which is not a dense kernel (it holds: "
-                f"{', '.join(holds[:6])}{', ...' if len(holds) > 6 else ''}); PEFT refuses such a target too: narrow the "
-                "pattern to modules that own a 'kernel' (e.g. 'q_proj')"
-            )
+            why = ("LoRA on embeddings (PEFT's lora_embedding_A/B) is not supported by lora_jax: leave it out or narrow the "
+                   "pattern" if "embedding" in node else "PEFT refuses such a target too: narrow the pattern to modules that "
+                   "own a 'kernel' (e.g. 'q_proj')")
+            raise ValueError(f"target_modules={config.target_modules!r} matches module {hit!r}, which is not a dense kernel (it "
+                             f"holds: {', '.join(holds[:6])}{', ...' if len(holds) > 6 else ''}); {why}")
     for path, _ in iter_leaves(params):
         if path[-1] != KERNEL and not isinstance(config.target_modules, str) and _matches(config.target_modules, ".".join(path)):
             raise ValueError(f"target_modules={config.target_modules!r} matches {'.'.join(path)!r}, which is not a dense kernel; "
@@ -368,6 +444,7 @@ def plan_targets(params: Any, config: LoraConfig, layouts: Mapping[str, KernelLa
         raise ValueError("target_modules='all-linear' must leave out the model's output layer, which a param tree alone does "
                          "not show; pass layouts=lora_jax.kernel_layouts(model, sample_input) to inject")
     n_layers = _stack_depth(params)
+    config = convert_moe_targets(config, module_names(params))
     _check_module_matches(params, config, n_layers)
     plans, kernels = [], []
     for path, kernel in iter_leaves(params):

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.core import unfreeze
 
-from lora_jax.config import LoraConfig
+from lora_jax.config import PLAIN_INITS, LoraConfig
 from lora_jax.targeting import KernelLayout, Target, plan_targets, resolve_layout
 from lora_jax.tree import (
     KERNEL,
@@ -78,6 +78,38 @@ def _init_a(rng: jax.Array, shape: tuple[int, ...], config: LoraConfig, r: Any) 
     return jax.random.uniform(rng, shape, config.jnp_dtype, -bound, bound)
 
 
+def _init_b(rng: jax.Array, shape: tuple[int, ...], config: LoraConfig, r: Any) -> jax.Array:
+    """B [*stack, R, out]: zeros, or for init="random" (PEFT's init_lora_weights=False) torch's
+    nn.Linear default on lora_B.weight [out, r]: U(-1/sqrt(r), 1/sqrt(r)), per layer's own rank r
+    (`r` may be an array [*stack]; a layer of rank 0 gets zeros)."""
+    if config.init != "random":
+        return jnp.zeros(shape, config.jnp_dtype)
+    r = jnp.asarray(r, jnp.float32).reshape(jnp.shape(r) + (1, 1))
+    bound = jnp.where(r > 0, 1.0 / jnp.sqrt(jnp.maximum(r, 1.0)), 0.0)
+    return (jax.random.uniform(jax.random.fold_in(rng, 1), shape, jnp.float32, -1.0, 1.0) * bound).astype(config.jnp_dtype)
+
+
+def init_ab(rng: jax.Array, stack: tuple[int, ...], d_in: int, d_out: int, config: LoraConfig, r: int) -> tuple[jax.Array, jax.Array]:
+    """(A [*stack, in, r], B [*stack, r, out]) of one rank-r adapter at init, as PEFT draws them.
+
+    init="orthogonal" (PEFT's): A = N·Q_odd / 10, B = Q_evenᵀ·N / 10 from one random orthogonal Q
+    [r, r] per layer, so A, B are nonzero and A @ B = 0; PEFT's rule: r must be even.
+
+    >>> a, b = init_ab(jax.random.key(0), (), 6, 5, LoraConfig(r=4, init_lora_weights="orthogonal"), 4)
+    >>> a.shape, b.shape, bool(jnp.abs(a @ b).max() < 1e-6), bool(jnp.abs(b).max() > 0)
+    ((6, 4), (4, 5), True, True)
+    """
+    if config.init != "orthogonal":
+        return _init_a(rng, stack + (d_in, r), config, r), _init_b(rng, stack + (r, d_out), config, r)
+    if r % 2:
+        raise ValueError(f"Orthogonal initialization requires the LoRA rank to be even, got {r} instead (PEFT's rule)")
+    k_q, k_a, k_b = jax.random.split(rng, 3)
+    q = jnp.linalg.qr(jax.random.normal(k_q, stack + (r, r), jnp.float32))[0]
+    a = jax.random.normal(k_a, stack + (d_in, r // 2), jnp.float32) @ q[..., 0::2, :] / 10.0
+    b = jnp.swapaxes(q[..., 1::2, :], -1, -2) @ jax.random.normal(k_b, stack + (r // 2, d_out), jnp.float32) / 10.0
+    return a.astype(config.jnp_dtype), b.astype(config.jnp_dtype)
+
+
 def _scale(alpha: float, r: int, rslora: bool) -> float:
     return 0.0 if r == 0 else alpha / math.sqrt(r) if rslora else alpha / r
 
@@ -90,13 +122,17 @@ def _adapter(target: Target, kernel_shape: tuple[int, ...], config: LoraConfig, 
     scales = [_scale(a, r, config.use_rslora) for a, r in zip(target.alphas, target.ranks)]
     if len(set(target.ranks)) == 1:  # one rank everywhere (per-layer alphas live in the scale vector)
         r = target.ranks[0]
-        return {LORA_A: _init_a(rng, stack + (d_in, r), config, r), LORA_B: jnp.zeros(stack + (r, d_out), config.jnp_dtype),
-                LORA_SCALE: jnp.asarray(scales, jnp.float32).reshape(stack)}
+        a, b = init_ab(rng, stack, d_in, d_out, config, r)
+        return {LORA_A: a, LORA_B: b, LORA_SCALE: jnp.asarray(scales, jnp.float32).reshape(stack)}
+    if config.init == "orthogonal":
+        raise ValueError(f"init='orthogonal' on {'.'.join(target.path[:-1])!r}, a stack whose layers differ in rank (or skip "
+                         "layers), is not supported; build the model with scan_layers=False")
     ranks = jnp.asarray(target.ranks, jnp.int32).reshape(stack)
     r_max = max(target.ranks)
     slots = jnp.arange(r_max) < ranks[..., None]  # [*stack, R]: True where a layer's rank reaches
     a = _init_a(rng, stack + (d_in, r_max), config, ranks) * slots[..., None, :]
-    return {LORA_A: a.astype(config.jnp_dtype), LORA_B: jnp.zeros(stack + (r_max, d_out), config.jnp_dtype),
+    b = _init_b(rng, stack + (r_max, d_out), config, ranks) * slots[..., :, None]
+    return {LORA_A: a.astype(config.jnp_dtype), LORA_B: b.astype(config.jnp_dtype),
             LORA_SCALE: jnp.asarray(scales, jnp.float32).reshape(stack), LORA_RANK: ranks}
 
 
@@ -143,7 +179,8 @@ def inject(params: Params, config: LoraConfig, rng: jax.Array, *, layouts: Mappi
     Args:
       params: the model's 'params' collection (nested dicts).
       config: which kernels, which ranks (PEFT's matching, layer by layer in stacks).
-      rng: PRNG key for A's initialisation (B starts at zero, so the output is unchanged).
+      rng: PRNG key for A's initialisation (B starts at zero, so the output is unchanged; with
+        init="random", PEFT's init_lora_weights=False, B is drawn too).
       layouts: module key -> KernelLayout for kernels that are not [in, out] or a project model's
         stacked [L, in, out] (DenseGeneral/Einsum, user scans): `lora_jax.kernel_layouts(model, x)`
         computes them, and tells `all-linear` which module is the output layer.
@@ -170,7 +207,7 @@ def inject(params: Params, config: LoraConfig, rng: jax.Array, *, layouts: Mappi
     for i, target in enumerate(plan_targets(params, config, layouts, model_type)):
         kernel = get(params, target.path)
         leaves = _adapter(target, tuple(kernel.shape), config, jax.random.fold_in(rng, i))
-        if config.use_dora or config.init not in ("default", "gaussian"):  # lora_jax.variants: PiSSA/OLoRA, DoRA
+        if config.use_dora or config.init not in PLAIN_INITS:  # lora_jax.variants: PiSSA/OLoRA, DoRA
             from lora_jax.variants.inits import variant_init  # noqa: PLC0415
 
             new_kernel, leaves = variant_init(target, kernel, leaves, config, jax.random.fold_in(rng, i))

@@ -65,3 +65,49 @@ def test_peft_dict_round_trip_and_peft_accepts_it():
     assert theirs.rank_pattern == {"q_proj": 2} and theirs.init_lora_weights == "gaussian"
     # ... and back from what PEFT writes to adapter_config.json.
     assert LoraConfig.from_peft_dict(theirs.to_dict()) == cfg
+
+
+def test_every_peft_field_is_accepted_and_numpy_scalars_are_plain():
+    import json
+
+    import numpy as np
+
+    theirs = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "v_proj"], use_rslora=True,
+                             layers_to_transform=[0], layers_pattern="layers", task_type="CAUSAL_LM")
+    d = json.loads(json.dumps(theirs.to_dict(), default=sorted))  # what adapter_config.json holds
+    assert LoraConfig(**d) == LoraConfig.from_peft_dict(d)  # every PEFT key (peft_version, eva_config, ...) accepted
+    from lora_jax.interop.peft_config import lora_config_from_peft
+
+    d["runtime_config"] = {"ephemeral_gpu_offload": False}  # PEFT runtime-only; some saved configs carry it
+    assert lora_config_from_peft(d) == LoraConfig.from_peft_dict(d)
+    cfg = LoraConfig(r=np.int64(4), lora_alpha=np.float32(8), layers_to_transform=np.int64(1), target_modules=["q"])
+    assert (type(cfg.r), type(cfg.alpha), type(cfg.layers_to_transform)) == (int, float, int)
+    json.dumps(cfg.to_peft_dict())
+
+
+def test_task_type_is_peft_s_and_head_training_tasks_are_refused():
+    assert LoraConfig(task_type=peft.TaskType.CAUSAL_LM).r == 8
+    with pytest.raises(ValueError, match="is not one of PEFT's task types"):
+        LoraConfig(task_type="invalid-task-type")  # PEFT: "Invalid task type"
+    with pytest.raises(ValueError, match=r"trains the task head \(modules_to_save=\['classifier', 'score'\]\)"):
+        LoraConfig(task_type="SEQ_CLS")
+
+
+def test_init_lora_weights_false_is_random_and_round_trips():
+    cfg = LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
+    assert cfg.init == "random" and cfg.init_lora_weights is False
+    d = cfg.to_peft_dict()
+    assert d["init_lora_weights"] is False and LoraConfig.from_peft_dict(d) == cfg
+    assert peft.LoraConfig(**{k: v for k, v in d.items() if k != "peft_type"}).init_lora_weights is False
+
+
+def test_peft_config_methods_round_trip_with_peft(tmp_path):
+    ours = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_rslora=True, rank_pattern={"v_proj": 2})
+    ours.save_pretrained(tmp_path / "ours")
+    theirs = peft.LoraConfig.from_pretrained(tmp_path / "ours")  # PEFT reads what we wrote
+    assert (theirs.r, theirs.lora_alpha, set(theirs.target_modules), theirs.rank_pattern) == (4, 16, {"q_proj", "v_proj"}, {"v_proj": 2})
+    peft.LoraConfig(r=2, target_modules=["k_proj"], init_lora_weights=False, task_type="CAUSAL_LM").save_pretrained(tmp_path / "theirs")
+    assert LoraConfig.from_pretrained(tmp_path / "theirs") == LoraConfig(r=2, target_modules=["k_proj"], init_lora_weights=False)
+    assert set(ours.to_dict()) >= set(theirs.to_dict())
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        LoraConfig.from_pretrained(tmp_path / "none")

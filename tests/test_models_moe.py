@@ -19,7 +19,7 @@ from lora_jax.models import from_pretrained, to_hf_state_dict
 from lora_jax.models import moe
 from lora_jax.models.moe import experts_forward
 from test_models_llama import torch_logits
-from test_peft_export import hf_base, hf_logits, our_logits, randomize_lora
+from test_peft_export import hf_base, hf_logits, our_logits, peft_logits, randomize_lora
 
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
@@ -72,10 +72,14 @@ def test_checkpoint_round_trip_and_param_layout(tiny_checkpoint):
 
 
 def test_targeting_follows_peft(tiny_checkpoint):
-    """all-linear / target_modules never reach the expert tensors or the router; target_parameters does."""
+    """target_parameters reaches the expert tensors; target_modules naming the pre-fusion (transformers v4)
+    expert modules is rewritten as PEFT does (test below); the router, which PEFT's all-linear also adapts, is refused."""
     _, params = _loaded(tiny_checkpoint("qwen3_moe")[0], True)
     keys = lambda cfg: {".".join(p[:-1]) for p in lora_jax.targeting.select_targets(params, cfg)}  # noqa: E731
-    assert not any("experts" in k or ".gate" in k for k in keys(lora_jax.LoraConfig(target_modules="all-linear")))
+    for targets, message in (("all-linear", "all-linear' on a mixture of experts.*router"), (["gate", "q_proj"], "'gate', the MoE router"),
+                             (["gate_proj", "q_proj"], "gate_proj without also targeting up_proj")):  # PEFT's message
+        with pytest.raises(ValueError, match=message):
+            keys(lora_jax.LoraConfig(target_modules=targets))
     with pytest.raises(ValueError, match="matched no kernel"):
         keys(lora_jax.LoraConfig(target_modules=["gate_up_proj"]))
     assert keys(lora_jax.LoraConfig(target_modules=None, target_parameters=["experts.down_proj"])) == {
@@ -111,6 +115,30 @@ def test_peft_target_parameters_both_ways(tiny_checkpoint, tmp_path):
     back = peft.PeftModel.from_pretrained(hf_base(path), tmp_path / "ours").eval()
     np.testing.assert_allclose(hf_logits(back), ours, atol=1e-4, rtol=0)
     assert np.abs(ours - base).max() > 1e-2
+
+
+def test_v4_expert_module_names_are_rewritten_as_peft_does(tiny_checkpoint, tmp_path):
+    # PEFT 0.21 with transformers >= 5: gate_proj + up_proj -> target_parameters gate_up_proj at rank and alpha x2,
+    # down_proj -> down_proj (peft/utils/transformers_weight_conversion.py); before, lora_jax silently adapted q_proj only.
+    import json
+
+    import peft
+
+    path, _ = tiny_checkpoint("qwen3_moe")
+    targets = ["q_proj", "gate_proj", "up_proj", "down_proj"]
+    theirs = peft.get_peft_model(hf_base(path), peft.LoraConfig(r=2, lora_alpha=6, target_modules=targets)).peft_config["default"]
+    model, params = _loaded(path, True)
+    lcfg = lora_jax.LoraConfig(r=2, alpha=6, target_modules=targets)
+    adapted = randomize_lora(lora_jax.inject(params, lcfg, jax.random.key(0)), seed=3)
+    gate_up = adapted["model"]["layers"]["mlp"]["experts"]["gate_up_proj"]
+    assert gate_up["lora_a"].shape[-1] == 4 and np.allclose(gate_up["lora_scale"], 3.0)  # 2r, (2 alpha) / (2r)
+    ours = our_logits(model.clone(lora=lcfg), adapted)
+    out = save_peft_adapter(adapted, lcfg, tmp_path / "a", model_config=model.cfg)
+    written = json.load(open(f"{out}/adapter_config.json"))
+    assert (set(written["target_modules"]), set(written["target_parameters"]), written["rank_pattern"], written["alpha_pattern"]) == (
+        theirs.target_modules, theirs.target_parameters, theirs.rank_pattern, theirs.alpha_pattern)
+    np.testing.assert_allclose(peft_logits(path, out), ours, atol=1e-4, rtol=0)
+    assert np.abs(ours - our_logits(model, params)).max() > 1e-2
 
 
 def test_greedy_generation_matches_transformers(tiny_checkpoint):

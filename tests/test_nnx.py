@@ -232,6 +232,19 @@ def test_linen_entry_points_refuse_nnx_objects_and_unadaptable_modules():
         lora_jax.apply(net.apply, cfg)({"params": params}, x)
 
 
+def test_inject_refuses_variants_it_would_ignore_and_draws_b_for_init_false():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.q_proj = nnx.Linear(8, 8, rngs=rngs)
+
+    for kw, what in ((dict(use_dora=True), "use_dora=True"), (dict(init="pissa"), "init='pissa'"), (dict(init="olora"), "init='olora'")):
+        with pytest.raises(ValueError, match=f"supports plain LoRA .*not {what}"):  # never plain LoRA in their place
+            lnnx.inject(Net(nnx.Rngs(0)), LoraConfig(r=2, target_modules=["q_proj"], **kw), nnx.Rngs(1))
+    model = lnnx.inject(Net(nnx.Rngs(0)), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False), nnx.Rngs(1))
+    b = np.asarray(model.q_proj.lora_b[...])
+    assert b.any() and np.abs(b).max() <= 1 / 4**0.5  # PEFT's init_lora_weights=False: U(±1/sqrt(r))
+
+
 class StackedDecoder(nnx.Module):  # the same network with its layers made by nnx.vmap and run by nnx.scan
     def __init__(self, rngs):
         self.embed_tokens = nnx.Embed(V, D, rngs=rngs)

@@ -192,3 +192,34 @@ def test_scan_layers_gpt2_round_trip(tiny_checkpoint, tmp_path):
     assert_close(mine, peft_logits(path, out))
     back, back_cfg = load_peft_adapter(base, out)
     assert_close(our_logits(model.clone(lora=back_cfg), back), mine, 0)
+
+
+def test_any_linen_model_exports_to_its_torch_twin(tmp_path):
+    # PEFT's tests/test_custom_models.py MLP: a linen model with torch's attribute names exports without a
+    # model_config; PeftModel.from_pretrained on the torch twin loads it (no missing/unexpected keys), same output.
+    import flax.linen as nn
+    from peft import PeftModel
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(2, name="lin1")(nn.relu(nn.Dense(20, name="lin0")(x)))
+
+    torch.manual_seed(0)
+    twin = torch.nn.Sequential()
+    twin.add_module("lin0", torch.nn.Linear(10, 20)), twin.add_module("relu", torch.nn.ReLU()), twin.add_module("lin1", torch.nn.Linear(20, 2))
+    params = {n: {"kernel": jax.numpy.asarray(m.weight.detach().numpy().T), "bias": jax.numpy.asarray(m.bias.detach().numpy())}
+              for n, m in twin.named_children() if n != "relu"}
+    lcfg = lora_jax.LoraConfig(r=4, alpha=8, target_modules=["lin0", "lin1"], use_rslora=True, rank_pattern={"lin1": 2})
+    adapted = randomize_lora(lora_jax.inject(params, lcfg, jax.random.key(0)))
+    x = np.random.default_rng(0).normal(size=(3, 10)).astype(np.float32)
+    ours = np.asarray(lora_jax.apply(MLP().apply, lcfg)({"params": adapted}, x))
+    out = save_peft_adapter(adapted, lcfg, tmp_path / "a")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        theirs = PeftModel.from_pretrained(twin.eval(), out).eval()
+    assert not [w for w in caught if any(s in str(w.message).lower() for s in ("missing", "unexpected"))]
+    with torch.no_grad():
+        assert_close(theirs(torch.tensor(x)).numpy(), ours)
+    with pytest.raises(ValueError, match="or, for another linen model, the full param tree"):
+        save_peft_adapter(lora_jax.split(adapted)[0], lcfg, tmp_path / "b")

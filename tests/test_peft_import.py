@@ -113,6 +113,8 @@ REFUSALS = {
     "missing": (None, {Q + ".lora_A.weight": None, Q + ".lora_B.weight": None}, r"targets 'model.layers.0.self_attn.q_proj' but the adapter has no weights"),
     "embedding": (None, {"base_model.model.model.embed_tokens.lora_embedding_A": np.ones((4, 96), np.float32)}, r"embedding LoRA weight"),
     "magnitude": (None, {Q + ".lora_magnitude_vector": np.ones(64, np.float32)}, r"use_dora=False but .*q_proj.lora_magnitude_vector is present"),
+    "v4_experts": (None, {"base_model.model.model.layers.0.mlp.experts.0.gate_proj.lora_A.weight": np.ones((4, 64), np.float32)},
+                   r"per-expert LoRA of transformers 4.*PeftModel.from_pretrained\(base, dir\).save_pretrained"),
     "unknown_module": (None, {"base_model.model.model.layers.0.self_attn.rotary.lora_A.weight": np.ones((4, 64), np.float32)},
                        r"no linear layer for; the adapter was trained for another architecture"),
 }

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import lora_jax
@@ -89,6 +90,48 @@ def test_init_matches_peft_distributions():
     assert a.dtype == jnp.float32 and not g["lora_b"].any()
 
 
+def test_init_lora_weights_false_draws_b_as_peft():
+    import peft
+    import torch
+
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(400, 300)),
+                                 peft.LoraConfig(r=16, target_modules=["0"], init_lora_weights=False))
+    tb = theirs.base_model.model[0].lora_B["default"].weight.detach().numpy()  # [out, r]: U(±1/sqrt(r))
+    p = {"q": {"kernel": jnp.zeros((400, 300))}}
+    ours = lora_jax.inject(p, LoraConfig(r=16, target_modules=["q"], init_lora_weights=False), jax.random.key(0))["q"]
+    b, bound = np.asarray(ours["lora_b"]), 1 / 16**0.5
+    assert abs(np.abs(tb).max() - bound) < 0.01 * bound and abs(np.abs(b).max() - bound) < 0.01 * bound
+    assert abs(b.std() - tb.std()) < 0.03 * tb.std() and np.abs(b).max() <= bound
+    assert float(jnp.abs(ours["lora_a"]).max()) <= 1 / 400**0.5  # A: as the default init
+    # Stacked layers of different ranks (padded): each layer's bound is its own rank's, padded slots stay 0.
+    stacked = {"model": {"layers": {"mlp": {"up_proj": {"kernel": jnp.zeros((2, 64, 64))}}}}}
+    cfg = LoraConfig(r=16, target_modules=["up_proj"], rank_pattern={"layers.1.mlp.up_proj": 4}, init_lora_weights=False)
+    node = lora_jax.inject(stacked, cfg, jax.random.key(0))["model"]["layers"]["mlp"]["up_proj"]
+    b = np.asarray(node["lora_b"])
+    assert node["lora_rank"].tolist() == [16, 4] and not b[1, 4:].any() and not np.asarray(node["lora_a"])[1, :, 4:].any()
+    assert 0.95 / 4 < np.abs(b[0]).max() <= 1 / 4 and 0.9 / 2 < np.abs(b[1, :4]).max() <= 1 / 2
+
+
+def test_orthogonal_init_as_peft():
+    import peft
+    import torch
+
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(torch.nn.Sequential(torch.nn.Linear(200, 300)),
+                                 peft.LoraConfig(r=16, target_modules=["0"], init_lora_weights="orthogonal"))
+    ta, tb = (theirs.base_model.model[0].lora_A["default"].weight.detach().numpy(),
+              theirs.base_model.model[0].lora_B["default"].weight.detach().numpy())
+    cfg = LoraConfig(r=16, target_modules=["q"], init_lora_weights="orthogonal")
+    ours = lora_jax.inject({"q": {"kernel": jnp.zeros((200, 300))}}, cfg, jax.random.key(0))["q"]
+    a, b = np.asarray(ours["lora_a"]), np.asarray(ours["lora_b"])
+    assert np.abs(a @ b).max() < 1e-6 and np.abs(tb @ ta).max() < 1e-6  # nonzero A and B, zero product
+    assert abs(a.std() / ta.std() - 1) < 0.1 and abs(b.std() / tb.std() - 1) < 0.1
+    assert cfg.to_peft_dict()["init_lora_weights"] == "orthogonal" and LoraConfig.from_peft_dict(cfg.to_peft_dict()) == cfg
+    with pytest.raises(ValueError, match="Orthogonal initialization requires the LoRA rank to be even, got 7"):  # PEFT's message
+        lora_jax.inject({"q": {"kernel": jnp.zeros((8, 8))}}, LoraConfig(r=7, target_modules=["q"], init="orthogonal"), jax.random.key(0))
+
+
 def test_lora_leaves_are_fp32_over_a_bf16_base():
     p = {"q": {"kernel": jnp.zeros((8, 8), jnp.bfloat16)}}
     out = lora_jax.inject(p, LoraConfig(r=2, target_modules=["q"]), jax.random.key(0))
@@ -99,7 +142,7 @@ def test_lora_leaves_are_fp32_over_a_bf16_base():
     "config, message",
     [
         (LoraConfig(target_modules=["c_attn"]), r"matched no kernel; modules with kernels are: lm_head, model\.layers\.0"),
-        (LoraConfig(target_modules=["embed_tokens"]), "module 'model.embed_tokens', which is not a dense kernel .it holds: embedding"),
+        (LoraConfig(target_modules=["embed_tokens"]), "module 'model.embed_tokens', which is not a dense kernel .it holds: embedding.; LoRA on embeddings .PEFT's lora_embedding_A/B. is not supported"),
         (LoraConfig(target_modules=["input_layernorm"]), "not a dense kernel"),
         (LoraConfig(target_modules=r"model\.layers\.0\..*"), "not a dense kernel"),
     ],
@@ -107,6 +150,15 @@ def test_lora_leaves_are_fp32_over_a_bf16_base():
 def test_bad_targets_name_the_problem(config, message):
     with pytest.raises(ValueError, match=message):
         lora_jax.inject(tree(), config, jax.random.key(0))
+
+
+def test_a_tied_lm_head_named_as_a_target_is_refused_not_skipped():
+    # PEFT adapts a tied lm_head (a Linear sharing the embedding); before, lora_jax silently adapted q_proj only.
+    tied = {k: v for k, v in tree().items() if k != "lm_head"}
+    for tm in (["q_proj", "lm_head"], r".*(q_proj|lm_head)"):
+        with pytest.raises(ValueError, match="names 'lm_head', which this model ties to the embedding"):
+            lora_jax.inject(tied, LoraConfig(target_modules=tm), jax.random.key(0))
+    assert len(targets(LoraConfig(target_modules=["q_proj", "lm_head"], exclude_modules=["lm_head"]), tied)) == 2
 
 
 def test_injecting_twice_is_refused():

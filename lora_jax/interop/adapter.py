@@ -43,7 +43,8 @@ from lora_jax.models.config import ModelConfig
 from lora_jax.models.gguf import base_model_name
 from lora_jax.models.naming import CONV1D_MODULES, LAYER_CONTAINERS, hf_module_name, is_conv1d
 from lora_jax.models import families
-from lora_jax.targeting import OUTPUT_LAYER_NAMES, is_parameter_key, is_target, module_key, resolve_targets
+from lora_jax.targeting import (OUTPUT_LAYER_NAMES, _in_project_tree, convert_moe_targets, is_parameter_key, is_target, module_key, module_names,
+                                resolve_targets)
 from lora_jax.transform import combine, has_lora
 from lora_jax.tree import KERNEL, LORA_A, LORA_B, LORA_MAGNITUDE, LORA_RANK, LORA_SCALE, iter_leaves
 from lora_jax.variants.inits import rewrites_base
@@ -90,7 +91,8 @@ def _model_config(model_config: ModelConfig | None, hf_config: Any) -> ModelConf
     if model_config is not None:
         return model_config
     if hf_config is None:
-        raise ValueError("pass model_config= (model.cfg) or hf_config= (the transformers config) to name the architecture")
+        raise ValueError("pass model_config= (model.cfg) or hf_config= (the transformers config) to name the architecture "
+                         "(or, for another linen model, the full param tree, kernels included)")
     return ModelConfig.from_hf(hf_config)
 
 
@@ -104,7 +106,9 @@ def save_peft_adapter(params: Any, lora_config: LoraConfig, out_dir: str, *, mod
     """Write `adapter_config.json` + `adapter_model.safetensors` that PEFT loads onto the HF base model.
 
     `params` may be the full tree or only its LoRA leaves (`lora_jax.split(params)[0]`), stacked or
-    not. The architecture comes from `model_config` (model.cfg) or `hf_config`; base_model_name_or_path
+    not. The architecture comes from `model_config` (model.cfg) or `hf_config`; for any other linen
+    model pass the full tree (kernels included) and neither: its module keys are the PEFT names, as
+    for a torch twin built with the same attribute names (2-D kernels only). base_model_name_or_path
     defaults to hf_config.name_or_path. Returns out_dir. Atomic; an existing non-empty out_dir needs
     overwrite=True.
 
@@ -120,11 +124,24 @@ def save_peft_adapter(params: Any, lora_config: LoraConfig, out_dir: str, *, mod
     if rewrites_base(lora_config.init):
         raise ValueError(f"an init={lora_config.init!r} adapter applies to the rewritten (residual) base, not the original; "
                          "convert it first: lora_jax.variants.convert_to_lora(params, initial_lora, lora_config)")
-    cfg = _model_config(model_config, hf_config)
-    lora_config = resolve_targets(lora_config, cfg.model_type)
+    if model_config is None and hf_config is None and not _in_project_tree(params) and any(
+            p[-1] == KERNEL for p, _ in iter_leaves(params)):
+        cfg, shapes = None, params  # any linen model: the full tree names its modules (PEFT's names if they follow torch's)
+        for key in (module_key(p) for p, _ in iter_leaves(params) if p[-1] == LORA_A):
+            kernel = _node(params, key).get(KERNEL)
+            if kernel is None:
+                raise ValueError(f"params hold an adapter at {key!r} but not its kernel: pass the full tree (or model_config=)")
+            if len(getattr(kernel, "shape", ())) != 2:  # (a quantized kernel has the float shape)
+                raise ValueError(f"the adapted kernel {key!r} is not 2-D [in, out]: PEFT's LoRA layers are nn.Linear, so it has "
+                                 "no PEFT format; save this model's adapters with lora_jax.training checkpoints instead")
+    else:
+        cfg = _model_config(model_config, hf_config)
+        shapes = param_shapes(build_model(cfg))
+    lora_config = resolve_targets(lora_config, cfg.model_type if cfg else None)
     if base_model_name_or_path is None and hf_config is not None:
         base_model_name_or_path = getattr(hf_config, "name_or_path", None) or None
-    base = kernel_modules(param_shapes(build_model(cfg)))
+    base = kernel_modules(shapes)
+    lora_config = convert_moe_targets(lora_config, module_names(shapes))  # PEFT's rewrite for fused MoE experts
     leaves: dict[str, dict[str, np.ndarray]] = {}
     for path, leaf in iter_leaves(params):
         if path[-1] in (LORA_A, LORA_B, LORA_SCALE, LORA_RANK, LORA_MAGNITUDE):
@@ -155,7 +172,8 @@ def save_peft_adapter(params: Any, lora_config: LoraConfig, out_dir: str, *, mod
                 a_i, b_i = a_i[..., : int(rank[i])], b_i[..., : int(rank[i]), :]
             name = hf_module_name(key, i)
             if name not in base:
-                raise ValueError(f"params have an adapter at {name!r}, which the {cfg.model_type} model has no linear layer for; wrong model_config?")
+                raise ValueError(f"params have an adapter at {name!r}, which the {cfg.model_type if cfg else 'given'} model has no "
+                                 "linear layer for; wrong model_config?")
             need = base[name][2]
             if a_i.shape[-2] != need[0] or b_i.shape[-1] != need[1] or a_i.shape[-1] != b_i.shape[-2]:
                 raise ValueError(f"adapter at {name!r} has A {a_i.shape} and B {b_i.shape} but the model's kernel is {need}; wrong model_config?")
@@ -179,9 +197,10 @@ def save_peft_adapter(params: Any, lora_config: LoraConfig, out_dir: str, *, mod
                     tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = mag[i] if stacked else mag
             names.append(name)
     if expert_ab:
-        declared = families.of(cfg).peft_parameters
+        declared = families.of(cfg).peft_parameters if cfg else None
         if declared is None:
-            raise ValueError(f"params have expert-tensor adapters but the {cfg.model_type} model has no expert tensors")
+            raise ValueError(f"params have expert-tensor adapters but the {cfg.model_type if cfg else 'given'} model has no "
+                             "expert tensors (pass model_config=)")
         for name, wrapper in wrapper_names(expert_ab, declared[1]).items():
             tensors[f"{PREFIX}{wrapper}.lora_A.weight"], tensors[f"{PREFIX}{wrapper}.lora_B.weight"] = to_peft(*expert_ab[name])
     targets = lora_config.target_modules
@@ -193,9 +212,11 @@ def save_peft_adapter(params: Any, lora_config: LoraConfig, out_dir: str, *, mod
     if extra or missing:
         what = f"targets {sorted(extra)[0]!r}, which has no adapter in params" if extra else f"does not target {sorted(missing)[0]!r}, which has an adapter in params"
         raise ValueError(f"lora_config {what}; pass the LoraConfig the adapters were created with")
-    conv1d = any(is_conv1d(n, cfg) for n in names)
+    conv1d = cfg is not None and any(is_conv1d(n, cfg) for n in names)
     base_name, gguf_file = base_model_name(base_model_name_or_path)
     config = peft_config_dict(written, fan_in_fan_out=conv1d, base_model_name_or_path=base_name)
+    if cfg is None:  # not a causal LM of ours: PeftModel, as PEFT saves a custom model (no task_type)
+        config["task_type"] = None
     with atomic_dir(out_dir, overwrite) as tmp:
         save_safetensors(tensors, os.path.join(tmp, WEIGHTS_FILE))
         if gguf_file is not None:  # PEFT's model card (README.md) names the base and notes the GGUF file
@@ -312,6 +333,9 @@ def load_peft_adapter(params: Any, adapter_dir: str) -> tuple[Any, LoraConfig]:
         if mod not in kernels and mod.split(".")[-1] in OUTPUT_LAYER_NAMES:
             raise ValueError(f"adapter tensor {name!r} adapts {mod!r}, which this model ties to the embedding (no linear "
                              "layer of its own); LoRA on a tied LM head is not supported")
+        if mod not in kernels and re.search(r"\.experts\.\d+\.(gate_proj|up_proj|down_proj|w1|w2|w3)$", mod):
+            raise ValueError(f"adapter tensor {name!r} is a per-expert LoRA of transformers 4, whose experts transformers 5 fuses; "
+                             "PEFT converts it on load: PeftModel.from_pretrained(base, dir).save_pretrained(new_dir), then load new_dir")
         if mod not in kernels:
             raise ValueError(f"adapter tensor {name!r} {tuple(arr.shape)} is for module {mod!r}, which this model has no "
                              "linear layer for; the adapter was trained for another architecture")

@@ -44,7 +44,7 @@ _HANDLED = {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_module
 # Metadata, or options that only matter while initialising/training and not for the loaded weights.
 _IGNORED = {"auto_mapping", "base_model_name_or_path", "revision", "peft_version", "inference_mode",
             "megatron_core", "qalora_group_size", "loftq_config", "eva_config", "corda_config",
-            "lora_ga_config", "ensure_weight_tying"}
+            "lora_ga_config", "ensure_weight_tying", "runtime_config"}  # runtime_config: PEFT's runtime-only options
 # Features that change the adapted model and that lora_jax does not implement: value must be "off".
 _UNSUPPORTED = {
     "bias": "trained biases (bias != 'none')", "lora_bias": "LoRA biases (lora_bias)",

@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from lora_jax.config import LoraConfig
+from lora_jax.config import PLAIN_INITS, LoraConfig
 from lora_jax.sharding.mesh import BATCH_AXES
 from lora_jax.targeting import KernelLayout
 from lora_jax.transform import inject, split
@@ -66,7 +66,7 @@ def inject_sharded(
     >>> lora["q"]["lora_a"].shape
     (4, 2)
     """
-    if config.init not in ("default", "gaussian"):
+    if config.init not in PLAIN_INITS:
         raise ValueError(f"init={config.init!r} rewrites the frozen kernels, which inject_sharded does not return; "
                          "call lora_jax.inject on the params (then place them) instead")
     if config.use_dora:  # DoRA's magnitude is the norm of the kernels: they enter as (sharded) arguments
