@@ -38,6 +38,30 @@ def test_encode_masks_prompt_and_appends_eos():
     assert CharTok().decode(fmt_ids) == "Q: hi\nA: yo"
 
 
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("eos", ["<eos>", "<|im_end|>"])
+def test_chat_template_trains_the_templates_end_of_turn_as_trl_does(eos):
+    """TRL's prompt-completion split: the loss covers what the template renders after the prompt
+    (the answer and `<|im_end|>\\n`); EOS is added only when the turn does not end with it, and
+    generation stops at the end-of-turn token too."""
+    from train.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer(vocab_size=300)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "eos_token": eos})
+    tok.chat_template = CHATML
+    ids, mask = D.encode(tok, "chat", "How many?", "SELECT 1;")
+    split = mask.index(1)
+    assert tok.decode(ids[:split]) == "<|im_start|>user\nHow many?<|im_end|>\n<|im_start|>assistant\n"
+    assert ids[:split] == D.encode_prompt(tok, "chat", "How many?")  # the prompt generation sees
+    want = "SELECT 1;<|im_end|>\n" + ("<eos>" if eos == "<eos>" else "")
+    assert tok.decode(ids[split:]) == want and all(mask[split:])
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert D.stop_ids(tok, "chat") == list(dict.fromkeys([tok.eos_token_id, im_end]))
+
+
 def test_pack_segments_positions_targets():
     exs = [([10, 11, 12], [0, 1, 1]), ([20, 21], [0, 1]), ([30, 31, 32, 33], [0, 0, 1, 1])]
     rows = D.pack(exs, 6, packing=True, seed=None)

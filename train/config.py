@@ -139,7 +139,7 @@ class DataSection:
     split: str = _f("train", "split to train on")
     prompt_column: str = _f("prompt", "column holding the prompt / instruction")
     response_column: str = _f("response", "column holding the answer the model learns (the loss is on it only)")
-    template: str = _f("seeds", "'seeds' = '<human>: {prompt}\\n<assistant>: {response}', 'chat' = the tokenizer's chat template, or a format string with {prompt} (the prompt part; the response follows it)")
+    template: str = _f("seeds", "'seeds' = '<human>: {prompt}\\n<assistant>: {response}', 'chat' = the tokenizer's chat template (the loss on the answer and the template's end of turn, as TRL's SFTTrainer), or a format string with {prompt} (the prompt part; the response follows it)")
     max_length: int = _f(128, "tokens per sequence; longer examples are dropped (counted and reported)")
     packing: bool = _f(True, "pack several examples per sequence (segment-aware attention, positions restart)")
     shuffle_seed: Optional[int] = _f(None, "seed of the example order (default: the run's seed)")

@@ -6,7 +6,8 @@ Pipeline (all numpy, all deterministic from the seed):
    dataset directory or a hub name; checks the prompt/response columns exist, rows remain, and
    every prompt and response is a string (a null or a number is an error naming the row).
 2. `encode` — `prompt_text(template)` is tokenized (with the tokenizer's own BOS), the response
-   follows, then EOS. The loss mask is 1 only on response tokens and the EOS, so the model learns
+   follows, then EOS (under `chat`: the template's end of turn, as TRL's SFTTrainer trains it,
+   plus EOS unless that is it). The loss mask is 1 only on response tokens and the EOS, so the model learns
    the answer and where to stop, never the prompt. Examples longer than `max_length` are dropped.
 3. `pack` — examples are shuffled once (seed) and laid into rows of `max_length` tokens. With
    packing, several examples share a row: `segment_ids` (1, 2, …; 0 = padding) keep attention
@@ -143,9 +144,31 @@ def prompt_text(template: str, prompt: str, tokenizer: Any = None) -> str:
     return template.format(prompt=prompt)
 
 
-def response_text(template: str, response: str) -> str:
-    """The answer as appended after `prompt_text` (seeds/format strings: after one space)."""
-    return response if template == "chat" else " " + response.lstrip()
+def response_text(template: str, response: str, tokenizer: Any = None, prompt: str | None = None) -> str:
+    """The answer as appended after `prompt_text`: seeds/format strings after one space; `chat`
+    as TRL's SFTTrainer takes a prompt-completion pair: what the chat template renders after
+    the prompt, i.e. the response and the template's own end of turn (`A<|im_end|>\\n`).
+    """
+    if template != "chat":
+        return " " + response.lstrip()
+    head = prompt_text(template, prompt, tokenizer)
+    full = tokenizer.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
+                                         tokenize=False)
+    if not full.startswith(head):
+        raise UserError("data.template=chat: the tokenizer's chat template renders the prompt differently when an answer "
+                        "follows it, so the answer cannot be split off; use data.template=seeds or a format string")
+    return full[len(head):]
+
+
+def stop_ids(tokenizer: Any, template: str) -> list[int]:
+    """Token ids that end a generated answer: EOS, and under `chat` the template's end-of-turn
+    token when it is another special token (`<|im_end|>` of a base model whose EOS is `<|endoftext|>`)."""
+    ids = [int(tokenizer.eos_token_id)] if tokenizer.eos_token_id is not None else []
+    if template == "chat":
+        tail = response_text(template, "x", tokenizer, "x")[1:]
+        first = tokenizer(tail, add_special_tokens=False)["input_ids"][:1] if tail else []
+        ids += [int(i) for i in first if i in set(tokenizer.all_special_ids) and i not in ids]
+    return ids
 
 
 def encode_prompt(tokenizer: Any, template: str, prompt: str) -> list[int]:
@@ -155,12 +178,17 @@ def encode_prompt(tokenizer: Any, template: str, prompt: str) -> list[int]:
 
 
 def encode(tokenizer: Any, template: str, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    """(token ids, loss mask per token): prompt tokens 0, response tokens and the EOS 1."""
+    """(token ids, loss mask per token): prompt tokens 0, response tokens and the EOS 1.
+
+    Under `chat` the answer ends as the template ends a turn (TRL's completion); EOS is appended
+    only when that end is not already the EOS token, so the model always learns to stop.
+    """
     p = encode_prompt(tokenizer, template, prompt)
-    r = list(tokenizer(response_text(template, response), add_special_tokens=False)["input_ids"])
+    r = list(tokenizer(response_text(template, response, tokenizer, prompt), add_special_tokens=False)["input_ids"])
     if tokenizer.eos_token_id is None:
         raise UserError("the tokenizer defines no EOS token; the model could not learn to stop")
-    r.append(int(tokenizer.eos_token_id))
+    if template != "chat" or int(tokenizer.eos_token_id) not in r:
+        r.append(int(tokenizer.eos_token_id))
     return p + r, [0] * len(p) + [1] * len(r)
 
 

@@ -201,7 +201,8 @@ def _run(recipe: Recipe, *, resume: bool, overwrite: bool) -> int:
         full = lora_jax.combine(lora_tree, frozen)
         prompts = sample_prompts + [r[dc.prompt_column] for r in metric_rows]
         ids = [D.encode_prompt(tokenizer, dc.template, p) for p in prompts]
-        outs = R.generate_answers(model, full, tokenizer, ids, recipe.max_new_tokens) if ids else []
+        outs = R.generate_answers(model, full, tokenizer, ids, recipe.max_new_tokens,
+                                  stop=D.stop_ids(tokenizer, dc.template)) if ids else []
         return outs[: len(sample_prompts)], outs[len(sample_prompts):]
 
     def metric(preds: list[str]) -> float | None:

@@ -100,11 +100,13 @@ def left_pad(seqs: list[list[int]], pad_id: int, width: int | None = None) -> tu
 
 
 def generate_answers(model, params, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
-                     batch_size: int = 16) -> list[str]:
-    """Greedy answers (decoded, special tokens dropped) to already-encoded prompts, in batches."""
+                     batch_size: int = 16, stop: list[int] | None = None) -> list[str]:
+    """Greedy answers (decoded, special tokens dropped) to already-encoded prompts, in batches;
+    an answer ends at the first of `stop` (default: the tokenizer's EOS)."""
     from lora_jax.generation import generate
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    stop = list(stop) if stop else [tokenizer.eos_token_id]
     width = max(len(p) for p in prompt_ids)  # one prompt width (and batch size): one compilation
     out = []
     for s in range(0, len(prompt_ids), batch_size):
@@ -112,11 +114,11 @@ def generate_answers(model, params, tokenizer, prompt_ids: list[list[int]], max_
         chunk = chunk + [chunk[-1]] * (batch_size - len(chunk)) if len(prompt_ids) > batch_size else chunk
         ids, mask = left_pad(chunk, pad, width)
         full = np.asarray(generate(model, params, ids, mask, max_new_tokens=max_new_tokens,
-                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=pad))
+                                   eos_token_id=stop, pad_token_id=pad))
         for row in full[: min(batch_size, len(prompt_ids) - s), ids.shape[1]:]:
             row = row.tolist()
-            if tokenizer.eos_token_id in row:
-                row = row[: row.index(tokenizer.eos_token_id)]
+            ends = [row.index(i) for i in stop if i in row]
+            row = row[: min(ends)] if ends else row
             out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     return out
 
