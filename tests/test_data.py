@@ -120,6 +120,27 @@ def test_load_rows_errors(tmp_path):
     assert D.load_rows(str(csv), columns=["prompt"]) == [{"prompt": "hi", "response": "yo"}]
 
 
+def test_malformed_jsonl_names_the_parse_error_and_prints_nothing_else(tmp_path, capfd):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl.*JSON parse error"):
+        D.load_rows(str(bad), columns=["prompt", "response"])
+    assert capfd.readouterr().err == ""  # datasets' own ERROR log line is not shown beside ours
+
+
+def test_hub_dataset_out_of_reach_is_one_fast_line(monkeypatch):
+    """No network: no ~25 s of huggingface_hub retries, one line naming the cause and the fix."""
+    import time
+
+    from train import hub
+
+    monkeypatch.setattr(hub, "reachable", lambda: False)
+    t = time.time()
+    with pytest.raises(FileNotFoundError, match="'nobody/nothing' is not a local file .* the Hub cannot be reached"):
+        D.load_rows("nobody/nothing", columns=["prompt", "response"])
+    assert time.time() - t < 10
+
+
 def test_every_example_too_long():
     rows = [{"p": "x" * 50, "r": "y"}]
     with pytest.raises(ValueError, match="every training example is longer than data.max_length=16"):

@@ -211,6 +211,25 @@ def test_model_dir_checks_come_before_the_tokenizer(tmp_path):
         check_checkpoint(str(tmp_path))
 
 
+def test_hub_model_name_from_cache_offline_else_one_line(monkeypatch, tmp_path):
+    """model.path=org/name: the Hub cache's snapshot when there (no network needed), else one line."""
+    import huggingface_hub.constants as hc
+
+    from train import hub
+    from train.runtime import resolve_model_path
+
+    monkeypatch.setattr(hub, "reachable", lambda: False)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="'org/tiny' is not a local path nor in the Hugging Face cache, and the Hub cannot"):
+        resolve_model_path("org/tiny")
+    snap = tmp_path / "models--org--tiny" / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (tmp_path / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "models--org--tiny" / "refs" / "main").write_text("a" * 40)
+    assert os.path.samefile(resolve_model_path("org/tiny"), snap)
+
+
 # -- which errors are one line ---------------------------------------------------------------------------
 def test_only_user_errors_are_one_line(monkeypatch, capsys):
     from train import cli

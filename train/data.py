@@ -24,6 +24,7 @@ whether that prediction counts.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Iterable
 
@@ -48,6 +49,8 @@ def load_rows(path: str, split: str = "train", name: str | None = None, columns:
     """
     import datasets
 
+    from . import hub
+
     datasets.disable_progress_bars()
     ext = os.path.splitext(path)[1].lower()
     if ext in _LOCAL_BUILDERS:
@@ -57,18 +60,23 @@ def load_rows(path: str, split: str = "train", name: str | None = None, columns:
             raise UserError(f"a single file like {path!r} has only the split 'train', not {split!r}; use data.eval_path or data.eval_fraction for eval data")
         if os.path.getsize(path) == 0:
             raise UserError(f"dataset {path!r} is empty")
-    elif not os.path.isdir(path) and (path.startswith((".", "/", "~")) or os.sep in path and not _looks_like_hub_name(path)):
+    elif not os.path.isdir(path) and (path.startswith((".", "/", "~")) or os.sep in path and not hub.looks_like_hub_name(path)):
         raise MissingFileError(f"dataset {path!r} not found; check data.path")
+    cut_off = ext not in _LOCAL_BUILDERS and not os.path.isdir(path) and not hub.reachable()
     try:
-        if ext in _LOCAL_BUILDERS:
-            ds = datasets.load_dataset(_LOCAL_BUILDERS[ext], data_files=path, split="train")
-        else:  # a local dataset directory or a hub name
-            ds = datasets.load_dataset(path, name, split=split)
-    except ValueError as e:
-        if "no data" in str(e):  # e.g. a CSV with a header only
-            raise UserError(f"dataset {path!r} (split {split!r}) is empty") from None
-        raise MissingFileError(f"could not load dataset {path!r} (split {split!r}): {' '.join(str(e).split())[:200]}") from None
+        with hub.quiet(), hub.offline() if cut_off else contextlib.nullcontext():
+            if ext in _LOCAL_BUILDERS:
+                ds = datasets.load_dataset(_LOCAL_BUILDERS[ext], data_files=path, split="train")
+            else:  # a local dataset directory or a hub name (from the cache when the Hub is out of reach)
+                ds = datasets.load_dataset(path, name, split=split)
     except Exception as e:  # datasets raises many types (DatasetNotFoundError, ConnectionError, ...)
+        if isinstance(e, ValueError) and "no data" in str(e):  # e.g. a CSV with a header only
+            raise UserError(f"dataset {path!r} (split {split!r}) is empty") from None
+        if cut_off:
+            raise MissingFileError(f"dataset {path!r} is not a local file or directory nor in the Hugging Face cache, and the "
+                                   "Hub cannot be reached (no network?); point data.path at a local .jsonl/.csv/.parquet file") from None
+        while e.__cause__ is not None:  # the root cause: a parse error names the file's problem, the wrapper does not
+            e = e.__cause__
         msg = " ".join(str(e).split())[:200]
         raise MissingFileError(f"could not load dataset {path!r} (split {split!r}): {type(e).__name__}: {msg}") from None
     if hasattr(ds, "keys") and not hasattr(ds, "column_names"):  # a DatasetDict
@@ -102,11 +110,6 @@ def check_text(rows: list[dict], columns: Iterable[str], where: str) -> None:
 def _clip(v) -> str:
     s = repr(v)
     return s if len(s) <= 40 else s[:37] + "..."
-
-
-def _looks_like_hub_name(path: str) -> bool:
-    parts = path.split("/")
-    return len(parts) == 2 and all(p and not p.startswith(".") for p in parts)
 
 
 def split_eval(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:

@@ -17,7 +17,8 @@ from lora_jax.errors import MissingFileError
 
 # -- model + tokenizer ----------------------------------------------------------------------------
 def resolve_model_path(path: str) -> str:
-    """'default' -> the embedded SmolLM2 GGUF; else the path, checked to exist.
+    """'default' -> the embedded SmolLM2 GGUF; a Hub name (`Qwen/Qwen2.5-0.5B`) -> its local snapshot
+    (`train.hub`); else the path, checked to exist.
 
     >>> resolve_model_path("/nonexistent/model")
     Traceback (most recent call last):
@@ -29,6 +30,10 @@ def resolve_model_path(path: str) -> str:
 
         return default_model_path()
     if not os.path.exists(path):
+        from .hub import looks_like_hub_name, model_snapshot
+
+        if looks_like_hub_name(path) and not path.endswith(".gguf"):
+            return model_snapshot(path)  # the Hub cache, or a download (a one-line error when out of reach)
         raise MissingFileError(f"model path {path!r} not found; set model.path to an HF model directory, a .gguf file or 'default'")
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
         raise MissingFileError(f"model directory {path!r} has no config.json; point model.path at a Hugging Face model directory")
