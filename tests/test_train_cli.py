@@ -129,7 +129,7 @@ def test_full_run_then_output_dir_rules(tiny, tmp_path, capsys):
     assert (out / "results.json").read_bytes() == results and "resumes" not in json.loads((out / "run.json").read_text())
     # an incompatible run: another LoRA config / another model
     rc, _, err = run_cli(args(tiny, out, "lora.r=8"), capsys)
-    assert rc == 2 and "another LoRA config" in err and err.count("\n") == 1
+    assert rc == 2 and "another LoRA config (lora r: 4 -> 8)" in err and err.count("\n") == 1, err
     rc, _, err = run_cli(args(tiny, out, "model.path=default", "--resume"), capsys)
     assert rc == 2 and "another model" in err
     assert sorted(os.listdir(out / "checkpoints")) == ["2", "4"]  # untouched

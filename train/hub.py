@@ -83,7 +83,7 @@ def quiet():
             lg.setLevel(lv)
 
 
-def model_snapshot(name: str) -> str:
+def model_snapshot(name: str, what: str = "model.path") -> str:
     """The local directory of hub model `name`: from the cache, else downloaded (config, safetensors, tokenizer)."""
     from huggingface_hub import snapshot_download
 
@@ -93,12 +93,12 @@ def model_snapshot(name: str) -> str:
         except Exception:  # not cached (huggingface_hub raises several types)
             pass
         if not reachable():
-            raise MissingFileError(f"model.path {name!r} is not a local path nor in the Hugging Face cache, and the Hub "
-                                   "cannot be reached (no network?); download it where there is network or set "
-                                   "model.path to a local model directory")
+            raise MissingFileError(f"{what} {name!r} is not a local path nor in the Hugging Face cache, and the Hub "
+                                   f"cannot be reached (no network?); download it where there is network or set "
+                                   f"{what} to a local model directory")
         try:
             return snapshot_download(name, allow_patterns=MODEL_FILES)
         except Exception as e:
             msg = " ".join(str(e).split())[:160]
             raise MissingFileError(f"could not download model {name!r} from the Hugging Face Hub ({type(e).__name__}: {msg}); "
-                                   "check the name (and HF_TOKEN for a gated model) or set model.path to a local directory") from None
+                                   f"check the name (and HF_TOKEN for a gated model) or set {what} to a local directory") from None

@@ -246,7 +246,7 @@ def _run(recipe: Recipe, *, resume: bool, overwrite: bool) -> int:
         t = time.time()
         samples, preds = answers(init_lora)
         before = {"eval_loss": eval_loss(init_lora), "metric": metric(preds), "samples": samples}
-        _say(f"before training: eval loss {_fmt(before['eval_loss'])}, {dc.metric} {_fmt(before['metric'])}")
+        _say(f"before training: eval loss {_fmt(before['eval_loss'])}" + (f", {dc.metric} {_fmt(before['metric'])}" if metric_rows else ""))
         times["before"] = time.time() - t
     del init_lora
     signals.check()

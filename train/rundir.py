@@ -114,10 +114,12 @@ def check(recipe, model_path: str, resume: bool, overwrite: bool) -> dict[str, t
         raise UserError(f"output_dir {out!r} is not empty and holds no lora-jax run; choose another output_dir or pass --overwrite")
     old = read_json(run_file)
     new = run_identity(recipe, model_path)
-    for key in ("model", "lora"):
-        if old.get(key) != new[key]:
-            what = "another model" if key == "model" else "another LoRA config"
-            raise UserError(f"output_dir {out!r} holds a run of {what} ({key}: {_short(old.get(key))}); use another output_dir or --overwrite")
+    if old.get("model") != new["model"]:
+        raise UserError(f"output_dir {out!r} holds a run of another model ({_short(old.get('model'))}); use another output_dir or --overwrite")
+    if old.get("lora") != new["lora"]:
+        changed = diff(old.get("lora") or {}, new["lora"])
+        listed = ", ".join(f"lora {k}: {_short(a)} -> {_short(b)}" for k, (a, b) in changed.items())
+        raise UserError(f"output_dir {out!r} holds a run of another LoRA config ({listed}); use another output_dir or --overwrite")
     if not resume:
         raise UserError(f"output_dir {out!r} already holds this run; pass --resume to continue it or --overwrite to start over")
     return resume_changes(recipe)
