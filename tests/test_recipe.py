@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 
+import numpy as np
 import pytest
 
 from train.cli import main as lora_jax_main
@@ -118,3 +119,29 @@ def test_bf16_precision_means_bf16_frozen_weights_and_attention_option_passes_th
     assert r.dtypes() == ("bfloat16", "bfloat16") and r.model.attention == "xla"
     assert load_recipe(None, ["precision=bf16", "model.dtype=float32"]).dtypes() == ("bfloat16", "float32")
     assert load_recipe(None, []).dtypes() == ("float32", "float32")
+
+
+@pytest.mark.parametrize("schedule,hf_name,total,warmup", [
+    ("cosine", "cosine", 10, {"warmup_ratio": 0.1}),     # 1 warmup step
+    ("linear", "linear", 10, {"warmup_ratio": 0.04}),    # ceil(0.4) = 1 (round() would skip the warmup)
+    ("constant", "constant_with_warmup", 6, {"warmup_steps": 2}),
+    ("cosine", "cosine", 4, {"warmup_steps": 6}),        # a warmup longer than the run is honoured, not cut
+])
+def test_schedule_matches_transformers_step_by_step(schedule, hf_name, total, warmup):
+    import torch
+    import transformers
+
+    from train.config import OptimSection
+    from train.runtime import make_schedule
+
+    optim = OptimSection(lr=1e-3, schedule=schedule, **warmup)
+    ours = make_schedule(optim, total)
+    args = transformers.TrainingArguments(output_dir="unused", warmup_steps=optim.warmup_steps or optim.warmup_ratio)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    hf = transformers.get_scheduler(hf_name, opt, num_warmup_steps=args.get_warmup_steps(total), num_training_steps=total)
+    want = []
+    for _ in range(total):
+        want.append(hf.get_last_lr()[0])
+        opt.step()
+        hf.step()
+    np.testing.assert_allclose([float(ours(s)) for s in range(total)], want, rtol=1e-6, atol=1e-12)

@@ -8,6 +8,7 @@ written.
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -64,7 +65,9 @@ def load_tokenizer(path: str):
 
 # -- schedule -------------------------------------------------------------------------------------
 def make_schedule(optim, total_steps: int):
-    """Warmup (linear from 0) then cosine / linear / constant, as an optax schedule.
+    """Warmup (linear from 0) then cosine / linear / constant, as an optax schedule: the same lr
+    at every step as transformers' `get_scheduler("cosine" | "linear" | "constant_with_warmup")`
+    (warmup_ratio rounds up as TrainingArguments does; a warmup longer than the run is kept as given).
 
     >>> from train.config import OptimSection
     >>> s = make_schedule(OptimSection(lr=1.0, warmup_steps=2, schedule="linear"), 4)
@@ -73,8 +76,7 @@ def make_schedule(optim, total_steps: int):
     """
     import optax
 
-    warmup = optim.warmup_steps or int(round(optim.warmup_ratio * total_steps))
-    warmup = min(warmup, max(total_steps - 1, 0))
+    warmup = optim.warmup_steps or math.ceil(total_steps * optim.warmup_ratio)  # as transformers' get_warmup_steps
     decay = max(total_steps - warmup, 1)
     end = optim.lr * optim.min_lr_ratio
     if optim.schedule == "cosine":
