@@ -83,6 +83,23 @@ def test_invalid_values(override, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+def test_optional_text_field_can_be_unset_from_the_command_line():
+    r = load_recipe(os.path.join(ROOT, "recipes", "smollm2_default.yaml"), ["data.eval_path=null", "data.name=~"])
+    assert r.data.eval_path is None and r.data.name is None
+    assert load_recipe(None, ["data.eval_path='null'"]).data.eval_path == "null"  # quoted: the text
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["data.metric=exact_match", "max_new_tokens=0"], "max_new_tokens=0 generates none"),
+    (["sample_prompts=[hi]", "max_new_tokens=0"], "sample_prompts are answered only with max_new_tokens > 0"),
+    (["data.metric=exact_match", "data.metric_examples=0"], "measures nothing"),
+])
+def test_settings_that_would_be_ignored_are_refused(overrides, message):
+    with pytest.raises(ValueError) as e:
+        load_recipe(None, overrides)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
 def test_missing_recipe_and_bad_yaml(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         load_recipe(tmp_path / "nope.yaml")

@@ -163,6 +163,8 @@ class DataSection:
         _one_of("data.metric", self.metric, ("none", "exact_match", "sql_exec"))
         _check(self.metric != "sql_exec" or bool(self.metric_db), "data.metric=sql_exec needs data.metric_db (an SQL script that builds the database)")
         _check(self.prompt_column != self.response_column, "data.prompt_column and data.response_column must differ")
+        _check(self.metric == "none" or self.metric_examples >= 1,
+               f"data.metric={self.metric} with data.metric_examples=0 measures nothing; set metric_examples >= 1 or metric=none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,6 +272,11 @@ class Recipe:
         for k in ("logging_steps", "eval_steps", "save_steps", "max_new_tokens"):
             _check(getattr(self, k) >= 0, f"{k} must be >= 0, got {getattr(self, k)}")
         _check(self.save_total_limit >= 1, f"save_total_limit must be >= 1, got {self.save_total_limit}")
+        _check(self.max_new_tokens > 0 or self.data.metric == "none",
+               f"data.metric={self.data.metric} is measured on generated answers, but max_new_tokens=0 generates none; "
+               "set max_new_tokens > 0 or data.metric=none")
+        _check(self.max_new_tokens > 0 or not self.sample_prompts,
+               "sample_prompts are answered only with max_new_tokens > 0; set it or drop sample_prompts")
         _check(bool(self.output_dir), "output_dir is empty")
 
     def to_lora_config(self) -> LoraConfig:
@@ -365,6 +372,13 @@ def _is_text_field(key: str) -> bool:
     return _hints(owner)[f.name] in (str, Optional[str])
 
 
+def _is_optional(key: str) -> bool:
+    owner = Recipe
+    for part in key.split(".")[:-1]:
+        owner = _hints(owner)[part]
+    return _hints(owner)[key.rsplit(".", 1)[-1]] == Optional[str]
+
+
 def _unquote(raw: str) -> str:
     if len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\"":
         raw = raw[1:-1]
@@ -403,7 +417,8 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] = ()) -> Re
         key, raw = item.split("=", 1)
         try:
             if _is_text_field(key):  # taken verbatim: format strings hold braces and colons
-                layer = OmegaConf.create(_nest(key, _unquote(raw)))
+                unset = raw in ("null", "~") and _is_optional(key)  # data.eval_path=null: back to none ('null' quoted stays text)
+                layer = OmegaConf.create(_nest(key, None if unset else _unquote(raw)))
             else:
                 layer = OmegaConf.from_dotlist([item])
         except OmegaConfBaseException as e:

@@ -111,6 +111,9 @@ def _run(recipe: Recipe, *, resume: bool, overwrite: bool) -> int:
         train_rows, eval_rows = D.split_eval(train_rows, dc.eval_fraction, recipe.seed)
     if dc.max_eval_examples:
         eval_rows = eval_rows[: dc.max_eval_examples]
+    if dc.metric != "none" and not eval_rows:
+        raise UserError(f"data.metric={dc.metric} is measured on eval examples, and there are none; "
+                        "set data.eval_path, data.eval_split or data.eval_fraction, or data.metric=none")
     if dc.metric == "sql_exec" and not os.path.isfile(dc.metric_db):
         raise MissingFileError(f"data.metric_db {dc.metric_db!r} not found; give the SQL script that builds the metric's database")
     tokenizer = R.load_tokenizer(model_path)
