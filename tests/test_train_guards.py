@@ -106,6 +106,20 @@ def test_resume_with_nothing_to_resume_is_refused(tmp_path):
             rundir.check(load_recipe(None, [f"output_dir={out}"]), "/m", resume=True, overwrite=False)
 
 
+def test_overwrite_never_deletes_a_directory_that_holds_no_run(tmp_path):
+    """HF's overwrite_output_dir writes into a directory; ours deletes it, so only a lora-jax run's."""
+    from train import rundir
+    from train.config import load_recipe
+
+    (tmp_path / "notes.txt").write_text("mine")
+    for resume, overwrite in ((False, True), (False, False), (True, False)):
+        with pytest.raises(UserError, match="holds no lora-jax run .*--overwrite deletes only a lora-jax run's"):
+            rundir.check(load_recipe(None, [f"output_dir={tmp_path}"]), "/m", resume=resume, overwrite=overwrite)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    _run_dir(tmp_path / "run")
+    assert rundir.check(load_recipe(None, [f"output_dir={tmp_path / 'run'}"]), "/m", resume=False, overwrite=True) is None
+
+
 # -- text rows -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("row,what", [
     ({"prompt": None, "response": "x"}, "'prompt' is null"),

@@ -6,7 +6,8 @@
 
 Every rule that can refuse a run is checked here *before* anything is written:
 
-* an existing run needs `--resume` (same run) or `--overwrite` (start over);
+* an existing run needs `--resume` (same run) or `--overwrite` (start over); a non-empty
+  directory that holds no run (no run.json) is refused, `--overwrite` or not: it is never deleted;
 * `--resume` continues only the *same trajectory*: the new recipe is compared with the run's
   recipe.yaml field by field, and any change outside `SAFE` is refused in one line listing the
   changed fields. `SAFE` holds what only decides when things are logged, evaluated, saved or
@@ -105,13 +106,14 @@ def check(recipe, model_path: str, resume: bool, overwrite: bool) -> dict[str, t
     exists = os.path.exists(out)
     if exists and not os.path.isdir(out):
         raise UserError(f"output_dir {out!r} is a file; choose a directory")
+    run_file = os.path.join(out, RUN_FILE)
+    if exists and os.listdir(out) and not os.path.isfile(run_file):  # never deleted, even with --overwrite
+        raise UserError(f"output_dir {out!r} is not empty and holds no lora-jax run (no {RUN_FILE}); choose a new or "
+                        "empty output_dir (--overwrite deletes only a lora-jax run's directory)")
     if not exists or not os.listdir(out) or overwrite:
         if resume:
             raise UserError(f"--resume: output_dir {out!r} holds no run to resume; drop --resume to start one")
         return None
-    run_file = os.path.join(out, RUN_FILE)
-    if not os.path.isfile(run_file):
-        raise UserError(f"output_dir {out!r} is not empty and holds no lora-jax run; choose another output_dir or pass --overwrite")
     old = read_json(run_file)
     new = run_identity(recipe, model_path)
     if old.get("model") != new["model"]:
