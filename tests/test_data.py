@@ -38,6 +38,21 @@ def test_encode_masks_prompt_and_appends_eos():
     assert CharTok().decode(fmt_ids) == "Q: hi\nA: yo"
 
 
+def test_format_string_with_response_field_renders_as_written():
+    """'Q: {prompt}\\nA: {response}\\n' trains exactly that text (+ EOS), the loss from the space before the answer;
+    the seeds template written out as a format string gives the same tokens as 'seeds'."""
+    ids, mask = D.encode(CharTok(), "Q: {prompt}\nA: {response}\n", "hi", "yo")
+    assert CharTok().decode(ids) == "Q: hi\nA: yo\n" and ids[-1] == 2
+    assert mask == [0] * len("Q: hi\nA:") + [1] * len(" yo\n") + [1]
+    assert D.encode_prompt(CharTok(), "Q: {prompt}\nA: {response}\n", "hi") == ids[: len("Q: hi\nA:")]
+    assert D.encode(CharTok(), "<human>: {prompt}\n<assistant>: {response}", "hi", "yo") == D.encode(CharTok(), "seeds", "hi", "yo")
+    from train.config import load_recipe
+
+    for bad in ("Q: {prompt} {x}", "{response} {prompt}", "Q: {prompt", "Q: {prompt} {response:>9}"):
+        with pytest.raises(ValueError, match="data.template"):
+            load_recipe(None, [f"data.template={bad}"])
+
+
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 

@@ -132,6 +132,20 @@ class LoraSection:
             raise UserError(str(e).replace("LoraConfig.", "lora.")) from None
 
 
+def _check_format(template: str) -> None:
+    """A format string holds {prompt} once, and may end its prompt part with {response} (nothing else in braces)."""
+    import string
+
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise UserError(f"data.template {template!r} is not a valid format string ({e}); write braces as {{{{ }}}}") from None
+    _check(fields.count("prompt") == 1 and set(fields) <= {"prompt", "response"} and fields.count("response") <= 1
+           and fields[0] == "prompt" and "{prompt}" in template and ("response" not in fields or "{response}" in template),
+           f"data.template must be 'seeds', 'chat' or a format string with {{prompt}} (and optionally {{response}} after it, "
+           f"nothing else in braces); got {template!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataSection:
     path: str = _f("data/sql/train.jsonl", "HF hub dataset name, or a local .json/.jsonl/.csv/.parquet file or directory (datasets.load_dataset)")
@@ -139,7 +153,7 @@ class DataSection:
     split: str = _f("train", "split to train on")
     prompt_column: str = _f("prompt", "column holding the prompt / instruction")
     response_column: str = _f("response", "column holding the answer the model learns (the loss is on it only)")
-    template: str = _f("seeds", "'seeds' = '<human>: {prompt}\\n<assistant>: {response}', 'chat' = the tokenizer's chat template (the loss on the answer and the template's end of turn, as TRL's SFTTrainer), or a format string with {prompt} (the prompt part; the response follows it)")
+    template: str = _f("seeds", "'seeds' = '<human>: {prompt}\\n<assistant>: {response}', 'chat' = the tokenizer's chat template (the loss on the answer and the template's end of turn, as TRL's SFTTrainer), or a format string with {prompt} and optionally {response} ('Q: {prompt}\\nA: {response}'; without it the response follows after one space)")
     max_length: int = _f(128, "tokens per sequence; longer examples are dropped (counted and reported)")
     packing: bool = _f(True, "pack several examples per sequence (segment-aware attention, positions restart)")
     shuffle_seed: Optional[int] = _f(None, "seed of the example order (default: the run's seed)")
@@ -155,7 +169,7 @@ class DataSection:
         _check(bool(self.path), "data.path is empty; give a dataset name or a local file")
         _check(bool(self.template), "data.template is empty; use seeds, chat or a format string with {prompt}")
         if self.template not in ("seeds", "chat"):
-            _check("{prompt}" in self.template, f"data.template must be 'seeds', 'chat' or a format string containing {{prompt}}; got {self.template!r}")
+            _check_format(self.template)
         _check(self.max_length >= 8, f"data.max_length must be >= 8, got {self.max_length}")
         _check(0.0 <= self.eval_fraction < 1.0, f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
         _check(self.max_eval_examples >= 0, f"data.max_eval_examples must be >= 0, got {self.max_eval_examples}")

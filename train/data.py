@@ -135,8 +135,8 @@ def prompt_text(template: str, prompt: str, tokenizer: Any = None) -> str:
 
     >>> prompt_text("seeds", "2+2?")
     '<human>: 2+2?\\n<assistant>:'
-    >>> prompt_text("Q: {prompt}\\nA:", "2+2?")
-    'Q: 2+2?\\nA:'
+    >>> prompt_text("Q: {prompt}\\nA:", "2+2?"), prompt_text("Q: {prompt}\\nA: {response}", "2+2?")
+    ('Q: 2+2?\\nA:', 'Q: 2+2?\\nA:')
     """
     if template == "seeds":
         return SEEDS_PROMPT.format(prompt=prompt)
@@ -144,7 +144,15 @@ def prompt_text(template: str, prompt: str, tokenizer: Any = None) -> str:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise UserError("data.template=chat but the tokenizer has no chat template; use template=seeds or a format string")
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    return template.format(prompt=prompt)
+    head, tail = _around_response(template)
+    text = head.format(prompt=prompt)
+    return text.rstrip() if tail is not None else text
+
+
+def _around_response(template: str) -> tuple[str, str | None]:
+    """(the format string before `{response}`, the text after it) — (template, None) without one."""
+    i = template.find("{response}")
+    return (template, None) if i < 0 else (template[:i], template[i + len("{response}"):].replace("{{", "{").replace("}}", "}"))
 
 
 def response_text(template: str, response: str, tokenizer: Any = None, prompt: str | None = None) -> str:
@@ -153,7 +161,11 @@ def response_text(template: str, response: str, tokenizer: Any = None, prompt: s
     the prompt, i.e. the response and the template's own end of turn (`A<|im_end|>\\n`).
     """
     if template != "chat":
-        return " " + response.lstrip()
+        head, tail = _around_response("seeds" if template == "seeds" else template)
+        if tail is None:  # no {response}: after one space
+            return " " + response.lstrip()
+        lead = head.format(prompt="")  # the whitespace `prompt_text` moved out of the prompt goes before the answer
+        return lead[len(lead.rstrip()):] + response + tail
     head = prompt_text(template, prompt, tokenizer)
     full = tokenizer.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
                                          tokenize=False)
