@@ -46,6 +46,9 @@ def test_yaml_roundtrip(tmp_path):
 @pytest.mark.parametrize("override,suggestion", [
     ("lora.rr=3", "lora.r"), ("optim.lrr=1", "optim.lr"), ("lr=1e-4", "optim.lr"),
     ("batchsize=4", "batch_size"), ("data.max_len=64", "data.max_length"),
+    # transformers / TRL names: learning_rate was "did you mean logging_steps", max_grad_norm "grad_accum"
+    ("learning_rate=1e-4", "optim.lr"), ("max_grad_norm=1", "optim.grad_clip"), ("bf16=true", "precision"),
+    ("dataset_name=x", "data.path"), ("gradient_checkpointing=true", "model.remat"),
 ])
 def test_unknown_key_suggests_closest(override, suggestion):
     with pytest.raises(ValueError, match=f"did you mean '{suggestion}'"):

@@ -349,9 +349,27 @@ def help_text() -> str:
     return "\n".join(lines)
 
 
+# transformers TrainingArguments / TRL SFTConfig / PEFT / MaxText names -> ours (a suggestion, never applied)
+FOREIGN = {
+    "learning_rate": "optim.lr", "max_grad_norm": "optim.grad_clip", "adam_beta1": "optim.b1", "adam_beta2": "optim.b2",
+    "adam_epsilon": "optim.eps", "optim": "optim.name", "lr_scheduler_type": "optim.schedule", "warmup": "optim.warmup_steps",
+    "num_train_epochs": "epochs", "gradient_accumulation_steps": "grad_accum", "per_device_train_batch_size": "batch_size",
+    "per_device_batch_size": "batch_size", "steps": "max_steps", "bf16": "precision", "fp16": "precision",
+    "gradient_checkpointing": "model.remat", "model_name_or_path": "model.path", "load_parameters_path": "model.path",
+    "dataset_name": "data.path", "dataset_path": "data.path", "dataset_config_name": "data.name", "dataset_text_field": "data.template",
+    "max_seq_length": "data.max_length", "max_target_length": "data.max_length", "completion_only_loss": "data.template",
+    "assistant_only_loss": "data.template", "lora_r": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
+    "base_output_directory": "output_dir", "eval_strategy": "eval_steps",
+}
+
+
 def _closest(key: str, known) -> str:
-    # a leaf name alone (`lr=1e-4` for `optim.lr=1e-4`) first, then the closest spelling
-    best = [k for k in known if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]][:1]
+    # a known foreign name first (`learning_rate`), then a leaf name alone (`lr=1e-4` for `optim.lr=1e-4`),
+    # then the closest spelling
+    leaf = key.rsplit(".", 1)[-1]
+    if FOREIGN.get(leaf) in known:
+        return f"; did you mean {FOREIGN[leaf]!r}?"
+    best = [k for k in known if k.rsplit(".", 1)[-1] == leaf][:1]
     best = best or difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
     return f"; did you mean {best[0]!r}?" if best else "; lora-jax train --help lists every key"
 
