@@ -64,6 +64,8 @@ def test_bad_rows_and_broken_model_files_one_line_nothing_written(tiny, tmp_path
 
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": null}\n')
+    few = tmp_path / "few.jsonl"
+    few.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": "d"}\n')
     broken = {}
     for name in ("truncated", "noweights", "arch", "badjson"):
         broken[name] = tmp_path / name
@@ -79,6 +81,7 @@ def test_bad_rows_and_broken_model_files_one_line_nothing_written(tiny, tmp_path
     (broken["badjson"] / "config.json").write_text('{"model_type": "llama",')
     cases = [
         ([f"data.path={rows}"], f"{rows} row 2: 'response' is null, not text; fix or drop that row"),
+        ([f"data.path={few}"], "batch_size=4 is more than the 2 training rows (2 examples); lower batch_size"),
         ([f"model.path={broken['truncated']}"], f"{st} is not a readable .safetensors file"),
         ([f"model.path={broken['noweights']}"], "has config.json but no weights"),
         ([f"model.path={broken['arch']}"], "unsupported architecture model_type='frobnet'"),

@@ -124,6 +124,9 @@ def _run(recipe: Recipe, *, resume: bool, overwrite: bool) -> int:
     eval_examples = D.encode_all(eval_rows, tokenizer, dc.template, *cols, dc.max_length, "eval")[0] if eval_rows else []
     eval_packed = D.pack(eval_examples, dc.max_length, dc.packing, None, pad_id) if eval_examples else None
     n_rows = len(rows["input_ids"])
+    if n_rows < recipe.batch_size:  # a batch would repeat rows: not the batch the recipe asks for
+        raise UserError(f"batch_size={recipe.batch_size} is more than the {n_rows} training rows ({len(examples)} examples"
+                        f"{', packed' if dc.packing else ''}); lower batch_size or give more data")
     total_steps = recipe.max_steps or max(1, math.ceil(recipe.epochs * n_rows / recipe.batch_size))
     _say(f"data: {len(examples)} training examples ({dropped} longer than {dc.max_length} tokens dropped) "
          f"-> {n_rows} rows of {dc.max_length}; {len(eval_examples)} eval examples; {total_steps} steps of {recipe.batch_size} rows")
