@@ -94,11 +94,12 @@ def model_snapshot(name: str, what: str = "model.path") -> str:
             pass
         if not reachable():
             raise MissingFileError(f"{what} {name!r} is not a local path nor in the Hugging Face cache, and the Hub "
-                                   f"cannot be reached (no network?); download it where there is network or set "
-                                   f"{what} to a local model directory")
+                                   f"cannot be reached (no network?); set {what} to an existing model directory, "
+                                   "a .gguf file or 'default', or download the model where there is network")
         try:
             return snapshot_download(name, allow_patterns=MODEL_FILES)
         except Exception as e:
             msg = " ".join(str(e).split())[:160]
             raise MissingFileError(f"could not download model {name!r} from the Hugging Face Hub ({type(e).__name__}: {msg}); "
-                                   f"check the name (and HF_TOKEN for a gated model) or set {what} to a local directory") from None
+                                   f"if {name!r} is meant as a local path, it does not exist; else check the Hub name (and HF_TOKEN for a gated "
+                                   f"model); or set {what} to an existing model directory") from None
