@@ -47,7 +47,7 @@ def _one_of(name: str, value: Any, choices: tuple) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
-    path: str = _f("default", "HF model directory (config.json + safetensors), a .gguf file, or 'default' = the embedded SmolLM2-135M-Instruct GGUF")
+    path: str = _f("default", "HF model directory (config.json + safetensors), a Hub name (the local HF cache's copy; downloaded only when the Hub is reachable), a .gguf file, or 'default' = the embedded SmolLM2-135M-Instruct GGUF")
     dtype: str = _f("auto", "dtype of the frozen base weights: auto (= the compute precision: bfloat16 under "
                             "precision bf16) | float32 | bfloat16")
     scan_layers: bool = _f(True, "stack the decoder layers under nn.scan (faster compile)")
