@@ -84,12 +84,14 @@ def _library_choices_shown():
         log.propagate = propagate
 
 
-def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> int:
+def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, eval_only: bool = False) -> int:
+    """`lora-jax train`; with `eval_only` it measures output_dir's adapter (or the base model when
+    output_dir holds no run) as the run would after training, and writes nothing."""
     with _library_choices_shown():
-        return _run(recipe, resume=resume, overwrite=overwrite)
+        return _run(recipe, resume=resume, overwrite=overwrite, eval_only=eval_only)
 
 
-def _run(recipe: Recipe, *, resume: bool, overwrite: bool) -> int:
+def _run(recipe: Recipe, *, resume: bool, overwrite: bool, eval_only: bool = False) -> int:
     t_start = time.time()
     hosts.initialize(recipe.distributed)  # before any other JAX call; a no-op for one process
     main = hosts.is_main()
@@ -99,7 +101,14 @@ def _run(recipe: Recipe, *, resume: bool, overwrite: bool) -> int:
     # ================================================================ data (first: bad input fails before the model loads)
     model_path = R.resolve_model_path(recipe.model.path)
     R.check_model_files(model_path)
-    changes = rundir.check(recipe, model_path, resume, overwrite)  # None: a new run; else the accepted changes
+    if eval_only:  # reads output_dir, never writes it
+        if resume or overwrite:
+            raise UserError("--eval-only trains and writes nothing; drop --resume / --overwrite")
+        changes = None
+        if os.path.isfile(os.path.join(out, rundir.RUN_FILE)):
+            rundir.check_identity(recipe, model_path, f"evaluate it with the run's recipe ({os.path.join(out, rundir.RECIPE_FILE)})")
+    else:
+        changes = rundir.check(recipe, model_path, resume, overwrite)  # None: a new run; else the accepted changes
     dc = recipe.data
     cols = (dc.prompt_column, dc.response_column)
     train_rows = D.load_rows(dc.path, dc.split, dc.name, cols)
@@ -111,6 +120,8 @@ def _run(recipe: Recipe, *, resume: bool, overwrite: bool) -> int:
         train_rows, eval_rows = D.split_eval(train_rows, dc.eval_fraction, recipe.seed)
     if dc.max_eval_examples:
         eval_rows = eval_rows[: dc.max_eval_examples]
+    if eval_only and not eval_rows:
+        raise UserError("--eval-only: there are no eval examples; set data.eval_path, data.eval_split or data.eval_fraction")
     if dc.metric != "none" and not eval_rows:
         raise UserError(f"data.metric={dc.metric} is measured on eval examples, and there are none; "
                         "set data.eval_path, data.eval_split or data.eval_fraction, or data.metric=none")
@@ -124,7 +135,7 @@ def _run(recipe: Recipe, *, resume: bool, overwrite: bool) -> int:
     eval_examples = D.encode_all(eval_rows, tokenizer, dc.template, *cols, dc.max_length, "eval")[0] if eval_rows else []
     eval_packed = D.pack(eval_examples, dc.max_length, dc.packing, None, pad_id) if eval_examples else None
     n_rows = len(rows["input_ids"])
-    if n_rows < recipe.batch_size:  # a batch would repeat rows: not the batch the recipe asks for
+    if n_rows < recipe.batch_size and not eval_only:  # a batch would repeat rows: not the batch the recipe asks for
         raise UserError(f"batch_size={recipe.batch_size} is more than the {n_rows} training rows ({len(examples)} examples"
                         f"{', packed' if dc.packing else ''}); lower batch_size or give more data")
     total_steps = recipe.max_steps or max(1, math.ceil(recipe.epochs * n_rows / recipe.batch_size))
@@ -214,6 +225,21 @@ def _run(recipe: Recipe, *, resume: bool, overwrite: bool) -> int:
     def metric(preds: list[str]) -> float | None:
         refs = [r[dc.response_column] for r in metric_rows]
         return task_metric(dc.metric, preds, refs, dc.metric_db)
+
+    if eval_only:  # output_dir's adapter (the final one, else the newest checkpoint's) or the base model
+        what, lora_tree = "the base model (output_dir holds no run)", init_lora
+        if os.path.isfile(os.path.join(out, rundir.RUN_FILE)):
+            from .export import resolve_adapter
+
+            adapter_dir, what = resolve_adapter(out)
+            loaded, _ = lora_jax.load_peft_adapter(shd.to_host(frozen), adapter_dir)
+            lora_tree = jax.device_put(lora_jax.split(loaded)[0], shd.named_shardings(lora_specs, mesh))
+        samples, preds = answers(lora_tree)
+        loss, score = eval_loss(lora_tree), metric(preds)
+        for p, a in zip(sample_prompts, samples):
+            _say(f"prompt: {p}\nanswer: {a}\n")
+        _say(f"eval only, {what}: eval loss {_fmt(loss)}" + (f", {dc.metric} {_fmt(score)}" if metric_rows else ""))
+        return 0
 
     # ================================================================ checkpoint restore
     batches = D.Batches(rows, recipe.batch_size, data_seed)

@@ -114,17 +114,23 @@ def check(recipe, model_path: str, resume: bool, overwrite: bool) -> dict[str, t
         if resume:
             raise UserError(f"--resume: output_dir {out!r} holds no run to resume; drop --resume to start one")
         return None
-    old = read_json(run_file)
-    new = run_identity(recipe, model_path)
-    if old.get("model") != new["model"]:
-        raise UserError(f"output_dir {out!r} holds a run of another model ({_short(old.get('model'))}); use another output_dir or --overwrite")
-    if old.get("lora") != new["lora"]:
-        changed = diff(old.get("lora") or {}, new["lora"])
-        listed = ", ".join(f"lora {k}: {_short(a)} -> {_short(b)}" for k, (a, b) in changed.items())
-        raise UserError(f"output_dir {out!r} holds a run of another LoRA config ({listed}); use another output_dir or --overwrite")
+    check_identity(recipe, model_path, "use another output_dir or --overwrite")
     if not resume:
         raise UserError(f"output_dir {out!r} already holds this run; pass --resume to continue it or --overwrite to start over")
     return resume_changes(recipe)
+
+
+def check_identity(recipe, model_path: str, fix: str) -> None:
+    """The run in output_dir is of this model and this LoRA config; else a one-line error ending in `fix`."""
+    out = recipe.output_dir
+    old = read_json(os.path.join(out, RUN_FILE))
+    new = run_identity(recipe, model_path)
+    if old.get("model") != new["model"]:
+        raise UserError(f"output_dir {out!r} holds a run of another model ({_short(old.get('model'))}); {fix}")
+    if old.get("lora") != new["lora"]:
+        changed = diff(old.get("lora") or {}, new["lora"])
+        listed = ", ".join(f"lora {k}: {_short(a)} -> {_short(b)}" for k, (a, b) in changed.items())
+        raise UserError(f"output_dir {out!r} holds a run of another LoRA config ({listed}); {fix}")
 
 
 def resume_changes(recipe) -> dict[str, tuple]:
