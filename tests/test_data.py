@@ -123,8 +123,14 @@ def test_load_rows_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         D.load_rows(str(tmp_path / "nope.jsonl"))
     f = _jsonl(tmp_path / "d.jsonl", [{"question": "a", "answer": "b"}])
-    with pytest.raises(ValueError, match="no column 'prompt' .*question, answer"):
+    with pytest.raises(ValueError, match="no column 'prompt' .*question, answer.*; set data.prompt_column=question$"):
         D.load_rows(f, columns=["prompt", "response"])
+    trl = _jsonl(tmp_path / "trl.jsonl", [{"prompt": "a", "completion": "b"}])  # TRL's prompt-completion columns
+    with pytest.raises(ValueError, match="no column 'response' .*; set data.response_column=completion$"):
+        D.load_rows(trl, columns=["prompt", "response"])
+    chat = _jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "a"}]}])
+    with pytest.raises(ValueError, match="conversational rows .* are not read"):
+        D.load_rows(chat, columns=["prompt", "response"])
     (tmp_path / "empty.csv").write_text("prompt,response\n")
     with pytest.raises(ValueError, match="is empty"):
         D.load_rows(str(tmp_path / "empty.csv"), columns=["prompt", "response"])

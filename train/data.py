@@ -83,12 +83,33 @@ def load_rows(path: str, split: str = "train", name: str | None = None, columns:
         raise UserError(f"dataset {path!r} has splits {sorted(ds)}; set data.split")
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
-        raise UserError(f"dataset {path!r} has no column {missing[0]!r} (columns: {', '.join(ds.column_names)}); set data.prompt_column / data.response_column")
+        raise UserError(f"dataset {path!r} has no column {missing[0]!r} (columns: {', '.join(ds.column_names)}); "
+                        + _column_fix(list(columns), missing[0], ds.column_names))
     if len(ds) == 0:
         raise UserError(f"dataset {path!r} (split {split!r}) is empty")
     rows = [dict(r) for r in ds]
     check_text(rows, columns, path if ext in _LOCAL_BUILDERS else f"{path} (split {split})")
     return rows
+
+
+_LIKELY = (("prompt", "instruction", "question", "input", "query"), ("completion", "response", "output", "answer"))
+
+
+def _column_fix(columns: list[str], missing: str, present: list[str]) -> str:
+    """What to set: the likely column (TRL's prompt/completion, Alpaca's instruction/output, ...), else both names.
+
+    >>> _column_fix(["prompt", "response"], "response", ["prompt", "completion"])
+    'set data.response_column=completion'
+    """
+    if "messages" in present or "conversations" in present:
+        return "conversational rows (a list of messages) are not read: give one prompt and one response column"
+    which = columns.index(missing) if missing in columns and len(columns) == 2 else None
+    if which is not None:
+        key = ("data.prompt_column", "data.response_column")[which]
+        found = [c for c in _LIKELY[which] if c in present and c not in columns]
+        if found:
+            return f"set {key}={found[0]}"
+    return "set data.prompt_column / data.response_column"
 
 
 def check_text(rows: list[dict], columns: Iterable[str], where: str) -> None:
