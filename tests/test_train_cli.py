@@ -64,6 +64,8 @@ def test_bad_rows_and_broken_model_files_one_line_nothing_written(tiny, tmp_path
 
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": null}\n')
+    bad_sql = tmp_path / "bad.sql"
+    bad_sql.write_text("CREATE TABLE oops (")  # was a traceback during the 'before' metric, output_dir half-made
     few = tmp_path / "few.jsonl"
     few.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": "d"}\n')
     broken = {}
@@ -82,6 +84,7 @@ def test_bad_rows_and_broken_model_files_one_line_nothing_written(tiny, tmp_path
     cases = [
         ([f"data.path={rows}"], f"{rows} row 2: 'response' is null, not text; fix or drop that row"),
         ([f"data.path={few}"], "batch_size=4 is more than the 2 training rows (2 examples); lower batch_size"),
+        (["data.metric=sql_exec", f"data.metric_db={bad_sql}"], "is not a script SQLite can run (incomplete input)"),
         ([f"model.path={broken['truncated']}"], f"{st} is not a readable .safetensors file"),
         ([f"model.path={broken['noweights']}"], "has config.json but no weights"),
         ([f"model.path={broken['arch']}"], "unsupported architecture model_type='frobnet'"),

@@ -127,6 +127,10 @@ def _run(recipe: Recipe, *, resume: bool, overwrite: bool, eval_only: bool = Fal
                         "set data.eval_path, data.eval_split or data.eval_fraction, or data.metric=none")
     if dc.metric == "sql_exec" and not os.path.isfile(dc.metric_db):
         raise MissingFileError(f"data.metric_db {dc.metric_db!r} not found; give the SQL script that builds the metric's database")
+    if dc.metric == "sql_exec":  # a broken script or reference query fails now, not after training
+        from .metrics import check_references
+
+        check_references([r[dc.response_column] for r in eval_rows[: dc.metric_examples]], dc.metric_db)
     tokenizer = R.load_tokenizer(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     examples, dropped = D.encode_all(train_rows, tokenizer, dc.template, *cols, dc.max_length)
