@@ -263,3 +263,20 @@ def test_only_user_errors_are_one_line(monkeypatch, capsys):
 
     monkeypatch.setattr(cli, "train", ours)
     assert cli.main(["train"]) == 2 and capsys.readouterr().err == "lora-jax train: error: model.path 'x' not found; fix it\n"
+
+
+def test_positions_beyond_learned_ones_are_refused_rope_ones_allowed():
+    """GPT-2's learned positions: JAX would clamp an out-of-range lookup silently (PyTorch raises)."""
+    from types import SimpleNamespace
+
+    from train.runtime import check_positions
+
+    gpt2, llama = (SimpleNamespace(family=f, max_position_embeddings=64) for f in ("gpt2", "llama"))
+    check_positions(llama, 128, 10, 100)  # RoPE extrapolates, as in transformers
+    check_positions(gpt2, 64, 10, 54)
+    with pytest.raises(UserError, match="data.max_length=65 exceeds the model's 64 learned positions"):
+        check_positions(gpt2, 65, 0, 0)
+    with pytest.raises(UserError, match=r"prompt \(10 tokens\) \+ max_new_tokens=55 exceed the model's 64 learned"):
+        check_positions(gpt2, 64, 10, 55)
+    with pytest.raises(UserError, match="has 65 tokens, more than the model's 64 positions"):
+        check_positions(llama, 64, 65, 1)

@@ -218,10 +218,12 @@ def _run(recipe: Recipe, *, resume: bool, overwrite: bool, eval_only: bool = Fal
     metric_rows = eval_rows[: dc.metric_examples] if dc.metric != "none" and generating else []
     sample_prompts = (list(recipe.sample_prompts) or [r[dc.prompt_column] for r in eval_rows[:3]]) if generating else []
 
+    gen_ids = [D.encode_prompt(tokenizer, dc.template, p) for p in sample_prompts + [r[dc.prompt_column] for r in metric_rows]]
+    R.check_positions(model.cfg, dc.max_length, max(map(len, gen_ids), default=0), recipe.max_new_tokens)
+
     def answers(lora_tree) -> tuple[list[str], list[str]]:
         full = lora_jax.combine(lora_tree, frozen)
-        prompts = sample_prompts + [r[dc.prompt_column] for r in metric_rows]
-        ids = [D.encode_prompt(tokenizer, dc.template, p) for p in prompts]
+        ids = gen_ids
         outs = R.generate_answers(model, full, tokenizer, ids, recipe.max_new_tokens,
                                   stop=D.stop_ids(tokenizer, dc.template)) if ids else []
         return outs[: len(sample_prompts)], outs[len(sample_prompts):]

@@ -13,7 +13,7 @@ import os
 
 import numpy as np
 
-from lora_jax.errors import MissingFileError
+from lora_jax.errors import MissingFileError, UserError
 
 
 # -- model + tokenizer ----------------------------------------------------------------------------
@@ -61,6 +61,29 @@ def load_tokenizer(path: str):
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise MissingFileError(f"no usable tokenizer in {path!r} ({' '.join(str(e).split())[:120]}); save one with tokenizer.save_pretrained") from None
+
+
+def check_positions(cfg, max_length: int, prompt_width: int, max_new_tokens: int) -> None:
+    """Sequences fit the model's positions: learned ones (GPT-2) cannot extrapolate — JAX would clamp
+    the lookup silently where PyTorch raises — and no prompt may exceed any model's.
+
+    >>> from types import SimpleNamespace
+    >>> check_positions(SimpleNamespace(family="gpt2", max_position_embeddings=64), 128, 0, 0)
+    Traceback (most recent call last):
+    ...
+    lora_jax.errors.UserError: data.max_length=128 exceeds the model's 64 learned positions (n_positions); lower data.max_length
+    """
+    n_pos = getattr(cfg, "max_position_embeddings", None)
+    if n_pos is None:
+        return
+    learned = getattr(cfg, "family", None) == "gpt2"
+    if learned and max_length > n_pos:
+        raise UserError(f"data.max_length={max_length} exceeds the model's {n_pos} learned positions (n_positions); lower data.max_length")
+    if prompt_width > n_pos:
+        raise UserError(f"a sample or metric prompt has {prompt_width} tokens, more than the model's {n_pos} positions; shorten it")
+    if learned and prompt_width and prompt_width + max_new_tokens > n_pos:
+        raise UserError(f"the longest sample or metric prompt ({prompt_width} tokens) + max_new_tokens={max_new_tokens} exceed the "
+                        f"model's {n_pos} learned positions; lower max_new_tokens")
 
 
 # -- schedule -------------------------------------------------------------------------------------
