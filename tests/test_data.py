@@ -38,6 +38,45 @@ def test_encode_masks_prompt_and_appends_eos():
     assert CharTok().decode(fmt_ids) == "Q: hi\nA: yo"
 
 
+def test_format_string_with_response_field_renders_as_written():
+    """'Q: {prompt}\\nA: {response}\\n' trains exactly that text (+ EOS), the loss from the space before the answer;
+    the seeds template written out as a format string gives the same tokens as 'seeds'."""
+    ids, mask = D.encode(CharTok(), "Q: {prompt}\nA: {response}\n", "hi", "yo")
+    assert CharTok().decode(ids) == "Q: hi\nA: yo\n" and ids[-1] == 2
+    assert mask == [0] * len("Q: hi\nA:") + [1] * len(" yo\n") + [1]
+    assert D.encode_prompt(CharTok(), "Q: {prompt}\nA: {response}\n", "hi") == ids[: len("Q: hi\nA:")]
+    assert D.encode(CharTok(), "<human>: {prompt}\n<assistant>: {response}", "hi", "yo") == D.encode(CharTok(), "seeds", "hi", "yo")
+    from train.config import load_recipe
+
+    for bad in ("Q: {prompt} {x}", "{response} {prompt}", "Q: {prompt", "Q: {prompt} {response:>9}"):
+        with pytest.raises(ValueError, match="data.template"):
+            load_recipe(None, [f"data.template={bad}"])
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("eos", ["<eos>", "<|im_end|>"])
+def test_chat_template_trains_the_templates_end_of_turn_as_trl_does(eos):
+    """TRL's prompt-completion split: the loss covers what the template renders after the prompt
+    (the answer and `<|im_end|>\\n`); EOS is added only when the turn does not end with it, and
+    generation stops at the end-of-turn token too."""
+    from train.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer(vocab_size=300)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "eos_token": eos})
+    tok.chat_template = CHATML
+    ids, mask = D.encode(tok, "chat", "How many?", "SELECT 1;")
+    split = mask.index(1)
+    assert tok.decode(ids[:split]) == "<|im_start|>user\nHow many?<|im_end|>\n<|im_start|>assistant\n"
+    assert ids[:split] == D.encode_prompt(tok, "chat", "How many?")  # the prompt generation sees
+    want = "SELECT 1;<|im_end|>\n" + ("<eos>" if eos == "<eos>" else "")
+    assert tok.decode(ids[split:]) == want and all(mask[split:])
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert D.stop_ids(tok, "chat") == list(dict.fromkeys([tok.eos_token_id, im_end]))
+
+
 def test_pack_segments_positions_targets():
     exs = [([10, 11, 12], [0, 1, 1]), ([20, 21], [0, 1]), ([30, 31, 32, 33], [0, 0, 1, 1])]
     rows = D.pack(exs, 6, packing=True, seed=None)
@@ -84,8 +123,14 @@ def test_load_rows_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         D.load_rows(str(tmp_path / "nope.jsonl"))
     f = _jsonl(tmp_path / "d.jsonl", [{"question": "a", "answer": "b"}])
-    with pytest.raises(ValueError, match="no column 'prompt' .*question, answer"):
+    with pytest.raises(ValueError, match="no column 'prompt' .*question, answer.*; set data.prompt_column=question$"):
         D.load_rows(f, columns=["prompt", "response"])
+    trl = _jsonl(tmp_path / "trl.jsonl", [{"prompt": "a", "completion": "b"}])  # TRL's prompt-completion columns
+    with pytest.raises(ValueError, match="no column 'response' .*; set data.response_column=completion$"):
+        D.load_rows(trl, columns=["prompt", "response"])
+    chat = _jsonl(tmp_path / "chat.jsonl", [{"messages": [{"role": "user", "content": "a"}]}])
+    with pytest.raises(ValueError, match="conversational rows .* are not read"):
+        D.load_rows(chat, columns=["prompt", "response"])
     (tmp_path / "empty.csv").write_text("prompt,response\n")
     with pytest.raises(ValueError, match="is empty"):
         D.load_rows(str(tmp_path / "empty.csv"), columns=["prompt", "response"])
@@ -94,6 +139,27 @@ def test_load_rows_errors(tmp_path):
     csv = tmp_path / "d.csv"
     csv.write_text("prompt,response\nhi,yo\n")
     assert D.load_rows(str(csv), columns=["prompt"]) == [{"prompt": "hi", "response": "yo"}]
+
+
+def test_malformed_jsonl_names_the_parse_error_and_prints_nothing_else(tmp_path, capfd):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl.*JSON parse error"):
+        D.load_rows(str(bad), columns=["prompt", "response"])
+    assert capfd.readouterr().err == ""  # datasets' own ERROR log line is not shown beside ours
+
+
+def test_hub_dataset_out_of_reach_is_one_fast_line(monkeypatch):
+    """No network: no ~25 s of huggingface_hub retries, one line naming the cause and the fix."""
+    import time
+
+    from train import hub
+
+    monkeypatch.setattr(hub, "reachable", lambda: False)
+    t = time.time()
+    with pytest.raises(FileNotFoundError, match="'nobody/nothing' is not a local file .* the Hub cannot be reached"):
+        D.load_rows("nobody/nothing", columns=["prompt", "response"])
+    assert time.time() - t < 10
 
 
 def test_every_example_too_long():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 
+import numpy as np
 import pytest
 
 from train.cli import main as lora_jax_main
@@ -45,6 +46,9 @@ def test_yaml_roundtrip(tmp_path):
 @pytest.mark.parametrize("override,suggestion", [
     ("lora.rr=3", "lora.r"), ("optim.lrr=1", "optim.lr"), ("lr=1e-4", "optim.lr"),
     ("batchsize=4", "batch_size"), ("data.max_len=64", "data.max_length"),
+    # transformers / TRL names: learning_rate was "did you mean logging_steps", max_grad_norm "grad_accum"
+    ("learning_rate=1e-4", "optim.lr"), ("max_grad_norm=1", "optim.grad_clip"), ("bf16=true", "precision"),
+    ("dataset_name=x", "data.path"), ("gradient_checkpointing=true", "model.remat"),
 ])
 def test_unknown_key_suggests_closest(override, suggestion):
     with pytest.raises(ValueError, match=f"did you mean '{suggestion}'"):
@@ -79,6 +83,23 @@ def test_remat_accepts_bools_and_policies(value, option):
 def test_invalid_values(override, message):
     with pytest.raises(ValueError) as e:
         load_recipe(None, [override])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_optional_text_field_can_be_unset_from_the_command_line():
+    r = load_recipe(os.path.join(ROOT, "recipes", "smollm2_default.yaml"), ["data.eval_path=null", "data.name=~"])
+    assert r.data.eval_path is None and r.data.name is None
+    assert load_recipe(None, ["data.eval_path='null'"]).data.eval_path == "null"  # quoted: the text
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["data.metric=exact_match", "max_new_tokens=0"], "max_new_tokens=0 generates none"),
+    (["sample_prompts=[hi]", "max_new_tokens=0"], "sample_prompts are answered only with max_new_tokens > 0"),
+    (["data.metric=exact_match", "data.metric_examples=0"], "measures nothing"),
+])
+def test_settings_that_would_be_ignored_are_refused(overrides, message):
+    with pytest.raises(ValueError) as e:
+        load_recipe(None, overrides)
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
@@ -118,3 +139,29 @@ def test_bf16_precision_means_bf16_frozen_weights_and_attention_option_passes_th
     assert r.dtypes() == ("bfloat16", "bfloat16") and r.model.attention == "xla"
     assert load_recipe(None, ["precision=bf16", "model.dtype=float32"]).dtypes() == ("bfloat16", "float32")
     assert load_recipe(None, []).dtypes() == ("float32", "float32")
+
+
+@pytest.mark.parametrize("schedule,hf_name,total,warmup", [
+    ("cosine", "cosine", 10, {"warmup_ratio": 0.1}),     # 1 warmup step
+    ("linear", "linear", 10, {"warmup_ratio": 0.04}),    # ceil(0.4) = 1 (round() would skip the warmup)
+    ("constant", "constant_with_warmup", 6, {"warmup_steps": 2}),
+    ("cosine", "cosine", 4, {"warmup_steps": 6}),        # a warmup longer than the run is honoured, not cut
+])
+def test_schedule_matches_transformers_step_by_step(schedule, hf_name, total, warmup):
+    import torch
+    import transformers
+
+    from train.config import OptimSection
+    from train.runtime import make_schedule
+
+    optim = OptimSection(lr=1e-3, schedule=schedule, **warmup)
+    ours = make_schedule(optim, total)
+    args = transformers.TrainingArguments(output_dir="unused", warmup_steps=optim.warmup_steps or optim.warmup_ratio)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    hf = transformers.get_scheduler(hf_name, opt, num_warmup_steps=args.get_warmup_steps(total), num_training_steps=total)
+    want = []
+    for _ in range(total):
+        want.append(hf.get_last_lr()[0])
+        opt.step()
+        hf.step()
+    np.testing.assert_allclose([float(ours(s)) for s in range(total)], want, rtol=1e-6, atol=1e-12)

@@ -50,6 +50,7 @@ def run_cli(argv, capsys):
     (["batch_size=0"], "batch_size must be >= 1"),
     (["lora.alpah=3"], "did you mean 'lora.alpha'"),
     (["data.metric=sql_exec", "data.metric_db=/nonexistent.sql"], "data.metric_db '/nonexistent.sql' not found"),
+    (["data.eval_path=null", "data.eval_fraction=0", "data.metric=exact_match"], "data.metric=exact_match is measured on eval examples, and there are none"),
 ])
 def test_bad_input_one_line_nothing_written(tiny, tmp_path, capsys, extra, fragment):
     out = tmp_path / "run"
@@ -63,6 +64,10 @@ def test_bad_rows_and_broken_model_files_one_line_nothing_written(tiny, tmp_path
 
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": null}\n')
+    bad_sql = tmp_path / "bad.sql"
+    bad_sql.write_text("CREATE TABLE oops (")  # was a traceback during the 'before' metric, output_dir half-made
+    few = tmp_path / "few.jsonl"
+    few.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "c", "response": "d"}\n')
     broken = {}
     for name in ("truncated", "noweights", "arch", "badjson"):
         broken[name] = tmp_path / name
@@ -78,6 +83,8 @@ def test_bad_rows_and_broken_model_files_one_line_nothing_written(tiny, tmp_path
     (broken["badjson"] / "config.json").write_text('{"model_type": "llama",')
     cases = [
         ([f"data.path={rows}"], f"{rows} row 2: 'response' is null, not text; fix or drop that row"),
+        ([f"data.path={few}"], "batch_size=4 is more than the 2 training rows (2 examples); lower batch_size"),
+        (["data.metric=sql_exec", f"data.metric_db={bad_sql}"], "is not a script SQLite can run (incomplete input)"),
         ([f"model.path={broken['truncated']}"], f"{st} is not a readable .safetensors file"),
         ([f"model.path={broken['noweights']}"], "has config.json but no weights"),
         ([f"model.path={broken['arch']}"], "unsupported architecture model_type='frobnet'"),
@@ -129,7 +136,7 @@ def test_full_run_then_output_dir_rules(tiny, tmp_path, capsys):
     assert (out / "results.json").read_bytes() == results and "resumes" not in json.loads((out / "run.json").read_text())
     # an incompatible run: another LoRA config / another model
     rc, _, err = run_cli(args(tiny, out, "lora.r=8"), capsys)
-    assert rc == 2 and "another LoRA config" in err and err.count("\n") == 1
+    assert rc == 2 and "another LoRA config (lora r: 4 -> 8)" in err and err.count("\n") == 1, err
     rc, _, err = run_cli(args(tiny, out, "model.path=default", "--resume"), capsys)
     assert rc == 2 and "another model" in err
     assert sorted(os.listdir(out / "checkpoints")) == ["2", "4"]  # untouched
@@ -232,6 +239,18 @@ def test_exported_adapter_and_merged_model_agree_in_transformers(tiny, tmp_path,
     merged = transformers.AutoModelForCausalLM.from_pretrained(str(out / "merged"))(ids).logits.detach().numpy()
     assert np.abs(peft_logits - plain).max() > 1e-4  # the adapter does something
     np.testing.assert_allclose(peft_logits, merged, atol=1e-4)
+
+    # --eval-only: the run's adapter measures what results.json says after training, the base model what it
+    # says before; nothing in output_dir changes
+    res = json.loads((out / "results.json").read_text())
+    files = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    rc, stdout, err = run_cli(args(tiny, out, "max_steps=3", "optim.lr=5e-2", "export_merged=true", "data.max_eval_examples=4",
+                                   "max_new_tokens=0", "--eval-only"), capsys)
+    assert rc == 0 and f"eval only, {out / 'adapter'}: eval loss {res['after']['eval_loss']:.4f}" in stdout, err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == files
+    rc, stdout, err = run_cli(args(tiny, tmp_path / "none", "data.max_eval_examples=4", "max_new_tokens=0", "--eval-only"), capsys)
+    assert rc == 0 and f"the base model (output_dir holds no run): eval loss {res['before']['eval_loss']:.4f}" in stdout, err
+    assert not (tmp_path / "none").exists()
 
 
 @pytest.mark.slow

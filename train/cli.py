@@ -18,7 +18,7 @@ mmapped and zeroed every step); set LORA_JAX_NO_REEXEC=1 to skip it.
 usage: lora-jax train ...
 True
 >>> parse_args(["r.yaml", "lora.r=4", "--resume"])
-('r.yaml', ['lora.r=4'], {'resume': True, 'overwrite': False, 'help': False})
+('r.yaml', ['lora.r=4'], {'resume': True, 'overwrite': False, 'eval_only': False, 'help': False})
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ commands:
   train RECIPE.yaml [key=value ...]   fine-tune with LoRA (lora-jax train --help lists every field)
   export ...                           write a PEFT adapter or a merged HF checkpoint (lora-jax export --help)
 """
-TRAIN_USAGE = """usage: lora-jax train RECIPE.yaml [key=value ...] [--resume] [--overwrite]
+TRAIN_USAGE = """usage: lora-jax train RECIPE.yaml [key=value ...] [--resume | --overwrite | --eval-only]
 
 Fine-tune a causal LM with LoRA as the recipe says; key=value overrides any recipe field
 (e.g. lora.r=16 optim.lr=1e-4 max_steps=50 data.packing=false).
@@ -42,6 +42,8 @@ Fine-tune a causal LM with LoRA as the recipe says; key=value overrides any reci
   --resume      continue the run in output_dir from its latest checkpoint (the recipe may change only
                 in fields that do not alter the training trajectory: logging/eval/save intervals, ...)
   --overwrite   delete output_dir's previous run first
+  --eval-only   train nothing, write nothing: eval loss, metric and sample answers of output_dir's adapter
+                (its final one, else its newest checkpoint's), or of the base model when output_dir holds no run
 
 recipe fields:
 """
@@ -98,15 +100,15 @@ def parse_args(argv: list[str]) -> tuple[str | None, list[str], dict]:
     """(recipe path, overrides, flags) of `lora-jax train`'s arguments."""
     from lora_jax.errors import UserError
 
-    flags = {"resume": False, "overwrite": False, "help": False}
+    flags = {"resume": False, "overwrite": False, "eval_only": False, "help": False}
     path, overrides = None, []
     for a in argv:
         if a in ("-h", "--help"):
             flags["help"] = True
         elif a.startswith("--"):
-            name = a[2:]
-            if name not in ("resume", "overwrite"):
-                raise UserError(f"unknown option {a!r}; options are --resume, --overwrite, --help (fields are key=value)")
+            name = a[2:].replace("-", "_")
+            if name not in ("resume", "overwrite", "eval_only"):
+                raise UserError(f"unknown option {a!r}; options are --resume, --overwrite, --eval-only, --help (fields are key=value)")
             flags[name] = True
         elif "=" in a:
             overrides.append(a)
@@ -147,7 +149,7 @@ def train(argv: list[str]) -> int:
         from .loop import TrainingStopped, run
 
         try:
-            return run(recipe, resume=flags["resume"], overwrite=flags["overwrite"])
+            return run(recipe, resume=flags["resume"], overwrite=flags["overwrite"], eval_only=flags["eval_only"])
         except TrainingStopped as e:
             print(f"lora-jax train: stopped: {e}", file=sys.stderr)
             return 1

@@ -47,7 +47,7 @@ def _one_of(name: str, value: Any, choices: tuple) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
-    path: str = _f("default", "HF model directory (config.json + safetensors), a .gguf file, or 'default' = the embedded SmolLM2-135M-Instruct GGUF")
+    path: str = _f("default", "HF model directory (config.json + safetensors), a Hub name (the local HF cache's copy; downloaded only when the Hub is reachable), a .gguf file, or 'default' = the embedded SmolLM2-135M-Instruct GGUF")
     dtype: str = _f("auto", "dtype of the frozen base weights: auto (= the compute precision: bfloat16 under "
                             "precision bf16) | float32 | bfloat16")
     scan_layers: bool = _f(True, "stack the decoder layers under nn.scan (faster compile)")
@@ -132,6 +132,20 @@ class LoraSection:
             raise UserError(str(e).replace("LoraConfig.", "lora.")) from None
 
 
+def _check_format(template: str) -> None:
+    """A format string holds {prompt} once, and may end its prompt part with {response} (nothing else in braces)."""
+    import string
+
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    except ValueError as e:
+        raise UserError(f"data.template {template!r} is not a valid format string ({e}); write braces as {{{{ }}}}") from None
+    _check(fields.count("prompt") == 1 and set(fields) <= {"prompt", "response"} and fields.count("response") <= 1
+           and fields[0] == "prompt" and "{prompt}" in template and ("response" not in fields or "{response}" in template),
+           f"data.template must be 'seeds', 'chat' or a format string with {{prompt}} (and optionally {{response}} after it, "
+           f"nothing else in braces); got {template!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class DataSection:
     path: str = _f("data/sql/train.jsonl", "HF hub dataset name, or a local .json/.jsonl/.csv/.parquet file or directory (datasets.load_dataset)")
@@ -139,7 +153,7 @@ class DataSection:
     split: str = _f("train", "split to train on")
     prompt_column: str = _f("prompt", "column holding the prompt / instruction")
     response_column: str = _f("response", "column holding the answer the model learns (the loss is on it only)")
-    template: str = _f("seeds", "'seeds' = '<human>: {prompt}\\n<assistant>: {response}', 'chat' = the tokenizer's chat template, or a format string with {prompt} (the prompt part; the response follows it)")
+    template: str = _f("seeds", "'seeds' = '<human>: {prompt}\\n<assistant>: {response}', 'chat' = the tokenizer's chat template (the loss on the answer and the template's end of turn, as TRL's SFTTrainer), or a format string with {prompt} and optionally {response} ('Q: {prompt}\\nA: {response}'; without it the response follows after one space)")
     max_length: int = _f(128, "tokens per sequence; longer examples are dropped (counted and reported)")
     packing: bool = _f(True, "pack several examples per sequence (segment-aware attention, positions restart)")
     shuffle_seed: Optional[int] = _f(None, "seed of the example order (default: the run's seed)")
@@ -155,7 +169,7 @@ class DataSection:
         _check(bool(self.path), "data.path is empty; give a dataset name or a local file")
         _check(bool(self.template), "data.template is empty; use seeds, chat or a format string with {prompt}")
         if self.template not in ("seeds", "chat"):
-            _check("{prompt}" in self.template, f"data.template must be 'seeds', 'chat' or a format string containing {{prompt}}; got {self.template!r}")
+            _check_format(self.template)
         _check(self.max_length >= 8, f"data.max_length must be >= 8, got {self.max_length}")
         _check(0.0 <= self.eval_fraction < 1.0, f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
         _check(self.max_eval_examples >= 0, f"data.max_eval_examples must be >= 0, got {self.max_eval_examples}")
@@ -163,6 +177,8 @@ class DataSection:
         _one_of("data.metric", self.metric, ("none", "exact_match", "sql_exec"))
         _check(self.metric != "sql_exec" or bool(self.metric_db), "data.metric=sql_exec needs data.metric_db (an SQL script that builds the database)")
         _check(self.prompt_column != self.response_column, "data.prompt_column and data.response_column must differ")
+        _check(self.metric == "none" or self.metric_examples >= 1,
+               f"data.metric={self.metric} with data.metric_examples=0 measures nothing; set metric_examples >= 1 or metric=none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,6 +286,11 @@ class Recipe:
         for k in ("logging_steps", "eval_steps", "save_steps", "max_new_tokens"):
             _check(getattr(self, k) >= 0, f"{k} must be >= 0, got {getattr(self, k)}")
         _check(self.save_total_limit >= 1, f"save_total_limit must be >= 1, got {self.save_total_limit}")
+        _check(self.max_new_tokens > 0 or self.data.metric == "none",
+               f"data.metric={self.data.metric} is measured on generated answers, but max_new_tokens=0 generates none; "
+               "set max_new_tokens > 0 or data.metric=none")
+        _check(self.max_new_tokens > 0 or not self.sample_prompts,
+               "sample_prompts are answered only with max_new_tokens > 0; set it or drop sample_prompts")
         _check(bool(self.output_dir), "output_dir is empty")
 
     def to_lora_config(self) -> LoraConfig:
@@ -328,9 +349,27 @@ def help_text() -> str:
     return "\n".join(lines)
 
 
+# transformers TrainingArguments / TRL SFTConfig / PEFT / MaxText names -> ours (a suggestion, never applied)
+FOREIGN = {
+    "learning_rate": "optim.lr", "max_grad_norm": "optim.grad_clip", "adam_beta1": "optim.b1", "adam_beta2": "optim.b2",
+    "adam_epsilon": "optim.eps", "optim": "optim.name", "lr_scheduler_type": "optim.schedule", "warmup": "optim.warmup_steps",
+    "num_train_epochs": "epochs", "gradient_accumulation_steps": "grad_accum", "per_device_train_batch_size": "batch_size",
+    "per_device_batch_size": "batch_size", "steps": "max_steps", "bf16": "precision", "fp16": "precision",
+    "gradient_checkpointing": "model.remat", "model_name_or_path": "model.path", "load_parameters_path": "model.path",
+    "dataset_name": "data.path", "dataset_path": "data.path", "dataset_config_name": "data.name", "dataset_text_field": "data.template",
+    "max_seq_length": "data.max_length", "max_target_length": "data.max_length", "completion_only_loss": "data.template",
+    "assistant_only_loss": "data.template", "lora_r": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
+    "base_output_directory": "output_dir", "eval_strategy": "eval_steps",
+}
+
+
 def _closest(key: str, known) -> str:
-    # a leaf name alone (`lr=1e-4` for `optim.lr=1e-4`) first, then the closest spelling
-    best = [k for k in known if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]][:1]
+    # a known foreign name first (`learning_rate`), then a leaf name alone (`lr=1e-4` for `optim.lr=1e-4`),
+    # then the closest spelling
+    leaf = key.rsplit(".", 1)[-1]
+    if FOREIGN.get(leaf) in known:
+        return f"; did you mean {FOREIGN[leaf]!r}?"
+    best = [k for k in known if k.rsplit(".", 1)[-1] == leaf][:1]
     best = best or difflib.get_close_matches(key, list(known), n=1, cutoff=0.5)
     return f"; did you mean {best[0]!r}?" if best else "; lora-jax train --help lists every key"
 
@@ -363,6 +402,13 @@ def _is_text_field(key: str) -> bool:
     for part in key.split(".")[:-1]:
         owner = _hints(owner)[part]
     return _hints(owner)[f.name] in (str, Optional[str])
+
+
+def _is_optional(key: str) -> bool:
+    owner = Recipe
+    for part in key.split(".")[:-1]:
+        owner = _hints(owner)[part]
+    return _hints(owner)[key.rsplit(".", 1)[-1]] == Optional[str]
 
 
 def _unquote(raw: str) -> str:
@@ -403,7 +449,8 @@ def load_recipe(path: str | os.PathLike | None, overrides: list[str] = ()) -> Re
         key, raw = item.split("=", 1)
         try:
             if _is_text_field(key):  # taken verbatim: format strings hold braces and colons
-                layer = OmegaConf.create(_nest(key, _unquote(raw)))
+                unset = raw in ("null", "~") and _is_optional(key)  # data.eval_path=null: back to none ('null' quoted stays text)
+                layer = OmegaConf.create(_nest(key, None if unset else _unquote(raw)))
             else:
                 layer = OmegaConf.from_dotlist([item])
         except OmegaConfBaseException as e:

@@ -6,7 +6,8 @@ Pipeline (all numpy, all deterministic from the seed):
    dataset directory or a hub name; checks the prompt/response columns exist, rows remain, and
    every prompt and response is a string (a null or a number is an error naming the row).
 2. `encode` — `prompt_text(template)` is tokenized (with the tokenizer's own BOS), the response
-   follows, then EOS. The loss mask is 1 only on response tokens and the EOS, so the model learns
+   follows, then EOS (under `chat`: the template's end of turn, as TRL's SFTTrainer trains it,
+   plus EOS unless that is it). The loss mask is 1 only on response tokens and the EOS, so the model learns
    the answer and where to stop, never the prompt. Examples longer than `max_length` are dropped.
 3. `pack` — examples are shuffled once (seed) and laid into rows of `max_length` tokens. With
    packing, several examples share a row: `segment_ids` (1, 2, …; 0 = padding) keep attention
@@ -23,6 +24,7 @@ whether that prediction counts.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Iterable
 
@@ -47,6 +49,8 @@ def load_rows(path: str, split: str = "train", name: str | None = None, columns:
     """
     import datasets
 
+    from . import hub
+
     datasets.disable_progress_bars()
     ext = os.path.splitext(path)[1].lower()
     if ext in _LOCAL_BUILDERS:
@@ -56,30 +60,56 @@ def load_rows(path: str, split: str = "train", name: str | None = None, columns:
             raise UserError(f"a single file like {path!r} has only the split 'train', not {split!r}; use data.eval_path or data.eval_fraction for eval data")
         if os.path.getsize(path) == 0:
             raise UserError(f"dataset {path!r} is empty")
-    elif not os.path.isdir(path) and (path.startswith((".", "/", "~")) or os.sep in path and not _looks_like_hub_name(path)):
+    elif not os.path.isdir(path) and (path.startswith((".", "/", "~")) or os.sep in path and not hub.looks_like_hub_name(path)):
         raise MissingFileError(f"dataset {path!r} not found; check data.path")
+    cut_off = ext not in _LOCAL_BUILDERS and not os.path.isdir(path) and not hub.reachable()
     try:
-        if ext in _LOCAL_BUILDERS:
-            ds = datasets.load_dataset(_LOCAL_BUILDERS[ext], data_files=path, split="train")
-        else:  # a local dataset directory or a hub name
-            ds = datasets.load_dataset(path, name, split=split)
-    except ValueError as e:
-        if "no data" in str(e):  # e.g. a CSV with a header only
-            raise UserError(f"dataset {path!r} (split {split!r}) is empty") from None
-        raise MissingFileError(f"could not load dataset {path!r} (split {split!r}): {' '.join(str(e).split())[:200]}") from None
+        with hub.quiet(), hub.offline() if cut_off else contextlib.nullcontext():
+            if ext in _LOCAL_BUILDERS:
+                ds = datasets.load_dataset(_LOCAL_BUILDERS[ext], data_files=path, split="train")
+            else:  # a local dataset directory or a hub name (from the cache when the Hub is out of reach)
+                ds = datasets.load_dataset(path, name, split=split)
     except Exception as e:  # datasets raises many types (DatasetNotFoundError, ConnectionError, ...)
+        if isinstance(e, ValueError) and "no data" in str(e):  # e.g. a CSV with a header only
+            raise UserError(f"dataset {path!r} (split {split!r}) is empty") from None
+        if cut_off:
+            raise MissingFileError(f"dataset {path!r} is not a local file or directory nor in the Hugging Face cache, and the "
+                                   "Hub cannot be reached (no network?); point data.path at a local .jsonl/.csv/.parquet file") from None
+        while e.__cause__ is not None:  # the root cause: a parse error names the file's problem, the wrapper does not
+            e = e.__cause__
         msg = " ".join(str(e).split())[:200]
         raise MissingFileError(f"could not load dataset {path!r} (split {split!r}): {type(e).__name__}: {msg}") from None
     if hasattr(ds, "keys") and not hasattr(ds, "column_names"):  # a DatasetDict
         raise UserError(f"dataset {path!r} has splits {sorted(ds)}; set data.split")
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
-        raise UserError(f"dataset {path!r} has no column {missing[0]!r} (columns: {', '.join(ds.column_names)}); set data.prompt_column / data.response_column")
+        raise UserError(f"dataset {path!r} has no column {missing[0]!r} (columns: {', '.join(ds.column_names)}); "
+                        + _column_fix(list(columns), missing[0], ds.column_names))
     if len(ds) == 0:
         raise UserError(f"dataset {path!r} (split {split!r}) is empty")
     rows = [dict(r) for r in ds]
     check_text(rows, columns, path if ext in _LOCAL_BUILDERS else f"{path} (split {split})")
     return rows
+
+
+_LIKELY = (("prompt", "instruction", "question", "input", "query"), ("completion", "response", "output", "answer"))
+
+
+def _column_fix(columns: list[str], missing: str, present: list[str]) -> str:
+    """What to set: the likely column (TRL's prompt/completion, Alpaca's instruction/output, ...), else both names.
+
+    >>> _column_fix(["prompt", "response"], "response", ["prompt", "completion"])
+    'set data.response_column=completion'
+    """
+    if "messages" in present or "conversations" in present:
+        return "conversational rows (a list of messages) are not read: give one prompt and one response column"
+    which = columns.index(missing) if missing in columns and len(columns) == 2 else None
+    if which is not None:
+        key = ("data.prompt_column", "data.response_column")[which]
+        found = [c for c in _LIKELY[which] if c in present and c not in columns]
+        if found:
+            return f"set {key}={found[0]}"
+    return "set data.prompt_column / data.response_column"
 
 
 def check_text(rows: list[dict], columns: Iterable[str], where: str) -> None:
@@ -101,11 +131,6 @@ def check_text(rows: list[dict], columns: Iterable[str], where: str) -> None:
 def _clip(v) -> str:
     s = repr(v)
     return s if len(s) <= 40 else s[:37] + "..."
-
-
-def _looks_like_hub_name(path: str) -> bool:
-    parts = path.split("/")
-    return len(parts) == 2 and all(p and not p.startswith(".") for p in parts)
 
 
 def split_eval(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -131,8 +156,8 @@ def prompt_text(template: str, prompt: str, tokenizer: Any = None) -> str:
 
     >>> prompt_text("seeds", "2+2?")
     '<human>: 2+2?\\n<assistant>:'
-    >>> prompt_text("Q: {prompt}\\nA:", "2+2?")
-    'Q: 2+2?\\nA:'
+    >>> prompt_text("Q: {prompt}\\nA:", "2+2?"), prompt_text("Q: {prompt}\\nA: {response}", "2+2?")
+    ('Q: 2+2?\\nA:', 'Q: 2+2?\\nA:')
     """
     if template == "seeds":
         return SEEDS_PROMPT.format(prompt=prompt)
@@ -140,12 +165,46 @@ def prompt_text(template: str, prompt: str, tokenizer: Any = None) -> str:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise UserError("data.template=chat but the tokenizer has no chat template; use template=seeds or a format string")
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    return template.format(prompt=prompt)
+    head, tail = _around_response(template)
+    text = head.format(prompt=prompt)
+    return text.rstrip() if tail is not None else text
 
 
-def response_text(template: str, response: str) -> str:
-    """The answer as appended after `prompt_text` (seeds/format strings: after one space)."""
-    return response if template == "chat" else " " + response.lstrip()
+def _around_response(template: str) -> tuple[str, str | None]:
+    """(the format string before `{response}`, the text after it) — (template, None) without one."""
+    i = template.find("{response}")
+    return (template, None) if i < 0 else (template[:i], template[i + len("{response}"):].replace("{{", "{").replace("}}", "}"))
+
+
+def response_text(template: str, response: str, tokenizer: Any = None, prompt: str | None = None) -> str:
+    """The answer as appended after `prompt_text`: seeds/format strings after one space; `chat`
+    as TRL's SFTTrainer takes a prompt-completion pair: what the chat template renders after
+    the prompt, i.e. the response and the template's own end of turn (`A<|im_end|>\\n`).
+    """
+    if template != "chat":
+        head, tail = _around_response("seeds" if template == "seeds" else template)
+        if tail is None:  # no {response}: after one space
+            return " " + response.lstrip()
+        lead = head.format(prompt="")  # the whitespace `prompt_text` moved out of the prompt goes before the answer
+        return lead[len(lead.rstrip()):] + response + tail
+    head = prompt_text(template, prompt, tokenizer)
+    full = tokenizer.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
+                                         tokenize=False)
+    if not full.startswith(head):
+        raise UserError("data.template=chat: the tokenizer's chat template renders the prompt differently when an answer "
+                        "follows it, so the answer cannot be split off; use data.template=seeds or a format string")
+    return full[len(head):]
+
+
+def stop_ids(tokenizer: Any, template: str) -> list[int]:
+    """Token ids that end a generated answer: EOS, and under `chat` the template's end-of-turn
+    token when it is another special token (`<|im_end|>` of a base model whose EOS is `<|endoftext|>`)."""
+    ids = [int(tokenizer.eos_token_id)] if tokenizer.eos_token_id is not None else []
+    if template == "chat":
+        tail = response_text(template, "x", tokenizer, "x")[1:]
+        first = tokenizer(tail, add_special_tokens=False)["input_ids"][:1] if tail else []
+        ids += [int(i) for i in first if i in set(tokenizer.all_special_ids) and i not in ids]
+    return ids
 
 
 def encode_prompt(tokenizer: Any, template: str, prompt: str) -> list[int]:
@@ -155,12 +214,17 @@ def encode_prompt(tokenizer: Any, template: str, prompt: str) -> list[int]:
 
 
 def encode(tokenizer: Any, template: str, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    """(token ids, loss mask per token): prompt tokens 0, response tokens and the EOS 1."""
+    """(token ids, loss mask per token): prompt tokens 0, response tokens and the EOS 1.
+
+    Under `chat` the answer ends as the template ends a turn (TRL's completion); EOS is appended
+    only when that end is not already the EOS token, so the model always learns to stop.
+    """
     p = encode_prompt(tokenizer, template, prompt)
-    r = list(tokenizer(response_text(template, response), add_special_tokens=False)["input_ids"])
+    r = list(tokenizer(response_text(template, response, tokenizer, prompt), add_special_tokens=False)["input_ids"])
     if tokenizer.eos_token_id is None:
         raise UserError("the tokenizer defines no EOS token; the model could not learn to stop")
-    r.append(int(tokenizer.eos_token_id))
+    if template != "chat" or int(tokenizer.eos_token_id) not in r:
+        r.append(int(tokenizer.eos_token_id))
     return p + r, [0] * len(p) + [1] * len(r)
 
 

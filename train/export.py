@@ -82,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     from lora_jax.models.gguf import resolve_model_path
     from lora_jax.models.loading import check_checkpoint
 
+    from .hub import looks_like_hub_name, model_snapshot
+
     args.base = resolve_model_path(args.base)  # 'default' = the embedded SmolLM2 GGUF, as the training program takes it
+    if not os.path.exists(args.base) and looks_like_hub_name(args.base):
+        args.base = model_snapshot(args.base, "--base")  # a Hub name: its cached snapshot or a download
     check_checkpoint(args.base)
     adapter_dir, described = resolve_adapter(args.adapter)
     model, params, hf_config = from_pretrained(args.base)

@@ -84,12 +84,14 @@ def _library_choices_shown():
         log.propagate = propagate
 
 
-def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> int:
+def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, eval_only: bool = False) -> int:
+    """`lora-jax train`; with `eval_only` it measures output_dir's adapter (or the base model when
+    output_dir holds no run) as the run would after training, and writes nothing."""
     with _library_choices_shown():
-        return _run(recipe, resume=resume, overwrite=overwrite)
+        return _run(recipe, resume=resume, overwrite=overwrite, eval_only=eval_only)
 
 
-def _run(recipe: Recipe, *, resume: bool, overwrite: bool) -> int:
+def _run(recipe: Recipe, *, resume: bool, overwrite: bool, eval_only: bool = False) -> int:
     t_start = time.time()
     hosts.initialize(recipe.distributed)  # before any other JAX call; a no-op for one process
     main = hosts.is_main()
@@ -99,7 +101,14 @@ def _run(recipe: Recipe, *, resume: bool, overwrite: bool) -> int:
     # ================================================================ data (first: bad input fails before the model loads)
     model_path = R.resolve_model_path(recipe.model.path)
     R.check_model_files(model_path)
-    changes = rundir.check(recipe, model_path, resume, overwrite)  # None: a new run; else the accepted changes
+    if eval_only:  # reads output_dir, never writes it
+        if resume or overwrite:
+            raise UserError("--eval-only trains and writes nothing; drop --resume / --overwrite")
+        changes = None
+        if os.path.isfile(os.path.join(out, rundir.RUN_FILE)):
+            rundir.check_identity(recipe, model_path, f"evaluate it with the run's recipe ({os.path.join(out, rundir.RECIPE_FILE)})")
+    else:
+        changes = rundir.check(recipe, model_path, resume, overwrite)  # None: a new run; else the accepted changes
     dc = recipe.data
     cols = (dc.prompt_column, dc.response_column)
     train_rows = D.load_rows(dc.path, dc.split, dc.name, cols)
@@ -111,8 +120,17 @@ def _run(recipe: Recipe, *, resume: bool, overwrite: bool) -> int:
         train_rows, eval_rows = D.split_eval(train_rows, dc.eval_fraction, recipe.seed)
     if dc.max_eval_examples:
         eval_rows = eval_rows[: dc.max_eval_examples]
+    if eval_only and not eval_rows:
+        raise UserError("--eval-only: there are no eval examples; set data.eval_path, data.eval_split or data.eval_fraction")
+    if dc.metric != "none" and not eval_rows:
+        raise UserError(f"data.metric={dc.metric} is measured on eval examples, and there are none; "
+                        "set data.eval_path, data.eval_split or data.eval_fraction, or data.metric=none")
     if dc.metric == "sql_exec" and not os.path.isfile(dc.metric_db):
         raise MissingFileError(f"data.metric_db {dc.metric_db!r} not found; give the SQL script that builds the metric's database")
+    if dc.metric == "sql_exec":  # a broken script or reference query fails now, not after training
+        from .metrics import check_references
+
+        check_references([r[dc.response_column] for r in eval_rows[: dc.metric_examples]], dc.metric_db)
     tokenizer = R.load_tokenizer(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     examples, dropped = D.encode_all(train_rows, tokenizer, dc.template, *cols, dc.max_length)
@@ -121,6 +139,9 @@ def _run(recipe: Recipe, *, resume: bool, overwrite: bool) -> int:
     eval_examples = D.encode_all(eval_rows, tokenizer, dc.template, *cols, dc.max_length, "eval")[0] if eval_rows else []
     eval_packed = D.pack(eval_examples, dc.max_length, dc.packing, None, pad_id) if eval_examples else None
     n_rows = len(rows["input_ids"])
+    if n_rows < recipe.batch_size and not eval_only:  # a batch would repeat rows: not the batch the recipe asks for
+        raise UserError(f"batch_size={recipe.batch_size} is more than the {n_rows} training rows ({len(examples)} examples"
+                        f"{', packed' if dc.packing else ''}); lower batch_size or give more data")
     total_steps = recipe.max_steps or max(1, math.ceil(recipe.epochs * n_rows / recipe.batch_size))
     _say(f"data: {len(examples)} training examples ({dropped} longer than {dc.max_length} tokens dropped) "
          f"-> {n_rows} rows of {dc.max_length}; {len(eval_examples)} eval examples; {total_steps} steps of {recipe.batch_size} rows")
@@ -197,16 +218,34 @@ def _run(recipe: Recipe, *, resume: bool, overwrite: bool) -> int:
     metric_rows = eval_rows[: dc.metric_examples] if dc.metric != "none" and generating else []
     sample_prompts = (list(recipe.sample_prompts) or [r[dc.prompt_column] for r in eval_rows[:3]]) if generating else []
 
+    gen_ids = [D.encode_prompt(tokenizer, dc.template, p) for p in sample_prompts + [r[dc.prompt_column] for r in metric_rows]]
+    R.check_positions(model.cfg, dc.max_length, max(map(len, gen_ids), default=0), recipe.max_new_tokens)
+
     def answers(lora_tree) -> tuple[list[str], list[str]]:
         full = lora_jax.combine(lora_tree, frozen)
-        prompts = sample_prompts + [r[dc.prompt_column] for r in metric_rows]
-        ids = [D.encode_prompt(tokenizer, dc.template, p) for p in prompts]
-        outs = R.generate_answers(model, full, tokenizer, ids, recipe.max_new_tokens) if ids else []
+        ids = gen_ids
+        outs = R.generate_answers(model, full, tokenizer, ids, recipe.max_new_tokens,
+                                  stop=D.stop_ids(tokenizer, dc.template)) if ids else []
         return outs[: len(sample_prompts)], outs[len(sample_prompts):]
 
     def metric(preds: list[str]) -> float | None:
         refs = [r[dc.response_column] for r in metric_rows]
         return task_metric(dc.metric, preds, refs, dc.metric_db)
+
+    if eval_only:  # output_dir's adapter (the final one, else the newest checkpoint's) or the base model
+        what, lora_tree = "the base model (output_dir holds no run)", init_lora
+        if os.path.isfile(os.path.join(out, rundir.RUN_FILE)):
+            from .export import resolve_adapter
+
+            adapter_dir, what = resolve_adapter(out)
+            loaded, _ = lora_jax.load_peft_adapter(shd.to_host(frozen), adapter_dir)
+            lora_tree = jax.device_put(lora_jax.split(loaded)[0], shd.named_shardings(lora_specs, mesh))
+        samples, preds = answers(lora_tree)
+        loss, score = eval_loss(lora_tree), metric(preds)
+        for p, a in zip(sample_prompts, samples):
+            _say(f"prompt: {p}\nanswer: {a}\n")
+        _say(f"eval only, {what}: eval loss {_fmt(loss)}" + (f", {dc.metric} {_fmt(score)}" if metric_rows else ""))
+        return 0
 
     # ================================================================ checkpoint restore
     batches = D.Batches(rows, recipe.batch_size, data_seed)
@@ -245,7 +284,7 @@ def _run(recipe: Recipe, *, resume: bool, overwrite: bool) -> int:
         t = time.time()
         samples, preds = answers(init_lora)
         before = {"eval_loss": eval_loss(init_lora), "metric": metric(preds), "samples": samples}
-        _say(f"before training: eval loss {_fmt(before['eval_loss'])}, {dc.metric} {_fmt(before['metric'])}")
+        _say(f"before training: eval loss {_fmt(before['eval_loss'])}" + (f", {dc.metric} {_fmt(before['metric'])}" if metric_rows else ""))
         times["before"] = time.time() - t
     del init_lora
     signals.check()

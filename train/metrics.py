@@ -40,11 +40,41 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
 
 
 def open_db(script: str) -> sqlite3.Connection:
-    """An in-memory SQLite database built by the SQL script at path `script`."""
+    """An in-memory SQLite database built by the SQL script at path `script` (a broken script: one line)."""
     conn = sqlite3.connect(":memory:")
     with open(script) as fh:
-        conn.executescript(fh.read())
+        text = fh.read()
+    try:
+        conn.executescript(text)
+    except (sqlite3.Error, sqlite3.Warning) as e:
+        conn.close()
+        raise UserError(f"data.metric_db {script!r} is not a script SQLite can run ({e}); fix it") from None
     return conn
+
+
+def check_references(references: list[str], db_script: str) -> None:
+    """Build the database and run every reference query once, before training: a broken script or
+    reference is a one-line error naming it, not a crash at the first metric.
+
+    >>> import tempfile, os
+    >>> db = os.path.join(tempfile.mkdtemp(), "s.sql")
+    >>> _ = open(db, "w").write("CREATE TABLE t (x INT);")
+    >>> check_references(["SELECT x FROM t;", "SELECT y FROM t;"], db)
+    Traceback (most recent call last):
+    ...
+    lora_jax.errors.UserError: data.metric=sql_exec: the reference answer of metric example 2 fails on data.metric_db (no such column: y): 'SELECT y FROM t;'; fix that eval row
+    """
+    conn = open_db(db_script)
+    try:
+        for i, ref in enumerate(references, start=1):
+            try:
+                _rows(conn, ref, False)
+            except (sqlite3.Error, sqlite3.Warning, ValueError) as e:
+                shown = ref if len(ref) <= 60 else ref[:57] + "..."
+                raise UserError(f"data.metric=sql_exec: the reference answer of metric example {i} fails on data.metric_db "
+                                f"({e}): {shown!r}; fix that eval row") from None
+    finally:
+        conn.close()
 
 
 def _rows(conn: sqlite3.Connection, sql: str, ordered: bool):

@@ -6,7 +6,8 @@
 
 Every rule that can refuse a run is checked here *before* anything is written:
 
-* an existing run needs `--resume` (same run) or `--overwrite` (start over);
+* an existing run needs `--resume` (same run) or `--overwrite` (start over); a non-empty
+  directory that holds no run (no run.json) is refused, `--overwrite` or not: it is never deleted;
 * `--resume` continues only the *same trajectory*: the new recipe is compared with the run's
   recipe.yaml field by field, and any change outside `SAFE` is refused in one line listing the
   changed fields. `SAFE` holds what only decides when things are logged, evaluated, saved or
@@ -105,22 +106,31 @@ def check(recipe, model_path: str, resume: bool, overwrite: bool) -> dict[str, t
     exists = os.path.exists(out)
     if exists and not os.path.isdir(out):
         raise UserError(f"output_dir {out!r} is a file; choose a directory")
+    run_file = os.path.join(out, RUN_FILE)
+    if exists and os.listdir(out) and not os.path.isfile(run_file):  # never deleted, even with --overwrite
+        raise UserError(f"output_dir {out!r} is not empty and holds no lora-jax run (no {RUN_FILE}); choose a new or "
+                        "empty output_dir (--overwrite deletes only a lora-jax run's directory)")
     if not exists or not os.listdir(out) or overwrite:
         if resume:
             raise UserError(f"--resume: output_dir {out!r} holds no run to resume; drop --resume to start one")
         return None
-    run_file = os.path.join(out, RUN_FILE)
-    if not os.path.isfile(run_file):
-        raise UserError(f"output_dir {out!r} is not empty and holds no lora-jax run; choose another output_dir or pass --overwrite")
-    old = read_json(run_file)
-    new = run_identity(recipe, model_path)
-    for key in ("model", "lora"):
-        if old.get(key) != new[key]:
-            what = "another model" if key == "model" else "another LoRA config"
-            raise UserError(f"output_dir {out!r} holds a run of {what} ({key}: {_short(old.get(key))}); use another output_dir or --overwrite")
+    check_identity(recipe, model_path, "use another output_dir or --overwrite")
     if not resume:
         raise UserError(f"output_dir {out!r} already holds this run; pass --resume to continue it or --overwrite to start over")
     return resume_changes(recipe)
+
+
+def check_identity(recipe, model_path: str, fix: str) -> None:
+    """The run in output_dir is of this model and this LoRA config; else a one-line error ending in `fix`."""
+    out = recipe.output_dir
+    old = read_json(os.path.join(out, RUN_FILE))
+    new = run_identity(recipe, model_path)
+    if old.get("model") != new["model"]:
+        raise UserError(f"output_dir {out!r} holds a run of another model ({_short(old.get('model'))}); {fix}")
+    if old.get("lora") != new["lora"]:
+        changed = diff(old.get("lora") or {}, new["lora"])
+        listed = ", ".join(f"lora {k}: {_short(a)} -> {_short(b)}" for k, (a, b) in changed.items())
+        raise UserError(f"output_dir {out!r} holds a run of another LoRA config ({listed}); {fix}")
 
 
 def resume_changes(recipe) -> dict[str, tuple]:

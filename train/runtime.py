@@ -8,16 +8,18 @@ written.
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
 
-from lora_jax.errors import MissingFileError
+from lora_jax.errors import MissingFileError, UserError
 
 
 # -- model + tokenizer ----------------------------------------------------------------------------
 def resolve_model_path(path: str) -> str:
-    """'default' -> the embedded SmolLM2 GGUF; else the path, checked to exist.
+    """'default' -> the embedded SmolLM2 GGUF; a Hub name (`Qwen/Qwen2.5-0.5B`) -> its local snapshot
+    (`train.hub`); else the path, checked to exist.
 
     >>> resolve_model_path("/nonexistent/model")
     Traceback (most recent call last):
@@ -29,6 +31,10 @@ def resolve_model_path(path: str) -> str:
 
         return default_model_path()
     if not os.path.exists(path):
+        from .hub import looks_like_hub_name, model_snapshot
+
+        if looks_like_hub_name(path) and not path.endswith(".gguf"):
+            return model_snapshot(path)  # the Hub cache, or a download (a one-line error when out of reach)
         raise MissingFileError(f"model path {path!r} not found; set model.path to an HF model directory, a .gguf file or 'default'")
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
         raise MissingFileError(f"model directory {path!r} has no config.json; point model.path at a Hugging Face model directory")
@@ -57,9 +63,34 @@ def load_tokenizer(path: str):
         raise MissingFileError(f"no usable tokenizer in {path!r} ({' '.join(str(e).split())[:120]}); save one with tokenizer.save_pretrained") from None
 
 
+def check_positions(cfg, max_length: int, prompt_width: int, max_new_tokens: int) -> None:
+    """Sequences fit the model's positions: learned ones (GPT-2) cannot extrapolate — JAX would clamp
+    the lookup silently where PyTorch raises — and no prompt may exceed any model's.
+
+    >>> from types import SimpleNamespace
+    >>> check_positions(SimpleNamespace(family="gpt2", max_position_embeddings=64), 128, 0, 0)
+    Traceback (most recent call last):
+    ...
+    lora_jax.errors.UserError: data.max_length=128 exceeds the model's 64 learned positions (n_positions); lower data.max_length
+    """
+    n_pos = getattr(cfg, "max_position_embeddings", None)
+    if n_pos is None:
+        return
+    learned = getattr(cfg, "family", None) == "gpt2"
+    if learned and max_length > n_pos:
+        raise UserError(f"data.max_length={max_length} exceeds the model's {n_pos} learned positions (n_positions); lower data.max_length")
+    if prompt_width > n_pos:
+        raise UserError(f"a sample or metric prompt has {prompt_width} tokens, more than the model's {n_pos} positions; shorten it")
+    if learned and prompt_width and prompt_width + max_new_tokens > n_pos:
+        raise UserError(f"the longest sample or metric prompt ({prompt_width} tokens) + max_new_tokens={max_new_tokens} exceed the "
+                        f"model's {n_pos} learned positions; lower max_new_tokens")
+
+
 # -- schedule -------------------------------------------------------------------------------------
 def make_schedule(optim, total_steps: int):
-    """Warmup (linear from 0) then cosine / linear / constant, as an optax schedule.
+    """Warmup (linear from 0) then cosine / linear / constant, as an optax schedule: the same lr
+    at every step as transformers' `get_scheduler("cosine" | "linear" | "constant_with_warmup")`
+    (warmup_ratio rounds up as TrainingArguments does; a warmup longer than the run is kept as given).
 
     >>> from train.config import OptimSection
     >>> s = make_schedule(OptimSection(lr=1.0, warmup_steps=2, schedule="linear"), 4)
@@ -68,8 +99,7 @@ def make_schedule(optim, total_steps: int):
     """
     import optax
 
-    warmup = optim.warmup_steps or int(round(optim.warmup_ratio * total_steps))
-    warmup = min(warmup, max(total_steps - 1, 0))
+    warmup = optim.warmup_steps or math.ceil(total_steps * optim.warmup_ratio)  # as transformers' get_warmup_steps
     decay = max(total_steps - warmup, 1)
     end = optim.lr * optim.min_lr_ratio
     if optim.schedule == "cosine":
@@ -100,11 +130,13 @@ def left_pad(seqs: list[list[int]], pad_id: int, width: int | None = None) -> tu
 
 
 def generate_answers(model, params, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
-                     batch_size: int = 16) -> list[str]:
-    """Greedy answers (decoded, special tokens dropped) to already-encoded prompts, in batches."""
+                     batch_size: int = 16, stop: list[int] | None = None) -> list[str]:
+    """Greedy answers (decoded, special tokens dropped) to already-encoded prompts, in batches;
+    an answer ends at the first of `stop` (default: the tokenizer's EOS)."""
     from lora_jax.generation import generate
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    stop = list(stop) if stop else [tokenizer.eos_token_id]
     width = max(len(p) for p in prompt_ids)  # one prompt width (and batch size): one compilation
     out = []
     for s in range(0, len(prompt_ids), batch_size):
@@ -112,11 +144,11 @@ def generate_answers(model, params, tokenizer, prompt_ids: list[list[int]], max_
         chunk = chunk + [chunk[-1]] * (batch_size - len(chunk)) if len(prompt_ids) > batch_size else chunk
         ids, mask = left_pad(chunk, pad, width)
         full = np.asarray(generate(model, params, ids, mask, max_new_tokens=max_new_tokens,
-                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=pad))
+                                   eos_token_id=stop, pad_token_id=pad))
         for row in full[: min(batch_size, len(prompt_ids) - s), ids.shape[1]:]:
             row = row.tolist()
-            if tokenizer.eos_token_id in row:
-                row = row[: row.index(tokenizer.eos_token_id)]
+            ends = [row.index(i) for i in stop if i in row]
+            row = row[: min(ends)] if ends else row
             out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     return out
 
