@@ -22,6 +22,8 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.extend.core import Var
+import numpy as np
 
 from lora_jax.config import LoraConfig
 from lora_jax.layers import Dense, adapter_delta
@@ -97,15 +99,55 @@ def _einsum_in_axes(module: nn.Einsum) -> tuple[int, ...]:
     return einsum_in_axes(module.einsum_str)
 
 
+def _output_is_post_processing(model: nn.Module, args: tuple, kwargs: dict, index: int, aval: Any) -> bool:
+    """Whether the model's (single) output is a function of the `index`-th dense call's output
+    alone (a cast, a soft-cap), not also of its input or params (a residual add, a final norm, a
+    tied `Embed.attend`): that call's output is replaced by a free input and the model's jaxpr
+    tells what the output depends on."""
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    traced = [i for i, leaf in enumerate(leaves) if isinstance(leaf, (jax.Array, np.ndarray))]
+
+    def run(e, key, arrays):
+        full = list(leaves)
+        for i, arr in zip(traced, arrays):
+            full[i] = arr
+        a, kw = jax.tree.unflatten(treedef, full)
+        seen = [0]
+
+        def replace(next_fun, fa, fkw, context):
+            out = next_fun(*fa, **fkw)
+            module = context.module
+            if context.method_name == "__call__" and isinstance(module, _INTERCEPTED + (Dense,)) and module.has_variable("params", KERNEL):
+                seen[0] += 1
+                if seen[0] == index + 1:
+                    return e
+            return out
+
+        with nn.intercept_methods(replace):
+            return jax.tree.leaves(model.init_with_output(key, *a, **kw)[0])[0]
+
+    closed = jax.make_jaxpr(run)(aval, jax.random.key(0), [leaves[i] for i in traced])
+    jaxpr = closed.jaxpr
+    on_e, on_rest = {jaxpr.invars[0]}, set(jaxpr.invars[1:])
+    for eqn in jaxpr.eqns:  # forward dependence; a call's outputs depend on all its inputs (conservative)
+        ins = [v for v in eqn.invars if isinstance(v, Var)]
+        if any(v in on_e for v in ins):
+            on_e.update(eqn.outvars)
+        if any(v in on_rest for v in ins):
+            on_rest.update(eqn.outvars)
+    out = jaxpr.outvars[0]
+    return isinstance(out, Var) and out in on_e and out not in on_rest
+
+
 def kernel_layouts(model: nn.Module, *args, **kwargs) -> Layouts:
     """Exact `KernelLayout` of every Dense/DenseGeneral/Einsum kernel, and the model's output layer,
     by tracing `model.init` abstractly (no FLOPs, no memory).
 
     Stacked axes (from `nn.scan`/`nn.vmap`) are the axes the param has beyond the kernel the module
     itself sees. The output layer (`Layouts.output_module`, which `all-linear` leaves out as PEFT
-    does) is the dense module whose output is the model's output; when the model post-processes
-    that output (a cast, a soft-cap), the last dense module called, if its output has the model
-    output's shape; else None. An `nn.Einsum` may contract any of its kernel's axes
+    does) is the dense module whose output is the model's output, or whose output alone the model's
+    output is computed from (a cast, a soft-cap; not a residual add, a final norm or a tied
+    `Embed.attend`: a headless model has no output layer); else None. An `nn.Einsum` may contract any of its kernel's axes
     (`KernelLayout.in_axes`): A takes exactly the contracted ones, B the rest.
 
     >>> import jax.numpy as jnp, flax.linen as nn
@@ -129,7 +171,7 @@ def kernel_layouts(model: nn.Module, *args, **kwargs) -> Layouts:
                 n_in = len(in_axes)
             else:
                 n_in = 1
-            local[key] = (module.get_variable("params", KERNEL).ndim, n_in, in_axes if isinstance(module, nn.Einsum) else None)
+            local[key] = (nn.unbox(module.get_variable("params", KERNEL)).ndim, n_in, in_axes if isinstance(module, nn.Einsum) else None)
             calls.append((key, out))
         return out
 
@@ -137,15 +179,17 @@ def kernel_layouts(model: nn.Module, *args, **kwargs) -> Layouts:
         with nn.intercept_methods(recorder):
             out, variables = model.init_with_output(jax.random.key(0), *args, **kwargs)
         final = jax.tree.leaves(out)
-        output_module = next((k for k, y in reversed(calls) if any(y is f for f in final)), None)
-        if output_module is None and calls and len(final) == 1 and getattr(calls[-1][1], "shape", None) == final[0].shape:
-            output_module = calls[-1][0]
-        nonlocal found
-        found = output_module
+        nonlocal found, post
+        found = next((k for k, y in reversed(calls) if any(y is f for f in final)), None)
+        if found is None and calls and len(final) == 1 and getattr(calls[-1][1], "shape", None) == final[0].shape:
+            post = (len(calls) - 1, jax.ShapeDtypeStruct(final[0].shape, calls[-1][1].dtype))
         return variables
 
     found: str | None = None
-    variables = jax.eval_shape(init)
+    post: tuple[int, Any] | None = None
+    variables = nn.unbox(jax.eval_shape(init))  # nn.with_logical_partitioning boxes: their values
+    if post is not None and _output_is_post_processing(model, args, kwargs, *post):
+        found = calls[post[0]][0]
     layouts = Layouts(output_module=found)
     for path, leaf in iter_leaves(variables.get("params", {})):
         key = module_key(path)

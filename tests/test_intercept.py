@@ -107,3 +107,39 @@ def test_merge_on_the_fly_fallback_matches(setup):
     on_the_fly = model.apply({"params": lora_jax.merge(lora_jax.combine(lora, frozen), cfg)}, ids)
     unmerged = lora_jax.apply(model.apply, cfg)({"params": lp}, ids)
     np.testing.assert_allclose(on_the_fly, unmerged, rtol=1e-5, atol=1e-5)
+
+
+class Encoder(nn.Module):  # headless: the last MLP's output has the model output's shape, then residual + norm
+    tied: bool = False
+
+    @nn.compact
+    def __call__(self, ids):
+        embed = nn.Embed(16, 16, embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
+                         name="embed")
+        x = embed(ids)
+        x = x + nn.Dense(16, kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("mlp", "embed")),
+                         name="down")(nn.relu(nn.Dense(32, name="up")(x)))
+        x = nn.LayerNorm(name="norm")(x)
+        return embed.attend(x) if self.tied else x  # tied logits: vocab == width, so shapes alone cannot tell
+
+
+class SoftCapped(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return 30.0 * jnp.tanh(nn.Dense(4, name="score")(nn.Dense(4, name="fc")(x)) / 30.0)
+
+
+def test_output_layer_only_when_the_output_is_its_post_processing():
+    """all-linear leaves out only a real output layer: not a headless model's last MLP, nor the last
+    Dense before a tied Embed.attend; a soft-capped head still is one. Boxed params are read."""
+    ids = jnp.ones((1, 3), jnp.int32)
+    for tied in (False, True):
+        layouts = lora_jax.kernel_layouts(Encoder(tied=tied), ids)  # nn.with_logical_partitioning: no crash
+        assert layouts.output_module is None and set(layouts) == {"up", "down"}
+    assert lora_jax.kernel_layouts(SoftCapped(), jnp.ones((1, 4))).output_module == "score"
+    boxed = Encoder().init(jax.random.key(0), ids)["params"]
+    with pytest.raises(ValueError, match=r"metadata boxes .*inject\(flax.linen.unbox\(params\)"):
+        lora_jax.inject(boxed, LoraConfig(target_modules=["up"]), jax.random.key(1))
+    lp = lora_jax.inject(nn.unbox(boxed), LoraConfig(target_modules="all-linear"), jax.random.key(1),
+                         layouts=lora_jax.kernel_layouts(Encoder(), ids))
+    assert "lora_a" in lp["up"] and "lora_a" in lp["down"]  # PEFT adapts every Linear of a headless model
