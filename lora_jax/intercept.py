@@ -155,7 +155,7 @@ def kernel_layouts(model: nn.Module, *args, **kwargs) -> Layouts:
     >>> layouts, layouts.output_module
     ({'': KernelLayout(stack=0, n_in=1)}, '')
     """
-    local: dict[str, tuple[int, int]] = {}
+    local: dict[str, tuple[tuple[int, ...], int, Any]] = {}
     calls: list[tuple[str, Any]] = []
 
     def recorder(next_fun, a, kw, context):
@@ -171,7 +171,7 @@ def kernel_layouts(model: nn.Module, *args, **kwargs) -> Layouts:
                 n_in = len(in_axes)
             else:
                 n_in = 1
-            local[key] = (nn.unbox(module.get_variable("params", KERNEL)).ndim, n_in, in_axes if isinstance(module, nn.Einsum) else None)
+            local[key] = (tuple(nn.unbox(module.get_variable("params", KERNEL)).shape), n_in, in_axes if isinstance(module, nn.Einsum) else None)
             calls.append((key, out))
         return out
 
@@ -194,6 +194,13 @@ def kernel_layouts(model: nn.Module, *args, **kwargs) -> Layouts:
     for path, leaf in iter_leaves(variables.get("params", {})):
         key = module_key(path)
         if path[-1] == KERNEL and key in local:
-            ndim, n_in, in_axes = local[key]
-            layouts[key] = KernelLayout(stack=leaf.ndim - ndim, n_in=n_in, in_axes=in_axes)
+            own, n_in, in_axes = local[key]
+            stack = leaf.ndim - len(own)
+            if tuple(leaf.shape[stack:]) != own:  # nn.scan/nn.vmap with variable_axes={'params': 1}, ...
+                layouts.refused[key] = (
+                    f"kernel {key!r} {tuple(leaf.shape)} is stacked by nn.scan/nn.vmap on an axis other than its first "
+                    f"(each call sees {own}); lora_jax stacks adapters on leading axes only: use variable_axes={{'params': 0}} "
+                    "(MaxText: param_scan_axis=0), or exclude this module")
+                continue
+            layouts[key] = KernelLayout(stack=stack, n_in=n_in, in_axes=in_axes)
     return layouts

@@ -153,6 +153,7 @@ class Layouts(dict):
     def __init__(self, *args, output_module: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.output_module = output_module
+        self.refused: dict[str, str] = {}  # module key -> why its kernel cannot take an adapter (raised if targeted)
 
 
 def _layer_containers() -> tuple[tuple[str, str], ...]:
@@ -388,6 +389,11 @@ def plan_targets(params: Any, config: LoraConfig, layouts: Mapping[str, KernelLa
             names = [key] * n
         hits = [is_target(config, name, output_module) for name in names]
         if not any(hits):
+            if (layout.stack and len(set(names)) != len(names) and config.layers_to_transform is not None
+                    and is_target(dataclasses.replace(config, layers_to_transform=None, layers_pattern=None), key)):
+                raise ValueError(f"layers_to_transform cannot pick layers of {key!r}: a kernel stacked {stack} by a scan/vmap "
+                                 "outside the project's layer containers has no per-layer PEFT names; adapt all its layers "
+                                 "(drop layers_to_transform) or build the layers unstacked")
             continue
         ranks = tuple(config.rank_for(nm) if hit else 0 for nm, hit in zip(names, hits))
         alphas = tuple(config.alpha_for(nm) if hit else 0.0 for nm, hit in zip(names, hits))
@@ -421,6 +427,8 @@ def select_targets(params: Any, config: LoraConfig, layouts: Mapping[str, Kernel
 
 def resolve_layout(path: tuple[str, ...], shape: tuple[int, ...], layouts: Mapping[str, KernelLayout] | None) -> KernelLayout:
     """Layout of the kernel at `path`: the one `layouts` gives for its module key, else `default_layout`."""
+    if module_key(path) in getattr(layouts, "refused", {}):
+        raise ValueError(layouts.refused[module_key(path)])
     if layouts and module_key(path) in layouts:
         return layouts[module_key(path)]
     return default_layout(shape, module_key(path))

@@ -143,3 +143,31 @@ def test_output_layer_only_when_the_output_is_its_post_processing():
     lp = lora_jax.inject(nn.unbox(boxed), LoraConfig(target_modules="all-linear"), jax.random.key(1),
                          layouts=lora_jax.kernel_layouts(Encoder(), ids))
     assert "lora_a" in lp["up"] and "lora_a" in lp["down"]  # PEFT adapts every Linear of a headless model
+
+
+class ScanLayer(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return x + nn.Dense(8, name="fc")(x), None
+
+
+class ScannedNet(nn.Module):
+    axis: int = 0  # MaxText scans its layers' params on axis 1 (param_scan_axis)
+
+    @nn.compact
+    def __call__(self, x):
+        stack = nn.scan(ScanLayer, variable_axes={"params": self.axis}, split_rngs={"params": True}, length=3)
+        return nn.Dense(2, name="head")(stack(name="layers")(x, None)[0])
+
+
+def test_user_scans_refuse_what_they_cannot_honour_in_one_line():
+    x = jnp.ones((1, 8))
+    layouts = lora_jax.kernel_layouts(ScannedNet(axis=1), x)  # fc kernel [8, 3, 8]: axis 0 is not the layer axis
+    params = ScannedNet(axis=1).init(jax.random.key(0), x)["params"]
+    with pytest.raises(ValueError, match=r"'layers.fc' \(8, 3, 8\) is stacked by nn.scan/nn.vmap on an axis other than its first"):
+        lora_jax.inject(params, LoraConfig(target_modules="all-linear"), jax.random.key(1), layouts=layouts)
+    assert "lora_a" in lora_jax.inject(params, LoraConfig(target_modules=["head"]), jax.random.key(1), layouts=layouts)["head"]
+    params = ScannedNet().init(jax.random.key(0), x)["params"]
+    with pytest.raises(ValueError, match="layers_to_transform cannot pick layers of 'layers.fc'"):
+        lora_jax.inject(params, LoraConfig(target_modules=["fc"], layers_to_transform=[1]), jax.random.key(1),
+                        layouts=lora_jax.kernel_layouts(ScannedNet(), x))
