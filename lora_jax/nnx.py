@@ -90,6 +90,13 @@ class LoraLinear(nnx.Module):
         self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
         self.merged = False
 
+    def __getattr__(self, name: str) -> Any:
+        # What the wrapper lacks is its base's: model code reads `self.o_proj.kernel.shape`, `.in_features`, ...
+        base = vars(self).get("base")
+        if base is None or name.startswith("__"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(base, name)
+
     def _delta_kernel(self) -> jax.Array:
         kernel = self.base.kernel[...]
         layout = None if self.in_axes is None else KernelLayout(
@@ -141,7 +148,8 @@ def inject(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs | jax.Array, *,
 
     `model_type` resolves `target_modules=None` (PEFT's per-architecture default); `output_module`
     names the model's output layer for `all-linear` (needed unless the model follows HF's layout
-    with `model.layers` / `transformer.h` and an `lm_head`).
+    with `model.layers` / `transformer.h` and an `lm_head`); '' says it has none (tied logits).
+    Model code may keep reading a wrapped module's attributes (`self.o_proj.kernel.shape`).
 
     >>> from flax import nnx
     >>> import lora_jax.nnx as lnnx
@@ -172,10 +180,15 @@ def inject(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs | jax.Array, *,
         except ValueError as e:  # raised only if the module is a target
             layouts[k], problems[k] = KernelLayout(), e
     if output_module is not None:
-        layouts = Layouts(layouts, output_module=output_module)
+        if output_module and output_module not in by_key:
+            raise ValueError(f"output_module={output_module!r} is not an nnx.Linear / LinearGeneral / Einsum of the model (those "
+                             f"are: {', '.join(sorted(by_key)[:8])}{', ...' if len(by_key) > 8 else ''}); a model whose logits "
+                             "come from a tied embedding (Embed.attend) has none: pass output_module=''")
+        layouts = Layouts(layouts, output_module=output_module)  # "": no key is the output layer
     elif config.target_modules == ALL_LINEAR and not _in_project_tree(tree):
         raise ValueError("target_modules='all-linear' must leave out the model's output layer, which lora_jax cannot tell "
-                         "from this nnx model's names; pass output_module='<its attribute path>' (e.g. 'head')")
+                         "from this nnx model's names; pass output_module='<its attribute path>' (e.g. 'head'), or "
+                         "output_module='' if it has none (logits from a tied Embed.attend)")
     probe = plan_targets(tree, config, layouts, model_type)
     key = rngs.params()
     for i, t in enumerate(probe):

@@ -287,3 +287,25 @@ def test_stacked_layers_adapters_match_the_list_model_and_peft(tmp_path):
     np.testing.assert_allclose(np.asarray(again(IDS)), ours, atol=1e-5)
     lnnx.merge(stacked)
     np.testing.assert_allclose(np.asarray(stacked(IDS)), ours, atol=1e-5)
+
+
+class TiedLM(nnx.Module):  # as flax's examples/gemma: logits from the embedding, model code reads a kernel's shape
+    def __init__(self, rngs):
+        self.embed = nnx.Embed(V, D, rngs=rngs)
+        self.o = nnx.Einsum("btnh,nhd->btd", (2, D // 2, D), rngs=rngs)
+
+    def __call__(self, ids):
+        x = self.embed(ids)
+        heads = self.o.kernel.shape[0]
+        return self.embed.attend(x + self.o(x.reshape(x.shape[:2] + (heads, -1))))
+
+
+def test_wrapped_modules_keep_their_attributes_and_tied_models_have_no_output_layer():
+    model = TiedLM(nnx.Rngs(0))
+    with pytest.raises(ValueError, match="output_module='embed' is not an nnx.Linear .* pass output_module=''"):
+        lnnx.inject(model, LoraConfig(target_modules="all-linear"), nnx.Rngs(1), output_module="embed")
+    lnnx.inject(model, LoraConfig(r=2, target_modules="all-linear"), nnx.Rngs(1), output_module="")
+    assert list(lnnx.adapters(model)) == ["o"] and model.o.kernel.shape == (2, D // 2, D)
+    model.o.lora_b[...] = jnp.ones_like(model.o.lora_b[...])
+    y = model(IDS)  # reads self.o.kernel through the wrapper
+    np.testing.assert_allclose(lnnx.merge_and_unload(model)(IDS), y, atol=1e-4)
