@@ -47,8 +47,9 @@ from lora_jax.transform import _init_a, delta_weight
 _SUPPORTED = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
 
 
-class LoraParam(nnx.Param):
-    """The trained adapter factors (A and B): an `nnx.Param`, so filters can pick them alone."""
+class LoraParam(nnx.LoRAParam):
+    """The trained adapter factors (A and B): an `nnx.Param` (and flax's own `nnx.LoRAParam`, so code
+    written for `nnx.LoRA` trains them too), so filters can pick them alone."""
 
 
 class LoraScale(nnx.Variable):
@@ -119,11 +120,26 @@ class LoraLinear(nnx.Module):
 
 
 def _modules(model: nnx.Module) -> list[tuple[tuple, str, nnx.Module]]:
-    """(graph path, module key, module) of every Linear/LinearGeneral/Einsum/LoraLinear, wrappers' bases excluded."""
-    out = []
-    for path, node in nnx.iter_graph(model):
-        if isinstance(node, LoraLinear) or (isinstance(node, _SUPPORTED) and not (path and path[-1] == "base")):
-            out.append((tuple(path), ".".join(str(p) for p in path), node))
+    """(graph path, module key, module) of every Linear/LinearGeneral/Einsum/LoraLinear, wrappers' bases excluded;
+    a module reachable under several paths is listed once, under its first (as PEFT names a shared module)."""
+    nodes = [(tuple(path), node) for path, node in nnx.iter_graph(model)]
+    bases = {id(node.base) for _, node in nodes if isinstance(node, LoraLinear)}
+    return [(path, ".".join(str(p) for p in path), node) for path, node in nodes
+            if isinstance(node, LoraLinear) or (isinstance(node, _SUPPORTED) and id(node) not in bases)]
+
+
+def _paths_of(model: nnx.Module, wanted: set[int]) -> dict[int, list[tuple]]:
+    """id -> every graph path that reaches that module (a module shared by two parents has two)."""
+    out: dict[int, list[tuple]] = {}
+
+    def walk(node, path, above):
+        for key, child in nnx.graph.iter_children(node):
+            if id(child) in wanted:
+                out.setdefault(id(child), []).append(path + (key,))
+            elif nnx.graph.is_graph_node(child) and not isinstance(child, nnx.Variable) and id(child) not in above:
+                walk(child, path + (key,), above | {id(child)})
+
+    walk(model, (), {id(model)})
     return out
 
 
@@ -161,9 +177,11 @@ def inject(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs | jax.Array, *,
     ((4, 2), (2, 8), 4.0)
     """
     rngs = rngs if isinstance(rngs, nnx.Rngs) else nnx.Rngs(rngs)
-    found = [(p, k, m) for p, k, m in _modules(model)]
+    found = _modules(model)
     if any(isinstance(m, LoraLinear) for _, _, m in found):
         raise ValueError("the model already holds LoRA adapters; merge_and_unload() it before injecting again")
+    uses = _paths_of(model, {id(m) for _, _, m in found})  # a shared module answers to each of its names
+    found = [(q, ".".join(str(part) for part in q), m) for p, _, m in found for q in uses.get(id(m), [p])]
     tree: dict = {}
     for _, key, m in found:
         node = tree
@@ -191,9 +209,13 @@ def inject(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs | jax.Array, *,
                          "output_module='' if it has none (logits from a tied Embed.attend)")
     probe = plan_targets(tree, config, layouts, model_type)
     key = rngs.params()
+    done: set[int] = set()
     for i, t in enumerate(probe):
         mkey = ".".join(t.path[:-1])
         path, module = by_key[mkey]
+        if id(module) in done:  # a shared module targeted under two names: one adapter
+            continue
+        done.add(id(module))
         if not path:
             raise ValueError(f"the model itself is a {type(module).__name__}; inject adapts submodules: wrap it in an nnx.Module")
         if mkey in problems:
@@ -211,7 +233,9 @@ def inject(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs | jax.Array, *,
         b = jnp.zeros(stack + (r, d_out), config.jnp_dtype)
         scale = jnp.asarray([alpha / math.sqrt(r) if config.use_rslora else alpha / r for alpha in t.alphas],
                             jnp.float32).reshape(stack)
-        _set(model, path, LoraLinear(module, a, b, scale, config.dropout, rngs if config.dropout > 0 else None, layouts[mkey]))
+        wrapper = LoraLinear(module, a, b, scale, config.dropout, rngs if config.dropout > 0 else None, layouts[mkey])
+        for where in uses.get(id(module), [path]):  # a shared module is adapted wherever it is used
+            _set(model, where, wrapper)
     return model
 
 
@@ -254,9 +278,10 @@ def merge_and_unload(model: nnx.Module) -> nnx.Module:
     'Linear'
     """
     merge(model)
-    for path, _, m in _modules(model):
-        if isinstance(m, LoraLinear):
-            _set(model, path, m.base)
+    wrappers = {id(m): m for _, _, m in _modules(model) if isinstance(m, LoraLinear)}
+    for i, paths in _paths_of(model, set(wrappers)).items():
+        for path in paths:
+            _set(model, path, wrappers[i].base)
     return model
 
 

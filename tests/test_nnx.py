@@ -309,3 +309,27 @@ def test_wrapped_modules_keep_their_attributes_and_tied_models_have_no_output_la
     model.o.lora_b[...] = jnp.ones_like(model.o.lora_b[...])
     y = model(IDS)  # reads self.o.kernel through the wrapper
     np.testing.assert_allclose(lnnx.merge_and_unload(model)(IDS), y, atol=1e-4)
+
+
+class Shared(nnx.Module):  # one Linear used under two names (weight sharing), and a user attribute called `base`
+    def __init__(self, rngs):
+        self.up = nnx.Linear(D, D, rngs=rngs)
+        self.again = self.up
+        self.base = nnx.Linear(D, D, rngs=rngs)
+
+    def __call__(self, x):
+        return self.base(self.again(jax.nn.relu(self.up(x))))
+
+
+def test_shared_modules_are_adapted_wherever_used_and_flax_lora_filters_see_the_adapters():
+    x = jax.random.normal(jax.random.key(0), (2, D))
+    model = lnnx.inject(Shared(nnx.Rngs(0)), LoraConfig(r=2, target_modules=["up", "base"]), nnx.Rngs(1))
+    assert model.again is model.up and sorted(lnnx.adapters(model)) == ["again", "base"]  # listed once, first name in nnx order
+    assert len(jax.tree.leaves(nnx.state(model, nnx.LoRAParam))) == 4  # code written for flax's nnx.LoRA trains them
+    for m in lnnx.adapters(model).values():
+        m.lora_b[...] = jnp.ones_like(m.lora_b[...])
+    y = model(x)
+    np.testing.assert_allclose(lnnx.merge(model)(x), y, atol=1e-4)  # the shared kernel takes ΔW once, used twice
+    plain = lnnx.merge_and_unload(model)
+    assert type(plain.again) is nnx.Linear and plain.again is plain.up
+    np.testing.assert_allclose(plain(x), y, atol=1e-4)
