@@ -156,6 +156,7 @@ def kernel_layouts(model: nn.Module, *args, **kwargs) -> Layouts:
     ({'': KernelLayout(stack=0, n_in=1)}, '')
     """
     local: dict[str, tuple[tuple[int, ...], int, Any]] = {}
+    refused: dict[str, str] = {}
     calls: list[tuple[str, Any]] = []
 
     def recorder(next_fun, a, kw, context):
@@ -171,6 +172,10 @@ def kernel_layouts(model: nn.Module, *args, **kwargs) -> Layouts:
                 n_in = len(in_axes)
             else:
                 n_in = 1
+            if isinstance(module, nn.DenseGeneral) and module.batch_dims:
+                refused[key] = f"LoRA on nn.DenseGeneral with batch_dims ({key!r}) is not supported; exclude this module"
+            elif n_in == 0:
+                refused[key] = f"nn.Einsum {key!r} ({module.einsum_str!r}) contracts no kernel axis with its input; exclude it"
             local[key] = (tuple(nn.unbox(module.get_variable("params", KERNEL)).shape), n_in, in_axes if isinstance(module, nn.Einsum) else None)
             calls.append((key, out))
         return out
@@ -196,6 +201,9 @@ def kernel_layouts(model: nn.Module, *args, **kwargs) -> Layouts:
         if path[-1] == KERNEL and key in local:
             own, n_in, in_axes = local[key]
             stack = leaf.ndim - len(own)
+            if key in refused:
+                layouts.refused[key] = refused[key]
+                continue
             if tuple(leaf.shape[stack:]) != own:  # nn.scan/nn.vmap with variable_axes={'params': 1}, ...
                 layouts.refused[key] = (
                     f"kernel {key!r} {tuple(leaf.shape)} is stacked by nn.scan/nn.vmap on an axis other than its first "

@@ -171,3 +171,17 @@ def test_user_scans_refuse_what_they_cannot_honour_in_one_line():
     with pytest.raises(ValueError, match="layers_to_transform cannot pick layers of 'layers.fc'"):
         lora_jax.inject(params, LoraConfig(target_modules=["fc"], layers_to_transform=[1]), jax.random.key(1),
                         layouts=lora_jax.kernel_layouts(ScannedNet(), x))
+
+
+def test_batch_dims_dense_general_is_refused_at_inject_only_when_targeted():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):  # x [n, b, d]: one kernel per n
+            return nn.Dense(2, name="head")(nn.DenseGeneral(4, batch_dims=(0,), name="per_n")(x))
+
+    x = jnp.ones((3, 2, 5))
+    layouts = lora_jax.kernel_layouts(Net(), x)
+    params = Net().init(jax.random.key(0), x)["params"]
+    assert "lora_a" in lora_jax.inject(params, LoraConfig(target_modules=["head"]), jax.random.key(1), layouts=layouts)["head"]
+    with pytest.raises(ValueError, match=r"nn.DenseGeneral with batch_dims \('per_n'\) is not supported"):
+        lora_jax.inject(params, LoraConfig(target_modules="all-linear"), jax.random.key(1), layouts=layouts)
