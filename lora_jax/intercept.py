@@ -157,11 +157,15 @@ def kernel_layouts(model: nn.Module, *args, **kwargs) -> Layouts:
     """
     local: dict[str, tuple[tuple[int, ...], int, Any]] = {}
     refused: dict[str, str] = {}
+    others: dict[str, str] = {}
     calls: list[tuple[str, Any]] = []
 
     def recorder(next_fun, a, kw, context):
         out = next_fun(*a, **kw)
         module = context.module
+        if (context.method_name == "__call__" and not isinstance(module, _INTERCEPTED + (Dense,)) and module.scope is not None
+                and module.has_variable("params", KERNEL) and nn.unbox(module.get_variable("params", KERNEL)).ndim > 2):
+            others[".".join(module.path)] = type(module).__name__  # nn.Conv & co.: no linear layer
         if context.method_name == "__call__" and isinstance(module, _INTERCEPTED + (Dense,)) and module.has_variable("params", KERNEL):
             key = ".".join(module.path)
             x = a[0] if a else kw["inputs"]
@@ -196,6 +200,10 @@ def kernel_layouts(model: nn.Module, *args, **kwargs) -> Layouts:
     if post is not None and _output_is_post_processing(model, args, kwargs, *post):
         found = calls[post[0]][0]
     layouts = Layouts(output_module=found)
+    for key, kind in others.items():
+        layouts.not_linear.add(key)
+        layouts.refused[key] = (f"{key!r} ({kind}) is not a Dense / DenseGeneral / Einsum: lora_jax does not adapt it "
+                                "(PEFT's Conv LoRA is not supported); leave it out of target_modules")
     for path, leaf in iter_leaves(variables.get("params", {})):
         key = module_key(path)
         if path[-1] == KERNEL and key in local:

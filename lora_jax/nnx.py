@@ -180,6 +180,16 @@ def inject(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs | jax.Array, *,
     found = _modules(model)
     if any(isinstance(m, LoraLinear) for _, _, m in found):
         raise ValueError("the model already holds LoRA adapters; merge_and_unload() it before injecting again")
+    if config.target_modules not in (ALL_LINEAR, None):  # a targeted Embed / Conv / norm would be silently skipped
+        from lora_jax.targeting import is_target  # noqa: PLC0415
+
+        for path, node in nnx.iter_graph(model):
+            if (path and isinstance(node, nnx.Module) and not isinstance(node, _SUPPORTED + (LoraLinear,))
+                    and any(isinstance(v, nnx.Param) for _, v in nnx.graph.iter_children(node))
+                    and is_target(config, ".".join(str(p) for p in path))):
+                raise ValueError(f"target_modules={config.target_modules!r} matches {'.'.join(str(p) for p in path)!r} "
+                                 f"({type(node).__name__}): lora_jax.nnx adapts nnx.Linear / LinearGeneral / Einsum only (PEFT's "
+                                 "Embedding/Conv LoRA is not supported); leave it out of target_modules")
     uses = _paths_of(model, {id(m) for _, _, m in found})  # a shared module answers to each of its names
     found = [(q, ".".join(str(part) for part in q), m) for p, _, m in found for q in uses.get(id(m), [p])]
     tree: dict = {}

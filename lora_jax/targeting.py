@@ -154,6 +154,7 @@ class Layouts(dict):
         super().__init__(*args, **kwargs)
         self.output_module = output_module
         self.refused: dict[str, str] = {}  # module key -> why its kernel cannot take an adapter (raised if targeted)
+        self.not_linear: set[str] = set()  # modules with a kernel that are no linear layer (convolutions): not all-linear's
 
 
 def _layer_containers() -> tuple[tuple[str, str], ...]:
@@ -336,6 +337,9 @@ def _check_module_matches(params: Any, config: LoraConfig, n_layers: int | None)
         if n_layers is not None and stack_container(key + ".x") == key:  # a stacked layer container: the list and its layers
             names = [key] + [f"{key}.{i}" for i in range(n_layers)]
         hit = next((n for n in names if is_target(config, n)), None)
+        if hit is not None and "embedding" in node:  # flax's Embed param; PEFT has lora.Embedding, lora_jax has not
+            raise ValueError(f"target_modules={config.target_modules!r} matches the embedding {hit!r}: LoRA on embeddings "
+                             "(PEFT's lora.Embedding) is not supported by lora_jax; leave it out of target_modules")
         if hit is not None:
             holds = sorted(str(k) for k in node)
             raise ValueError(
@@ -376,6 +380,8 @@ def plan_targets(params: Any, config: LoraConfig, layouts: Mapping[str, KernelLa
             continue
         key = module_key(path)
         kernels.append(key)
+        if config.target_modules == ALL_LINEAR and key in getattr(layouts, "not_linear", ()):
+            continue  # PEFT's all-linear takes nn.Linear only (no Conv)
         try:
             layout = resolve_layout(path, tuple(kernel.shape), layouts)
         except ValueError:

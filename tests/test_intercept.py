@@ -185,3 +185,24 @@ def test_batch_dims_dense_general_is_refused_at_inject_only_when_targeted():
     assert "lora_a" in lora_jax.inject(params, LoraConfig(target_modules=["head"]), jax.random.key(1), layouts=layouts)["head"]
     with pytest.raises(ValueError, match=r"nn.DenseGeneral with batch_dims \('per_n'\) is not supported"):
         lora_jax.inject(params, LoraConfig(target_modules="all-linear"), jax.random.key(1), layouts=layouts)
+
+
+class CNN(nn.Module):  # as flax's examples/mnist
+    @nn.compact
+    def __call__(self, x):
+        x = nn.avg_pool(nn.relu(nn.Conv(4, (3, 3), name="conv")(x)), (2, 2), strides=(2, 2))
+        return nn.Dense(3, name="head")(nn.relu(nn.Dense(8, name="fc")(x.reshape((x.shape[0], -1)))))
+
+
+def test_convolutions_are_not_linear_layers():
+    """PEFT's all-linear takes Linear layers only; naming a conv is a one-line refusal, not a layout error."""
+    x = jnp.ones((1, 4, 4, 1))
+    layouts = lora_jax.kernel_layouts(CNN(), x)
+    params = CNN().init(jax.random.key(0), x)["params"]
+    lp = lora_jax.inject(params, LoraConfig(target_modules="all-linear"), jax.random.key(1), layouts=layouts)
+    assert sorted(k for k in lp if "lora_a" in lp[k]) == ["fc"]
+    with pytest.raises(ValueError, match=r"'conv' \(Conv\) is not a Dense / DenseGeneral / Einsum: lora_jax does not adapt it"):
+        lora_jax.inject(params, LoraConfig(target_modules=["conv", "fc"]), jax.random.key(1), layouts=layouts)
+    with pytest.raises(ValueError, match="matches the embedding 'embed': LoRA on embeddings"):
+        lora_jax.inject(nn.unbox(Encoder().init(jax.random.key(0), jnp.ones((1, 3), jnp.int32))["params"]),
+                        LoraConfig(target_modules=["embed", "up"]), jax.random.key(1))

@@ -333,3 +333,16 @@ def test_shared_modules_are_adapted_wherever_used_and_flax_lora_filters_see_the_
     plain = lnnx.merge_and_unload(model)
     assert type(plain.again) is nnx.Linear and plain.again is plain.up
     np.testing.assert_allclose(plain(x), y, atol=1e-4)
+
+
+def test_targeting_an_embedding_or_conv_is_refused_not_skipped():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.embed_tokens, self.q_proj = nnx.Embed(V, D, rngs=rngs), nnx.Linear(D, D, rngs=rngs)
+            self.conv = nnx.Conv(D, D, (3,), rngs=rngs)
+
+    for target, kind in ((["embed_tokens", "q_proj"], "Embed"), (["conv"], "Conv")):
+        with pytest.raises(ValueError, match=rf"matches '{target[0]}' \({kind}\): lora_jax.nnx adapts nnx.Linear"):
+            lnnx.inject(Net(nnx.Rngs(0)), LoraConfig(target_modules=target), nnx.Rngs(1))
+    assert list(lnnx.adapters(lnnx.inject(Net(nnx.Rngs(0)), LoraConfig(target_modules="all-linear"), nnx.Rngs(1),
+                                          output_module=""))) == ["q_proj"]
