@@ -77,6 +77,29 @@ def _layout(module: nnx.Module, key: str) -> KernelLayout:
     return KernelLayout(stack=kernel.ndim - own, n_in=n_in)  # leading axes beyond the module's own: nnx.vmap'd layers
 
 
+def _adapter_shardings(kernel: nnx.Variable, layout: KernelLayout) -> tuple[dict, dict, dict]:
+    """Sharding metadata for A [*stack, in, r], B [*stack, r, out] and the scale [*stack], derived from the
+    kernel's `out_sharding` (as `lora_jax.sharding` derives LoRA specs from a kernel's): A takes the
+    input axes' name, B the output axes', each the name of the group's first axis when the others are
+    unsharded (a flattened group is split like its first axis), the rank axis none."""
+    names = kernel.get_metadata("out_sharding", None) if hasattr(kernel, "get_metadata") else None
+    if names is None or len(names) != kernel.ndim:
+        return {}, {}, {}
+    extra = {k: kernel.get_metadata(k) for k in ("sharding_rules", "mesh") if kernel.get_metadata(k, None) is not None}
+    # placed now, as the kernels were, where a mesh is known; else the metadata waits for nnx.get_partition_spec
+    extra["eager_sharding"] = bool(kernel.get_metadata("eager_sharding", False)) and (
+        "mesh" in extra or not jax.sharding.get_abstract_mesh().empty)
+    ins, outs = layout.own_axes(kernel.ndim)
+    stack = tuple(names[: layout.stack])
+
+    def group(axes):
+        first, rest = names[axes[0]], [names[a] for a in axes[1:]]
+        return first if all(n is None for n in rest) else None
+
+    return ({"out_sharding": stack + (group(ins), None), **extra}, {"out_sharding": stack + (None, group(outs)), **extra},
+            {"out_sharding": stack, **extra})
+
+
 class LoraLinear(nnx.Module):
     """A targeted `nnx.Linear` / `LinearGeneral` / `Einsum` (`base`) plus its LoRA adapter."""
 
@@ -85,9 +108,10 @@ class LoraLinear(nnx.Module):
         self.base = base
         self.in_axes = layout.in_axes  # static: the kernel's input axes when they are not its leading ones
         self.own_ndim = base.kernel.ndim - layout.stack
-        self.lora_a = LoraParam(a)
-        self.lora_b = LoraParam(b)
-        self.lora_scale = LoraScale(jnp.asarray(scale, jnp.float32))
+        meta = _adapter_shardings(base.kernel, layout)
+        self.lora_a = LoraParam(a, **meta[0])
+        self.lora_b = LoraParam(b, **meta[1])
+        self.lora_scale = LoraScale(jnp.asarray(scale, jnp.float32), **meta[2])
         self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
         self.merged = False
 

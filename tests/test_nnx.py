@@ -8,6 +8,7 @@ import optax
 import pytest
 import torch
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 import lora_jax
 import lora_jax.nnx as lnnx
@@ -346,3 +347,24 @@ def test_targeting_an_embedding_or_conv_is_refused_not_skipped():
             lnnx.inject(Net(nnx.Rngs(0)), LoraConfig(target_modules=target), nnx.Rngs(1))
     assert list(lnnx.adapters(lnnx.inject(Net(nnx.Rngs(0)), LoraConfig(target_modules="all-linear"), nnx.Rngs(1),
                                           output_module=""))) == ["q_proj"]
+
+
+def test_adapters_inherit_their_kernel_sharding_annotations():
+    """A takes the kernel's input-axis name, B its output-axis name (as lora_jax.sharding derives them)."""
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.up = nnx.Linear(D, F, kernel_metadata={"out_sharding": ("embed", "mlp")}, rngs=rngs)
+            self.o = nnx.LinearGeneral((2, D // 2), D, axis=(-2, -1), kernel_metadata={"out_sharding": ("heads", None, "embed")},
+                                       rngs=rngs)
+
+    mesh = jax.make_mesh((1, 1, 1), ("embed", "mlp", "heads"))
+    with jax.set_mesh(mesh):
+        net = Net(nnx.Rngs(0))
+    lnnx.inject(net, LoraConfig(r=2, target_modules=["up", "o"]), nnx.Rngs(1))  # outside the mesh: annotations only
+    specs = nnx.get_partition_spec(nnx.state(net, lnnx.LoraParam))
+    assert (specs["up"]["lora_a"].get_value(), specs["up"]["lora_b"].get_value()) == (P("embed", None), P(None, "mlp"))
+    assert (specs["o"]["lora_a"].get_value(), specs["o"]["lora_b"].get_value()) == (P("heads", None), P(None, "embed"))
+    with jax.set_mesh(mesh):  # under the mesh: placed at creation, as the kernels were
+        net = lnnx.inject(Net(nnx.Rngs(0)), LoraConfig(r=2, target_modules=["up"]), nnx.Rngs(1))
+        assert net.up.lora_b[...].sharding.spec == P(None, "mlp")
