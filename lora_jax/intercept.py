@@ -60,10 +60,11 @@ def _lora_interceptor(config: LoraConfig) -> Callable:
                                  "kernels (exclude this module) or plain LoRA")
             kernel = node[KERNEL]
             scale = adapter_scale(node, config, ".".join(module.path))
-            in_axes = _einsum_in_axes(module)  # this call's kernel: no stacked axes here
+            equation = _einsum_str(module, args, kwargs)
+            in_axes = einsum_in_axes(equation)  # this call's kernel: no stacked axes here
             layout = KernelLayout(stack=0, n_in=len(in_axes), in_axes=in_axes)
             dw = delta_weight(node[LORA_A], node[LORA_B], scale, kernel.shape, layout).astype(y.dtype)
-            return y + jnp.einsum(module.einsum_str, x.astype(y.dtype), dw)
+            return y + jnp.einsum(equation, x.astype(y.dtype), dw)
         if isinstance(module, nn.DenseGeneral):
             if module.batch_dims:
                 raise NotImplementedError(f"LoRA on nn.DenseGeneral with batch_dims at {'.'.join(module.path)!r} is not supported")
@@ -95,8 +96,10 @@ def apply(apply_fn: Callable, config: LoraConfig) -> Callable:
     return wrapped
 
 
-def _einsum_in_axes(module: nn.Einsum) -> tuple[int, ...]:
-    return einsum_in_axes(module.einsum_str)
+def _einsum_str(module: nn.Einsum, args: tuple, kwargs: dict) -> str:
+    """The equation of this call: the module's, or the one passed to `__call__(inputs, einsum_str)`."""
+    given = args[1] if len(args) > 1 else kwargs.get("einsum_str")
+    return given if given is not None else module.einsum_str
 
 
 def _output_is_post_processing(model: nn.Module, args: tuple, kwargs: dict, index: int, aval: Any) -> bool:
@@ -172,14 +175,15 @@ def kernel_layouts(model: nn.Module, *args, **kwargs) -> Layouts:
             if isinstance(module, nn.DenseGeneral):
                 n_in = len(_dense_general_axes(module, x.ndim))
             elif isinstance(module, nn.Einsum):
-                in_axes = _einsum_in_axes(module)
+                equation = _einsum_str(module, a, kw)
+                in_axes = einsum_in_axes(equation)
                 n_in = len(in_axes)
             else:
                 n_in = 1
             if isinstance(module, nn.DenseGeneral) and module.batch_dims:
                 refused[key] = f"LoRA on nn.DenseGeneral with batch_dims ({key!r}) is not supported; exclude this module"
             elif n_in == 0:
-                refused[key] = f"nn.Einsum {key!r} ({module.einsum_str!r}) contracts no kernel axis with its input; exclude it"
+                refused[key] = f"nn.Einsum {key!r} ({equation!r}) contracts no kernel axis with its input; exclude it"
             local[key] = (tuple(nn.unbox(module.get_variable("params", KERNEL)).shape), n_in, in_axes if isinstance(module, nn.Einsum) else None)
             calls.append((key, out))
         return out
