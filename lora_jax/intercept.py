@@ -206,8 +206,8 @@ def kernel_layouts(model: nn.Module, *args, **kwargs) -> Layouts:
     layouts = Layouts(output_module=found)
     for key, kind in others.items():
         layouts.not_linear.add(key)
-        layouts.refused[key] = (f"{key!r} ({kind}) is not a Dense / DenseGeneral / Einsum: lora_jax does not adapt it "
-                                "(PEFT's Conv LoRA is not supported); leave it out of target_modules")
+        layouts.refused[key] = (f"{key!r} ({kind}) is not a flax Dense / DenseGeneral / Einsum: lora_jax does not adapt it "
+                                "(nor convolutions: PEFT's Conv LoRA is not supported); leave it out of target_modules")
     for path, leaf in iter_leaves(variables.get("params", {})):
         key = module_key(path)
         if path[-1] == KERNEL and key in local:
