@@ -57,24 +57,24 @@ class LoraScale(nnx.Variable):
 
 
 def _layout(module: nnx.Module, key: str) -> KernelLayout:
-    kernel = module.kernel[...]
+    shape = tuple(module.kernel.shape)
+    in_axes = None
     if isinstance(module, nnx.Linear):
-        n_in, own = 1, 2
+        n_in, own = 1, (module.in_features, module.out_features)
     elif isinstance(module, nnx.LinearGeneral):
         if module.batch_axis:
             raise ValueError(f"nnx.LinearGeneral {key!r} has batch_axis; LoRA on batched LinearGeneral is not supported")
-        n_in, own = len(module.in_features), len(module.in_features) + len(module.out_features)
+        n_in, own = len(module.in_features), tuple(module.in_features) + tuple(module.out_features)
     else:
         in_axes = einsum_in_axes(module.einsum_str)
         if not in_axes:
             raise ValueError(f"nnx.Einsum {key!r} ({module.einsum_str!r}) contracts no kernel axis with its input; nothing to adapt")
-        own = len(module.einsum_str.replace(" ", "").split("->")[0].split(",")[1].replace("...", ""))
-        if kernel.ndim < own:
-            raise ValueError(f"nnx.Einsum {key!r} has a kernel of shape {kernel.shape}, fewer axes than its equation")
-        return KernelLayout(stack=kernel.ndim - own, n_in=len(in_axes), in_axes=in_axes)
-    if kernel.ndim < own:
-        raise ValueError(f"{type(module).__name__} {key!r} has a kernel of shape {kernel.shape}, fewer axes than it declares")
-    return KernelLayout(stack=kernel.ndim - own, n_in=n_in)  # leading axes beyond the module's own: nnx.vmap'd layers
+        n_in, own = len(in_axes), tuple(module.kernel_shape)
+    stack = len(shape) - len(own)  # leading axes beyond the module's own: nnx.vmap'd layers
+    if stack < 0 or shape[stack:] != own:
+        raise ValueError(f"{type(module).__name__} {key!r} has a kernel of shape {shape}, not its own {own} behind leading "
+                         "stacked axes (nnx.vmap with out_axes other than 0?); lora_jax stacks adapters on leading axes only")
+    return KernelLayout(stack=stack, n_in=n_in, in_axes=in_axes)
 
 
 def _adapter_shardings(kernel: nnx.Variable, layout: KernelLayout) -> tuple[dict, dict, dict]:

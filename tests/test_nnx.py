@@ -368,3 +368,17 @@ def test_adapters_inherit_their_kernel_sharding_annotations():
     with jax.set_mesh(mesh):  # under the mesh: placed at creation, as the kernels were
         net = lnnx.inject(Net(nnx.Rngs(0)), LoraConfig(r=2, target_modules=["up"]), nnx.Rngs(1))
         assert net.up.lora_b[...].sharding.spec == P(None, "mlp")
+
+
+def test_layers_stacked_on_a_later_axis_are_refused_not_misread():
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0,), out_axes=1)  # kernel [in, L, out]: its first axis is no layer axis
+    def make(rngs):
+        return nnx.Dict(q_proj=nnx.Linear(D, F, rngs=rngs))
+
+    class Net(nnx.Module):
+        def __init__(self):
+            self.layers = make(nnx.Rngs(0))
+
+    with pytest.raises(ValueError, match=rf"'layers.q_proj' has a kernel of shape \({D}, 3, {F}\), not its own \({D}, {F}\)"):
+        lnnx.inject(Net(), LoraConfig(r=2, target_modules=["q_proj"]), nnx.Rngs(1))
