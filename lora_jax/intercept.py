@@ -168,7 +168,7 @@ def kernel_layouts(model: nn.Module, *args, **kwargs) -> Layouts:
         module = context.module
         if (context.method_name == "__call__" and not isinstance(module, _INTERCEPTED + (Dense,)) and module.scope is not None
                 and module.has_variable("params", KERNEL) and nn.unbox(module.get_variable("params", KERNEL)).ndim > 2):
-            others[".".join(module.path)] = type(module).__name__  # nn.Conv & co.: no linear layer
+            others[".".join(module.path)] = f"{type(module).__module__}.{type(module).__qualname__}"  # nn.Conv, custom layers
         if context.method_name == "__call__" and isinstance(module, _INTERCEPTED + (Dense,)) and module.has_variable("params", KERNEL):
             key = ".".join(module.path)
             x = a[0] if a else kw["inputs"]
