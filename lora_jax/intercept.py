@@ -129,7 +129,10 @@ def _output_is_post_processing(model: nn.Module, args: tuple, kwargs: dict, inde
         with nn.intercept_methods(replace):
             return jax.tree.leaves(model.init_with_output(key, *a, **kw)[0])[0]
 
-    closed = jax.make_jaxpr(run)(aval, jax.random.key(0), [leaves[i] for i in traced])
+    try:
+        closed = jax.make_jaxpr(run)(aval, jax.random.key(0), [leaves[i] for i in traced])
+    except Exception:  # noqa: BLE001  (a model this second trace cannot run: keep the shape rule)
+        return True
     jaxpr = closed.jaxpr
     on_e, on_rest = {jaxpr.invars[0]}, set(jaxpr.invars[1:])
     for eqn in jaxpr.eqns:  # forward dependence; a call's outputs depend on all its inputs (conservative)
