@@ -102,19 +102,30 @@ def _einsum_str(module: nn.Einsum, args: tuple, kwargs: dict) -> str:
     return given if given is not None else module.einsum_str
 
 
+def _array_inputs(args: tuple, kwargs: dict) -> tuple[list, Callable]:
+    """The array (or `jax.ShapeDtypeStruct`) leaves of a call's arguments, to trace, and how to put
+    them back among the static ones (flags such as `train=False` stay Python values)."""
+    leaves, treedef = jax.tree.flatten((args, kwargs))
+    traced = [i for i, leaf in enumerate(leaves) if isinstance(leaf, (jax.Array, np.ndarray, jax.ShapeDtypeStruct))]
+
+    def rebuild(arrays):
+        full = list(leaves)
+        for i, arr in zip(traced, arrays):
+            full[i] = arr
+        return jax.tree.unflatten(treedef, full)
+
+    return [leaves[i] for i in traced], rebuild
+
+
 def _output_is_post_processing(model: nn.Module, args: tuple, kwargs: dict, index: int, aval: Any) -> bool:
     """Whether the model's (single) output is a function of the `index`-th dense call's output
     alone (a cast, a soft-cap), not also of its input or params (a residual add, a final norm, a
     tied `Embed.attend`): that call's output is replaced by a free input and the model's jaxpr
     tells what the output depends on."""
-    leaves, treedef = jax.tree.flatten((args, kwargs))
-    traced = [i for i, leaf in enumerate(leaves) if isinstance(leaf, (jax.Array, np.ndarray))]
+    arrays, rebuild = _array_inputs(args, kwargs)
 
     def run(e, key, arrays):
-        full = list(leaves)
-        for i, arr in zip(traced, arrays):
-            full[i] = arr
-        a, kw = jax.tree.unflatten(treedef, full)
+        a, kw = rebuild(arrays)
         seen = [0]
 
         def replace(next_fun, fa, fkw, context):
@@ -130,7 +141,7 @@ def _output_is_post_processing(model: nn.Module, args: tuple, kwargs: dict, inde
             return jax.tree.leaves(model.init_with_output(key, *a, **kw)[0])[0]
 
     try:
-        closed = jax.make_jaxpr(run)(aval, jax.random.key(0), [leaves[i] for i in traced])
+        closed = jax.make_jaxpr(run)(aval, jax.random.key(0), arrays)
     except Exception:  # noqa: BLE001  (a model this second trace cannot run: keep the shape rule)
         return True
     jaxpr = closed.jaxpr
@@ -147,7 +158,7 @@ def _output_is_post_processing(model: nn.Module, args: tuple, kwargs: dict, inde
 
 def kernel_layouts(model: nn.Module, *args, **kwargs) -> Layouts:
     """Exact `KernelLayout` of every Dense/DenseGeneral/Einsum kernel, and the model's output layer,
-    by tracing `model.init` abstractly (no FLOPs, no memory).
+    by tracing `model.init` abstractly (no FLOPs, no memory; sample inputs may be `jax.ShapeDtypeStruct`s).
 
     Stacked axes (from `nn.scan`/`nn.vmap`) are the axes the param has beyond the kernel the module
     itself sees. The output layer (`Layouts.output_module`, which `all-linear` leaves out as PEFT
@@ -191,9 +202,12 @@ def kernel_layouts(model: nn.Module, *args, **kwargs) -> Layouts:
             calls.append((key, out))
         return out
 
-    def init():
+    arrays, rebuild = _array_inputs(args, kwargs)
+
+    def init(arrays):
+        a, kw = rebuild(arrays)
         with nn.intercept_methods(recorder):
-            out, variables = model.init_with_output(jax.random.key(0), *args, **kwargs)
+            out, variables = model.init_with_output(jax.random.key(0), *a, **kw)
         final = jax.tree.leaves(out)
         nonlocal found, post
         found = next((k for k, y in reversed(calls) if any(y is f for f in final)), None)
@@ -203,7 +217,7 @@ def kernel_layouts(model: nn.Module, *args, **kwargs) -> Layouts:
 
     found: str | None = None
     post: tuple[int, Any] | None = None
-    variables = nn.unbox(jax.eval_shape(init))  # nn.with_logical_partitioning boxes: their values
+    variables = nn.unbox(jax.eval_shape(init, arrays))  # nn.with_logical_partitioning boxes: their values
     if post is not None and _output_is_post_processing(model, args, kwargs, *post):
         found = calls[post[0]][0]
     layouts = Layouts(output_module=found)

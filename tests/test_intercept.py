@@ -136,7 +136,7 @@ def test_output_layer_only_when_the_output_is_its_post_processing():
     for tied in (False, True):
         layouts = lora_jax.kernel_layouts(Encoder(tied=tied), ids)  # nn.with_logical_partitioning: no crash
         assert layouts.output_module is None and set(layouts) == {"up", "down"}
-    assert lora_jax.kernel_layouts(SoftCapped(), jnp.ones((1, 4))).output_module == "score"
+    assert lora_jax.kernel_layouts(SoftCapped(), jax.ShapeDtypeStruct((1, 4), jnp.float32)).output_module == "score"  # abstract input
     boxed = Encoder().init(jax.random.key(0), ids)["params"]
     with pytest.raises(ValueError, match=r"metadata boxes .*inject\(flax.linen.unbox\(params\)"):
         lora_jax.inject(boxed, LoraConfig(target_modules=["up"]), jax.random.key(1))
