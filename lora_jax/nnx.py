@@ -200,6 +200,10 @@ def inject(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs | jax.Array, *,
     >>> net.q_proj.lora_a.shape, net.q_proj.lora_b.shape, float(net.q_proj.lora_scale[...])
     ((4, 2), (2, 8), 4.0)
     """
+    if config.use_dora or config.init not in ("default", "gaussian"):
+        raise ValueError(f"lora_jax.nnx adapters are plain LoRA (init 'default' or 'gaussian', rsLoRA); "
+                         f"{'use_dora' if config.use_dora else 'init=' + repr(config.init)} is available on linen param trees "
+                         "(lora_jax.inject): drop it here")
     rngs = rngs if isinstance(rngs, nnx.Rngs) else nnx.Rngs(rngs)
     found = _modules(model)
     if any(isinstance(m, LoraLinear) for _, _, m in found):
