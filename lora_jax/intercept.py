@@ -102,6 +102,11 @@ def _einsum_str(module: nn.Einsum, args: tuple, kwargs: dict) -> str:
     return given if given is not None else module.einsum_str
 
 
+def _is_dense_call(module: nn.Module, context: Any) -> bool:
+    """A call of a flax Dense / DenseGeneral / Einsum (or lora_jax.Dense) owning its kernel."""
+    return context.method_name == "__call__" and isinstance(module, _INTERCEPTED + (Dense,)) and module.has_variable("params", KERNEL)
+
+
 def _array_inputs(args: tuple, kwargs: dict) -> tuple[list, Callable]:
     """The array (or `jax.ShapeDtypeStruct`) leaves of a call's arguments, to trace, and how to put
     them back among the static ones (flags such as `train=False` stay Python values)."""
@@ -131,7 +136,7 @@ def _output_is_post_processing(model: nn.Module, args: tuple, kwargs: dict, inde
         def replace(next_fun, fa, fkw, context):
             out = next_fun(*fa, **fkw)
             module = context.module
-            if context.method_name == "__call__" and isinstance(module, _INTERCEPTED + (Dense,)) and module.has_variable("params", KERNEL):
+            if _is_dense_call(module, context):
                 seen[0] += 1
                 if seen[0] == index + 1:
                     return e
@@ -164,8 +169,8 @@ def kernel_layouts(model: nn.Module, *args, **kwargs) -> Layouts:
     itself sees. The output layer (`Layouts.output_module`, which `all-linear` leaves out as PEFT
     does) is the dense module whose output is the model's output, or whose output alone the model's
     output is computed from (a cast, a soft-cap; not a residual add, a final norm or a tied
-    `Embed.attend`: a headless model has no output layer); else None. An `nn.Einsum` may contract any of its kernel's axes
-    (`KernelLayout.in_axes`): A takes exactly the contracted ones, B the rest.
+    `Embed.attend`: a headless model has no output layer); else None. An `nn.Einsum` may contract
+    any of its kernel's axes (`KernelLayout.in_axes`): A takes exactly the contracted ones, B the rest.
 
     >>> import jax.numpy as jnp, flax.linen as nn
     >>> layouts = kernel_layouts(nn.DenseGeneral((2, 3), name="o"), jnp.ones((1, 4)))
@@ -183,7 +188,7 @@ def kernel_layouts(model: nn.Module, *args, **kwargs) -> Layouts:
         if (context.method_name == "__call__" and not isinstance(module, _INTERCEPTED + (Dense,)) and module.scope is not None
                 and module.has_variable("params", KERNEL) and nn.unbox(module.get_variable("params", KERNEL)).ndim > 2):
             others[".".join(module.path)] = f"{type(module).__module__}.{type(module).__qualname__}"  # nn.Conv, custom layers
-        if context.method_name == "__call__" and isinstance(module, _INTERCEPTED + (Dense,)) and module.has_variable("params", KERNEL):
+        if _is_dense_call(module, context):
             key = ".".join(module.path)
             x = a[0] if a else kw["inputs"]
             if isinstance(module, nn.DenseGeneral):
@@ -198,7 +203,8 @@ def kernel_layouts(model: nn.Module, *args, **kwargs) -> Layouts:
                 refused[key] = f"LoRA on nn.DenseGeneral with batch_dims ({key!r}) is not supported; exclude this module"
             elif n_in == 0:
                 refused[key] = f"nn.Einsum {key!r} ({equation!r}) contracts no kernel axis with its input; exclude it"
-            local[key] = (tuple(nn.unbox(module.get_variable("params", KERNEL)).shape), n_in, in_axes if isinstance(module, nn.Einsum) else None)
+            own = tuple(nn.unbox(module.get_variable("params", KERNEL)).shape)
+            local[key] = (own, n_in, in_axes if isinstance(module, nn.Einsum) else None)
             calls.append((key, out))
         return out
 
