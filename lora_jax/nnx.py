@@ -47,8 +47,9 @@ from lora_jax.transform import delta_weight, init_ab
 _SUPPORTED = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
 
 
-class LoraParam(nnx.Param):
-    """The trained adapter factors (A and B): an `nnx.Param`, so filters can pick them alone."""
+class LoraParam(nnx.LoRAParam):
+    """The trained adapter factors (A and B): an `nnx.Param` (and flax's own `nnx.LoRAParam`, so code
+    written for `nnx.LoRA` trains them too), so filters can pick them alone."""
 
 
 class LoraScale(nnx.Variable):
@@ -56,24 +57,47 @@ class LoraScale(nnx.Variable):
 
 
 def _layout(module: nnx.Module, key: str) -> KernelLayout:
-    kernel = module.kernel[...]
+    shape = tuple(module.kernel.shape)
+    in_axes = None
     if isinstance(module, nnx.Linear):
-        n_in, own = 1, 2
+        n_in, own = 1, (module.in_features, module.out_features)
     elif isinstance(module, nnx.LinearGeneral):
         if module.batch_axis:
             raise ValueError(f"nnx.LinearGeneral {key!r} has batch_axis; LoRA on batched LinearGeneral is not supported")
-        n_in, own = len(module.in_features), len(module.in_features) + len(module.out_features)
+        n_in, own = len(module.in_features), tuple(module.in_features) + tuple(module.out_features)
     else:
         in_axes = einsum_in_axes(module.einsum_str)
         if not in_axes:
             raise ValueError(f"nnx.Einsum {key!r} ({module.einsum_str!r}) contracts no kernel axis with its input; nothing to adapt")
-        own = len(module.einsum_str.replace(" ", "").split("->")[0].split(",")[1].replace("...", ""))
-        if kernel.ndim < own:
-            raise ValueError(f"nnx.Einsum {key!r} has a kernel of shape {kernel.shape}, fewer axes than its equation")
-        return KernelLayout(stack=kernel.ndim - own, n_in=len(in_axes), in_axes=in_axes)
-    if kernel.ndim < own:
-        raise ValueError(f"{type(module).__name__} {key!r} has a kernel of shape {kernel.shape}, fewer axes than it declares")
-    return KernelLayout(stack=kernel.ndim - own, n_in=n_in)  # leading axes beyond the module's own: nnx.vmap'd layers
+        n_in, own = len(in_axes), tuple(module.kernel_shape)
+    stack = len(shape) - len(own)  # leading axes beyond the module's own: nnx.vmap'd layers
+    if stack < 0 or shape[stack:] != own:
+        raise ValueError(f"{type(module).__name__} {key!r} has a kernel of shape {shape}, not its own {own} behind leading "
+                         "stacked axes (nnx.vmap with out_axes other than 0?); lora_jax stacks adapters on leading axes only")
+    return KernelLayout(stack=stack, n_in=n_in, in_axes=in_axes)
+
+
+def _adapter_shardings(kernel: nnx.Variable, layout: KernelLayout) -> tuple[dict, dict, dict]:
+    """Sharding metadata for A [*stack, in, r], B [*stack, r, out] and the scale [*stack], derived from the
+    kernel's `out_sharding` (as `lora_jax.sharding` derives LoRA specs from a kernel's): A takes the
+    input axes' name, B the output axes', each the name of the group's first axis when the others are
+    unsharded (a flattened group is split like its first axis), the rank axis none."""
+    names = kernel.get_metadata("out_sharding", None) if hasattr(kernel, "get_metadata") else None
+    if names is None or len(names) != kernel.ndim:
+        return {}, {}, {}
+    extra = {k: kernel.get_metadata(k) for k in ("sharding_rules", "mesh") if kernel.get_metadata(k, None) is not None}
+    # placed now, as the kernels were, where a mesh is known; else the metadata waits for nnx.get_partition_spec
+    extra["eager_sharding"] = bool(kernel.get_metadata("eager_sharding", False)) and (
+        "mesh" in extra or not jax.sharding.get_abstract_mesh().empty)
+    ins, outs = layout.own_axes(kernel.ndim)
+    stack = tuple(names[: layout.stack])
+
+    def group(axes):
+        first, rest = names[axes[0]], [names[a] for a in axes[1:]]
+        return first if all(n is None for n in rest) else None
+
+    return ({"out_sharding": stack + (group(ins), None), **extra}, {"out_sharding": stack + (None, group(outs)), **extra},
+            {"out_sharding": stack, **extra})
 
 
 class LoraLinear(nnx.Module):
@@ -84,11 +108,19 @@ class LoraLinear(nnx.Module):
         self.base = base
         self.in_axes = layout.in_axes  # static: the kernel's input axes when they are not its leading ones
         self.own_ndim = base.kernel.ndim - layout.stack
-        self.lora_a = LoraParam(a)
-        self.lora_b = LoraParam(b)
-        self.lora_scale = LoraScale(jnp.asarray(scale, jnp.float32))
+        meta = _adapter_shardings(base.kernel, layout)
+        self.lora_a = LoraParam(a, **meta[0])
+        self.lora_b = LoraParam(b, **meta[1])
+        self.lora_scale = LoraScale(jnp.asarray(scale, jnp.float32), **meta[2])
         self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
         self.merged = False
+
+    def __getattr__(self, name: str) -> Any:
+        # What the wrapper lacks is its base's: model code reads `self.o_proj.kernel.shape`, `.in_features`, ...
+        base = vars(self).get("base")
+        if base is None or name.startswith("__"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(base, name)
 
     def _delta_kernel(self) -> jax.Array:
         kernel = self.base.kernel[...]
@@ -112,11 +144,26 @@ class LoraLinear(nnx.Module):
 
 
 def _modules(model: nnx.Module) -> list[tuple[tuple, str, nnx.Module]]:
-    """(graph path, module key, module) of every Linear/LinearGeneral/Einsum/LoraLinear, wrappers' bases excluded."""
-    out = []
-    for path, node in nnx.iter_graph(model):
-        if isinstance(node, LoraLinear) or (isinstance(node, _SUPPORTED) and not (path and path[-1] == "base")):
-            out.append((tuple(path), ".".join(str(p) for p in path), node))
+    """(graph path, module key, module) of every Linear/LinearGeneral/Einsum/LoraLinear, wrappers' bases excluded;
+    a module reachable under several paths is listed once, under its first (as PEFT names a shared module)."""
+    nodes = [(tuple(path), node) for path, node in nnx.iter_graph(model)]
+    bases = {id(node.base) for _, node in nodes if isinstance(node, LoraLinear)}
+    return [(path, ".".join(str(p) for p in path), node) for path, node in nodes
+            if isinstance(node, LoraLinear) or (isinstance(node, _SUPPORTED) and id(node) not in bases)]
+
+
+def _paths_of(model: nnx.Module, wanted: set[int]) -> dict[int, list[tuple]]:
+    """id -> every graph path that reaches that module (a module shared by two parents has two)."""
+    out: dict[int, list[tuple]] = {}
+
+    def walk(node, path, above):
+        for key, child in nnx.graph.iter_children(node):
+            if id(child) in wanted:
+                out.setdefault(id(child), []).append(path + (key,))
+            elif nnx.graph.is_graph_node(child) and not isinstance(child, nnx.Variable) and id(child) not in above:
+                walk(child, path + (key,), above | {id(child)})
+
+    walk(model, (), {id(model)})
     return out
 
 
@@ -141,7 +188,8 @@ def inject(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs | jax.Array, *,
 
     `model_type` resolves `target_modules=None` (PEFT's per-architecture default); `output_module`
     names the model's output layer for `all-linear` (needed unless the model follows HF's layout
-    with `model.layers` / `transformer.h` and an `lm_head`).
+    with `model.layers` / `transformer.h` and an `lm_head`); '' says it has none (tied logits).
+    Model code may keep reading a wrapped module's attributes (`self.o_proj.kernel.shape`).
 
     >>> from flax import nnx
     >>> import lora_jax.nnx as lnnx
@@ -157,9 +205,21 @@ def inject(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs | jax.Array, *,
                          f"{'use_dora=True' if config.use_dora else f'init={config.init!r}'}; use the linen path "
                          "(lora_jax.inject on a param tree) for DoRA / PiSSA / OLoRA")
     rngs = rngs if isinstance(rngs, nnx.Rngs) else nnx.Rngs(rngs)
-    found = [(p, k, m) for p, k, m in _modules(model)]
+    found = _modules(model)
     if any(isinstance(m, LoraLinear) for _, _, m in found):
         raise ValueError("the model already holds LoRA adapters; merge_and_unload() it before injecting again")
+    if config.target_modules not in (ALL_LINEAR, None):  # a targeted Embed / Conv / norm would be silently skipped
+        from lora_jax.targeting import is_target  # noqa: PLC0415
+
+        for path, node in nnx.iter_graph(model):
+            if (path and isinstance(node, nnx.Module) and not isinstance(node, _SUPPORTED + (LoraLinear,))
+                    and any(isinstance(v, nnx.Param) for _, v in nnx.graph.iter_children(node))
+                    and is_target(config, ".".join(str(p) for p in path))):
+                raise ValueError(f"target_modules={config.target_modules!r} matches {'.'.join(str(p) for p in path)!r} "
+                                 f"({type(node).__name__}): lora_jax.nnx adapts nnx.Linear / LinearGeneral / Einsum only (PEFT's "
+                                 "Embedding/Conv LoRA is not supported); leave it out of target_modules")
+    uses = _paths_of(model, {id(m) for _, _, m in found})  # a shared module answers to each of its names
+    found = [(q, ".".join(str(part) for part in q), m) for p, _, m in found for q in uses.get(id(m), [p])]
     tree: dict = {}
     for _, key, m in found:
         node = tree
@@ -176,15 +236,24 @@ def inject(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs | jax.Array, *,
         except ValueError as e:  # raised only if the module is a target
             layouts[k], problems[k] = KernelLayout(), e
     if output_module is not None:
-        layouts = Layouts(layouts, output_module=output_module)
+        if output_module and output_module not in by_key:
+            raise ValueError(f"output_module={output_module!r} is not an nnx.Linear / LinearGeneral / Einsum of the model (those "
+                             f"are: {', '.join(sorted(by_key)[:8])}{', ...' if len(by_key) > 8 else ''}); a model whose logits "
+                             "come from a tied embedding (Embed.attend) has none: pass output_module=''")
+        layouts = Layouts(layouts, output_module=output_module)  # "": no key is the output layer
     elif config.target_modules == ALL_LINEAR and not _in_project_tree(tree):
         raise ValueError("target_modules='all-linear' must leave out the model's output layer, which lora_jax cannot tell "
-                         "from this nnx model's names; pass output_module='<its attribute path>' (e.g. 'head')")
+                         "from this nnx model's names; pass output_module='<its attribute path>' (e.g. 'head'), or "
+                         "output_module='' if it has none (logits from a tied Embed.attend)")
     probe = plan_targets(tree, config, layouts, model_type)
     key = rngs.params()
+    done: set[int] = set()
     for i, t in enumerate(probe):
         mkey = ".".join(t.path[:-1])
         path, module = by_key[mkey]
+        if id(module) in done:  # a shared module targeted under two names: one adapter
+            continue
+        done.add(id(module))
         if not path:
             raise ValueError(f"the model itself is a {type(module).__name__}; inject adapts submodules: wrap it in an nnx.Module")
         if mkey in problems:
@@ -201,7 +270,9 @@ def inject(model: nnx.Module, config: LoraConfig, rngs: nnx.Rngs | jax.Array, *,
         a, b = init_ab(jax.random.fold_in(key, i), stack, d_in, d_out, config, r)
         scale = jnp.asarray([alpha / math.sqrt(r) if config.use_rslora else alpha / r for alpha in t.alphas],
                             jnp.float32).reshape(stack)
-        _set(model, path, LoraLinear(module, a, b, scale, config.dropout, rngs if config.dropout > 0 else None, layouts[mkey]))
+        wrapper = LoraLinear(module, a, b, scale, config.dropout, rngs if config.dropout > 0 else None, layouts[mkey])
+        for where in uses.get(id(module), [path]):  # a shared module is adapted wherever it is used
+            _set(model, where, wrapper)
     return model
 
 
@@ -244,9 +315,10 @@ def merge_and_unload(model: nnx.Module) -> nnx.Module:
     'Linear'
     """
     merge(model)
-    for path, _, m in _modules(model):
-        if isinstance(m, LoraLinear):
-            _set(model, path, m.base)
+    wrappers = {id(m): m for _, _, m in _modules(model) if isinstance(m, LoraLinear)}
+    for i, paths in _paths_of(model, set(wrappers)).items():
+        for path in paths:
+            _set(model, path, wrappers[i].base)
     return model
 
 

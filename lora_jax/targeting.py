@@ -153,6 +153,8 @@ class Layouts(dict):
     def __init__(self, *args, output_module: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.output_module = output_module
+        self.refused: dict[str, str] = {}  # module key -> why its kernel cannot take an adapter (raised if targeted)
+        self.not_linear: set[str] = set()  # modules with a kernel that are no linear layer (convolutions): not all-linear's
 
 
 def _layer_containers() -> tuple[tuple[str, str], ...]:
@@ -411,13 +413,14 @@ def _check_module_matches(params: Any, config: LoraConfig, n_layers: int | None)
         if n_layers is not None and stack_container(key + ".x") == key:  # a stacked layer container: the list and its layers
             names = [key] + [f"{key}.{i}" for i in range(n_layers)]
         hit = next((n for n in names if is_target(config, n)), None)
+        if hit is not None and "embedding" in node:  # flax's Embed param; PEFT has lora.Embedding, lora_jax has not
+            raise ValueError(f"target_modules={config.target_modules!r} matches the embedding {hit!r}: LoRA on embeddings "
+                             "(PEFT's lora.Embedding) is not supported by lora_jax; leave it out of target_modules")
         if hit is not None:
             holds = sorted(str(k) for k in node)
-            why = ("LoRA on embeddings (PEFT's lora_embedding_A/B) is not supported by lora_jax: leave it out or narrow the "
-                   "pattern" if "embedding" in node else "PEFT refuses such a target too: narrow the pattern to modules that "
-                   "own a 'kernel' (e.g. 'q_proj')")
             raise ValueError(f"target_modules={config.target_modules!r} matches module {hit!r}, which is not a dense kernel (it "
-                             f"holds: {', '.join(holds[:6])}{', ...' if len(holds) > 6 else ''}); {why}")
+                             f"holds: {', '.join(holds[:6])}{', ...' if len(holds) > 6 else ''}); PEFT refuses such a target "
+                             "too: narrow the pattern to modules that own a 'kernel' (e.g. 'q_proj')")
     for path, _ in iter_leaves(params):
         if path[-1] != KERNEL and not isinstance(config.target_modules, str) and _matches(config.target_modules, ".".join(path)):
             raise ValueError(f"target_modules={config.target_modules!r} matches {'.'.join(path)!r}, which is not a dense kernel; "
@@ -452,6 +455,8 @@ def plan_targets(params: Any, config: LoraConfig, layouts: Mapping[str, KernelLa
             continue
         key = module_key(path)
         kernels.append(key)
+        if config.target_modules == ALL_LINEAR and key in getattr(layouts, "not_linear", ()):
+            continue  # PEFT's all-linear takes nn.Linear only (no Conv)
         try:
             layout = resolve_layout(path, tuple(kernel.shape), layouts)
         except ValueError:
@@ -465,6 +470,11 @@ def plan_targets(params: Any, config: LoraConfig, layouts: Mapping[str, KernelLa
             names = [key] * n
         hits = [is_target(config, name, output_module) for name in names]
         if not any(hits):
+            if (layout.stack and len(set(names)) != len(names) and config.layers_to_transform is not None
+                    and is_target(dataclasses.replace(config, layers_to_transform=None, layers_pattern=None), key)):
+                raise ValueError(f"layers_to_transform cannot pick layers of {key!r}: a kernel stacked {stack} by a scan/vmap "
+                                 "outside the project's layer containers has no per-layer PEFT names; adapt all its layers "
+                                 "(drop layers_to_transform) or build the layers unstacked")
             continue
         ranks = tuple(config.rank_for(nm) if hit else 0 for nm, hit in zip(names, hits))
         alphas = tuple(config.alpha_for(nm) if hit else 0.0 for nm, hit in zip(names, hits))
@@ -498,6 +508,8 @@ def select_targets(params: Any, config: LoraConfig, layouts: Mapping[str, Kernel
 
 def resolve_layout(path: tuple[str, ...], shape: tuple[int, ...], layouts: Mapping[str, KernelLayout] | None) -> KernelLayout:
     """Layout of the kernel at `path`: the one `layouts` gives for its module key, else `default_layout`."""
+    if module_key(path) in getattr(layouts, "refused", {}):
+        raise ValueError(layouts.refused[module_key(path)])
     if layouts and module_key(path) in layouts:
         return layouts[module_key(path)]
     return default_layout(shape, module_key(path))

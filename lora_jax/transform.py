@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.core import unfreeze
+from flax.core.meta import AxisMetadata
 
 from lora_jax.config import PLAIN_INITS, LoraConfig
 from lora_jax.targeting import KernelLayout, Target, plan_targets, resolve_layout
@@ -201,6 +202,9 @@ def inject(params: Params, config: LoraConfig, rng: jax.Array, *, layouts: Mappi
     if isinstance(params, (nnx.Module, nnx.State)):
         raise ValueError(f"inject takes a linen param tree, got a flax.nnx {type(params).__name__}; for nnx models use "
                          "lora_jax.nnx.inject(model, config, rngs)")
+    if any(isinstance(x, AxisMetadata) for x in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, AxisMetadata))):
+        raise ValueError("params hold flax metadata boxes (nn.Partitioned / nn.with_logical_partitioning); "
+                         "unbox them first: inject(flax.linen.unbox(params), ...)")
     if has_lora(params):
         raise ValueError("params already hold LoRA leaves; merge() or split() them off before injecting again")
     out = copy_tree(params)

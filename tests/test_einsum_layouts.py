@@ -70,3 +70,35 @@ def test_nnx_einsum_any_equation():
     assert np.abs(y - base).max() > 1e-3
     plain = lnnx.merge_and_unload(model)
     np.testing.assert_allclose(np.asarray(plain(x)), y, atol=1e-5)
+
+
+class CallTimeEquation(nn.Module):  # linen's Einsum also takes its equation when called
+    @nn.compact
+    def __call__(self, x):
+        return nn.Einsum((H, D, K), use_bias=False, name="proj")(x, EQ)
+
+
+def test_linen_einsum_equation_given_at_call_time():
+    x = jax.random.normal(jax.random.key(0), (2, 3, D))
+    layouts = lora_jax.kernel_layouts(CallTimeEquation(), x)
+    assert layouts["proj"] == KernelLayout(stack=0, n_in=1, in_axes=(1,))
+    cfg = LoraConfig(r=R, target_modules=["proj"])
+    lp = lora_jax.inject(CallTimeEquation().init(jax.random.key(1), x)["params"], cfg, jax.random.key(2), layouts=layouts)
+    lp["proj"]["lora_b"] = jax.random.normal(jax.random.key(3), (R, H * K))
+    y = lora_jax.apply(CallTimeEquation().apply, cfg)({"params": lp}, x)
+    merged = CallTimeEquation().apply({"params": lora_jax.merge(lp, layouts=layouts)}, x)
+    np.testing.assert_allclose(y, merged, atol=1e-5)
+    assert float(jnp.abs(merged - CallTimeEquation().apply({"params": lora_jax.split(lp)[1]}, x)).max()) > 1e-3
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_weight_based_inits_keep_the_function_of_an_einsum_contracting_a_middle_axis(init):
+    """PiSSA/OLoRA split W into W_res + s·A@B over the kernel's (contracted) x (other) axes: the
+    adapted model starts as the base model."""
+    x = jax.random.normal(jax.random.key(0), (2, 3, D))
+    params = Net().init(jax.random.key(1), x)["params"]
+    layouts = lora_jax.kernel_layouts(Net(), x)
+    cfg = LoraConfig(r=R, target_modules=["proj"], init=init)
+    lp = lora_jax.inject(params, cfg, jax.random.key(2), layouts=layouts)
+    assert float(jnp.abs(lp["proj"]["kernel"] - params["proj"]["kernel"]).max()) > 1e-3  # the base was rewritten
+    np.testing.assert_allclose(lora_jax.apply(Net().apply, cfg)({"params": lp}, x), Net().apply({"params": params}, x), atol=1e-5)

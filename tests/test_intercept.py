@@ -107,3 +107,102 @@ def test_merge_on_the_fly_fallback_matches(setup):
     on_the_fly = model.apply({"params": lora_jax.merge(lora_jax.combine(lora, frozen), cfg)}, ids)
     unmerged = lora_jax.apply(model.apply, cfg)({"params": lp}, ids)
     np.testing.assert_allclose(on_the_fly, unmerged, rtol=1e-5, atol=1e-5)
+
+
+class Encoder(nn.Module):  # headless: the last MLP's output has the model output's shape, then residual + norm
+    tied: bool = False
+
+    @nn.compact
+    def __call__(self, ids):
+        embed = nn.Embed(16, 16, embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
+                         name="embed")
+        x = embed(ids)
+        x = x + nn.Dense(16, kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("mlp", "embed")),
+                         name="down")(nn.relu(nn.Dense(32, name="up")(x)))
+        x = nn.LayerNorm(name="norm")(x)
+        return embed.attend(x) if self.tied else x  # tied logits: vocab == width, so shapes alone cannot tell
+
+
+class SoftCapped(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return 30.0 * jnp.tanh(nn.Dense(4, name="score")(nn.Dense(4, name="fc")(x)) / 30.0)
+
+
+def test_output_layer_only_when_the_output_is_its_post_processing():
+    """all-linear leaves out only a real output layer: not a headless model's last MLP, nor the last
+    Dense before a tied Embed.attend; a soft-capped head still is one. Boxed params are read."""
+    ids = jnp.ones((1, 3), jnp.int32)
+    for tied in (False, True):
+        layouts = lora_jax.kernel_layouts(Encoder(tied=tied), ids)  # nn.with_logical_partitioning: no crash
+        assert layouts.output_module is None and set(layouts) == {"up", "down"}
+    assert lora_jax.kernel_layouts(SoftCapped(), jax.ShapeDtypeStruct((1, 4), jnp.float32)).output_module == "score"  # abstract input
+    boxed = Encoder().init(jax.random.key(0), ids)["params"]
+    with pytest.raises(ValueError, match=r"metadata boxes .*inject\(flax.linen.unbox\(params\)"):
+        lora_jax.inject(boxed, LoraConfig(target_modules=["up"]), jax.random.key(1))
+    lp = lora_jax.inject(nn.unbox(boxed), LoraConfig(target_modules="all-linear"), jax.random.key(1),
+                         layouts=lora_jax.kernel_layouts(Encoder(), ids))
+    assert "lora_a" in lp["up"] and "lora_a" in lp["down"]  # PEFT adapts every Linear of a headless model
+
+
+class ScanLayer(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return x + nn.Dense(8, name="fc")(x), None
+
+
+class ScannedNet(nn.Module):
+    axis: int = 0  # MaxText scans its layers' params on axis 1 (param_scan_axis)
+
+    @nn.compact
+    def __call__(self, x):
+        stack = nn.scan(ScanLayer, variable_axes={"params": self.axis}, split_rngs={"params": True}, length=3)
+        return nn.Dense(2, name="head")(stack(name="layers")(x, None)[0])
+
+
+def test_user_scans_refuse_what_they_cannot_honour_in_one_line():
+    x = jnp.ones((1, 8))
+    layouts = lora_jax.kernel_layouts(ScannedNet(axis=1), x)  # fc kernel [8, 3, 8]: axis 0 is not the layer axis
+    params = ScannedNet(axis=1).init(jax.random.key(0), x)["params"]
+    with pytest.raises(ValueError, match=r"'layers.fc' \(8, 3, 8\) is stacked by nn.scan/nn.vmap on an axis other than its first"):
+        lora_jax.inject(params, LoraConfig(target_modules="all-linear"), jax.random.key(1), layouts=layouts)
+    assert "lora_a" in lora_jax.inject(params, LoraConfig(target_modules=["head"]), jax.random.key(1), layouts=layouts)["head"]
+    params = ScannedNet().init(jax.random.key(0), x)["params"]
+    with pytest.raises(ValueError, match="layers_to_transform cannot pick layers of 'layers.fc'"):
+        lora_jax.inject(params, LoraConfig(target_modules=["fc"], layers_to_transform=[1]), jax.random.key(1),
+                        layouts=lora_jax.kernel_layouts(ScannedNet(), x))
+
+
+def test_batch_dims_dense_general_is_refused_at_inject_only_when_targeted():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):  # x [n, b, d]: one kernel per n
+            return nn.Dense(2, name="head")(nn.DenseGeneral(4, batch_dims=(0,), name="per_n")(x))
+
+    x = jnp.ones((3, 2, 5))
+    layouts = lora_jax.kernel_layouts(Net(), x)
+    params = Net().init(jax.random.key(0), x)["params"]
+    assert "lora_a" in lora_jax.inject(params, LoraConfig(target_modules=["head"]), jax.random.key(1), layouts=layouts)["head"]
+    with pytest.raises(ValueError, match=r"nn.DenseGeneral with batch_dims \('per_n'\) is not supported"):
+        lora_jax.inject(params, LoraConfig(target_modules="all-linear"), jax.random.key(1), layouts=layouts)
+
+
+class CNN(nn.Module):  # as flax's examples/mnist
+    @nn.compact
+    def __call__(self, x):
+        x = nn.avg_pool(nn.relu(nn.Conv(4, (3, 3), name="conv")(x)), (2, 2), strides=(2, 2))
+        return nn.Dense(3, name="head")(nn.relu(nn.Dense(8, name="fc")(x.reshape((x.shape[0], -1)))))
+
+
+def test_convolutions_are_not_linear_layers():
+    """PEFT's all-linear takes Linear layers only; naming a conv is a one-line refusal, not a layout error."""
+    x = jnp.ones((1, 4, 4, 1))
+    layouts = lora_jax.kernel_layouts(CNN(), x)
+    params = CNN().init(jax.random.key(0), x)["params"]
+    lp = lora_jax.inject(params, LoraConfig(target_modules="all-linear"), jax.random.key(1), layouts=layouts)
+    assert sorted(k for k in lp if "lora_a" in lp[k]) == ["fc"]
+    with pytest.raises(ValueError, match=r"'conv' \(flax.linen.linear.Conv\) is not a flax Dense .* lora_jax does not adapt it"):
+        lora_jax.inject(params, LoraConfig(target_modules=["conv", "fc"]), jax.random.key(1), layouts=layouts)
+    with pytest.raises(ValueError, match="matches the embedding 'embed': LoRA on embeddings"):
+        lora_jax.inject(nn.unbox(Encoder().init(jax.random.key(0), jnp.ones((1, 3), jnp.int32))["params"]),
+                        LoraConfig(target_modules=["embed", "up"]), jax.random.key(1))

@@ -8,6 +8,7 @@ import optax
 import pytest
 import torch
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 import lora_jax
 import lora_jax.nnx as lnnx
@@ -300,3 +301,103 @@ def test_stacked_layers_adapters_match_the_list_model_and_peft(tmp_path):
     np.testing.assert_allclose(np.asarray(again(IDS)), ours, atol=1e-5)
     lnnx.merge(stacked)
     np.testing.assert_allclose(np.asarray(stacked(IDS)), ours, atol=1e-5)
+
+
+class TiedLM(nnx.Module):  # as flax's examples/gemma: logits from the embedding, model code reads a kernel's shape
+    def __init__(self, rngs):
+        self.embed = nnx.Embed(V, D, rngs=rngs)
+        self.o = nnx.Einsum("btnh,nhd->btd", (2, D // 2, D), rngs=rngs)
+
+    def __call__(self, ids):
+        x = self.embed(ids)
+        heads = self.o.kernel.shape[0]
+        return self.embed.attend(x + self.o(x.reshape(x.shape[:2] + (heads, -1))))
+
+
+def test_wrapped_modules_keep_their_attributes_and_tied_models_have_no_output_layer():
+    model = TiedLM(nnx.Rngs(0))
+    with pytest.raises(ValueError, match="output_module='embed' is not an nnx.Linear .* pass output_module=''"):
+        lnnx.inject(model, LoraConfig(target_modules="all-linear"), nnx.Rngs(1), output_module="embed")
+    lnnx.inject(model, LoraConfig(r=2, target_modules="all-linear"), nnx.Rngs(1), output_module="")
+    assert list(lnnx.adapters(model)) == ["o"] and model.o.kernel.shape == (2, D // 2, D)
+    model.o.lora_b[...] = jnp.ones_like(model.o.lora_b[...])
+    y = model(IDS)  # reads self.o.kernel through the wrapper
+    np.testing.assert_allclose(lnnx.merge_and_unload(model)(IDS), y, atol=1e-4)
+
+
+class Shared(nnx.Module):  # one Linear used under two names (weight sharing), and a user attribute called `base`
+    def __init__(self, rngs):
+        self.up = nnx.Linear(D, D, rngs=rngs)
+        self.again = self.up
+        self.base = nnx.Linear(D, D, rngs=rngs)
+
+    def __call__(self, x):
+        return self.base(self.again(jax.nn.relu(self.up(x))))
+
+
+def test_shared_modules_are_adapted_wherever_used_and_flax_lora_filters_see_the_adapters():
+    x = jax.random.normal(jax.random.key(0), (2, D))
+    model = lnnx.inject(Shared(nnx.Rngs(0)), LoraConfig(r=2, target_modules=["up", "base"]), nnx.Rngs(1))
+    assert model.again is model.up and sorted(lnnx.adapters(model)) == ["again", "base"]  # listed once, first name in nnx order
+    assert len(jax.tree.leaves(nnx.state(model, nnx.LoRAParam))) == 4  # code written for flax's nnx.LoRA trains them
+    for m in lnnx.adapters(model).values():
+        m.lora_b[...] = jnp.ones_like(m.lora_b[...])
+    y = model(x)
+    np.testing.assert_allclose(lnnx.merge(model)(x), y, atol=1e-4)  # the shared kernel takes ΔW once, used twice
+    plain = lnnx.merge_and_unload(model)
+    assert type(plain.again) is nnx.Linear and plain.again is plain.up
+    np.testing.assert_allclose(plain(x), y, atol=1e-4)
+
+
+def test_targeting_an_embedding_or_conv_is_refused_not_skipped():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.embed_tokens, self.q_proj = nnx.Embed(V, D, rngs=rngs), nnx.Linear(D, D, rngs=rngs)
+            self.conv = nnx.Conv(D, D, (3,), rngs=rngs)
+
+    for target, kind in ((["embed_tokens", "q_proj"], "Embed"), (["conv"], "Conv")):
+        with pytest.raises(ValueError, match=rf"matches '{target[0]}' \({kind}\): lora_jax.nnx adapts nnx.Linear"):
+            lnnx.inject(Net(nnx.Rngs(0)), LoraConfig(target_modules=target), nnx.Rngs(1))
+    assert list(lnnx.adapters(lnnx.inject(Net(nnx.Rngs(0)), LoraConfig(target_modules="all-linear"), nnx.Rngs(1),
+                                          output_module=""))) == ["q_proj"]
+
+
+def test_adapters_inherit_their_kernel_sharding_annotations():
+    """A takes the kernel's input-axis name, B its output-axis name (as lora_jax.sharding derives them)."""
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.up = nnx.Linear(D, F, kernel_metadata={"out_sharding": ("embed", "mlp")}, rngs=rngs)
+            self.o = nnx.LinearGeneral((2, D // 2), D, axis=(-2, -1), kernel_metadata={"out_sharding": ("heads", None, "embed")},
+                                       rngs=rngs)
+
+    mesh = jax.make_mesh((1, 1, 1), ("embed", "mlp", "heads"))
+    with jax.set_mesh(mesh):
+        net = Net(nnx.Rngs(0))
+    lnnx.inject(net, LoraConfig(r=2, target_modules=["up", "o"]), nnx.Rngs(1))  # outside the mesh: annotations only
+    specs = nnx.get_partition_spec(nnx.state(net, lnnx.LoraParam))
+    assert (specs["up"]["lora_a"].get_value(), specs["up"]["lora_b"].get_value()) == (P("embed", None), P(None, "mlp"))
+    assert (specs["o"]["lora_a"].get_value(), specs["o"]["lora_b"].get_value()) == (P("heads", None), P(None, "embed"))
+    with jax.set_mesh(mesh):  # under the mesh: placed at creation, as the kernels were
+        net = lnnx.inject(Net(nnx.Rngs(0)), LoraConfig(r=2, target_modules=["up"]), nnx.Rngs(1))
+        assert net.up.lora_b[...].sharding.spec == P(None, "mlp")
+
+
+def test_layers_stacked_on_a_later_axis_are_refused_not_misread():
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0,), out_axes=1)  # kernel [in, L, out]: its first axis is no layer axis
+    def make(rngs):
+        return nnx.Dict(q_proj=nnx.Linear(D, F, rngs=rngs))
+
+    class Net(nnx.Module):
+        def __init__(self):
+            self.layers = make(nnx.Rngs(0))
+
+    with pytest.raises(ValueError, match=rf"'layers.q_proj' has a kernel of shape \({D}, 3, {F}\), not its own \({D}, {F}\)"):
+        lnnx.inject(Net(), LoraConfig(r=2, target_modules=["q_proj"]), nnx.Rngs(1))
+
+
+def test_variants_nnx_cannot_honour_are_refused():
+    for kw, name in ((dict(use_dora=True), "use_dora"), (dict(init="pissa"), "init='pissa'"), (dict(init="olora"), "init='olora'")):
+        with pytest.raises(ValueError, match=f"lora_jax.nnx adapters are plain LoRA .*; {name} is available on linen"):
+            lnnx.inject(Attention(nnx.Rngs(0)), LoraConfig(target_modules=["q_proj"], **kw), nnx.Rngs(1))

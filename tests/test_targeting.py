@@ -142,7 +142,7 @@ def test_lora_leaves_are_fp32_over_a_bf16_base():
     "config, message",
     [
         (LoraConfig(target_modules=["c_attn"]), r"matched no kernel; modules with kernels are: lm_head, model\.layers\.0"),
-        (LoraConfig(target_modules=["embed_tokens"]), "module 'model.embed_tokens', which is not a dense kernel .it holds: embedding.; LoRA on embeddings .PEFT's lora_embedding_A/B. is not supported"),
+        (LoraConfig(target_modules=["embed_tokens"]), "matches the embedding 'model.embed_tokens': LoRA on embeddings .PEFT's lora.Embedding. is not supported"),
         (LoraConfig(target_modules=["input_layernorm"]), "not a dense kernel"),
         (LoraConfig(target_modules=r"model\.layers\.0\..*"), "not a dense kernel"),
     ],

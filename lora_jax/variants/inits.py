@@ -107,6 +107,15 @@ def init_stacked(kernel: jax.Array, stack: tuple[int, ...], d_in: int, d_out: in
     return a.reshape(stack + (d_in, r)), b.reshape(stack + (r, d_out)), res.reshape(kernel.shape)
 
 
+def _matricized(kernel: jax.Array, layout: Any) -> jax.Array:
+    """The kernel with its axes in (stack, inputs, outputs) order: an Einsum contracting a middle axis
+    ("btd,hdk->bthk", kernel [h, d, k]) is [d, h, k] here, as A [d, r] and B [r, h·k] see it."""
+    if layout.in_axes is None:
+        return kernel
+    ins, outs = layout.own_axes(kernel.ndim)
+    return kernel.transpose(tuple(range(layout.stack)) + ins + outs)
+
+
 def variant_init(target: Any, kernel: Any, leaves: dict, config: LoraConfig, rng: jax.Array) -> tuple[Any, dict]:
     """(kernel, adapter leaves) of one planned target after PiSSA/OLoRA (W -> W_res, A/B from W) and
     DoRA (magnitude = ||W + s·A@B||, PEFT: after the init). Called by `lora_jax.inject`."""
@@ -122,9 +131,9 @@ def variant_init(target: Any, kernel: Any, leaves: dict, config: LoraConfig, rng
         if is_param_leaf(kernel):
             raise ValueError(f"init={config.init!r} rewrites the base weights and needs a float kernel, but {key!r} is "
                              "quantized; inject into the float model, then quantize the residual (as PEFT advises)")
-        a, b, res = init_stacked(kernel, stack, d_in, d_out, a.shape[-1], scale, config.init, rng)
+        a, b, res = init_stacked(_matricized(kernel, target.layout), stack, d_in, d_out, a.shape[-1], scale, config.init, rng)
         leaves[LORA_A], leaves[LORA_B] = a.astype(config.jnp_dtype), b.astype(config.jnp_dtype)
-        kernel = res.astype(kernel.dtype)
+        kernel = target.layout.to_kernel(res.reshape(stack + (d_in, d_out)), kernel.shape).astype(kernel.dtype)
     if config.use_dora:
         from lora_jax.variants.dora import init_magnitude
 
@@ -133,7 +142,8 @@ def variant_init(target: Any, kernel: Any, leaves: dict, config: LoraConfig, rng
             from lora_jax.quant.quantize import dequantize_params
 
             w = dequantize_params({"k": w})["k"]
-        leaves[LORA_MAGNITUDE] = init_magnitude(w.reshape(stack + (d_in, d_out)), a, b, scale).astype(config.jnp_dtype)
+        leaves[LORA_MAGNITUDE] = init_magnitude(_matricized(w, target.layout).reshape(stack + (d_in, d_out)), a, b,
+                                                scale).astype(config.jnp_dtype)
     return kernel, leaves
 
 
