@@ -396,8 +396,3 @@ def test_layers_stacked_on_a_later_axis_are_refused_not_misread():
     with pytest.raises(ValueError, match=rf"'layers.q_proj' has a kernel of shape \({D}, 3, {F}\), not its own \({D}, {F}\)"):
         lnnx.inject(Net(), LoraConfig(r=2, target_modules=["q_proj"]), nnx.Rngs(1))
 
-
-def test_variants_nnx_cannot_honour_are_refused():
-    for kw, name in ((dict(use_dora=True), "use_dora"), (dict(init="pissa"), "init='pissa'"), (dict(init="olora"), "init='olora'")):
-        with pytest.raises(ValueError, match=f"lora_jax.nnx adapters are plain LoRA .*; {name} is available on linen"):
-            lnnx.inject(Attention(nnx.Rngs(0)), LoraConfig(target_modules=["q_proj"], **kw), nnx.Rngs(1))
