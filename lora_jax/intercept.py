@@ -26,7 +26,7 @@ from jax.extend.core import Var
 import numpy as np
 
 from lora_jax.config import LoraConfig
-from lora_jax.layers import Dense, adapter_delta
+from lora_jax.layers import APPLY_CONFIG, Dense, adapter_delta
 from lora_jax.targeting import KERNEL, LORA_A, LORA_B, KernelLayout, Layouts, einsum_in_axes, iter_leaves, module_key
 from lora_jax.tree import LORA_MAGNITUDE
 from lora_jax.transform import adapter_scale, delta_weight
@@ -90,8 +90,12 @@ def apply(apply_fn: Callable, config: LoraConfig) -> Callable:
     """
 
     def wrapped(*args, **kwargs):
-        with nn.intercept_methods(_lora_interceptor(config)):
-            return apply_fn(*args, **kwargs)
+        token = APPLY_CONFIG.set(config)  # lora_jax.Dense layers built without lora= take this config's dropout
+        try:
+            with nn.intercept_methods(_lora_interceptor(config)):
+                return apply_fn(*args, **kwargs)
+        finally:
+            APPLY_CONFIG.reset(token)
 
     return wrapped
 

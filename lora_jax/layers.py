@@ -23,6 +23,7 @@ the adapter input is active only when the caller passes a `'dropout'` rng.
 
 from __future__ import annotations
 
+import contextvars
 from typing import Any
 
 import flax.linen as nn
@@ -34,6 +35,10 @@ from lora_jax.quant.kernel import dequantize, is_quantized
 from lora_jax.quant.matmul import quantized_dot
 from lora_jax.transform import adapter_scale
 from lora_jax.tree import KERNEL, LORA_A, LORA_B, LORA_MAGNITUDE, LORA_SCALE
+
+
+# The LoraConfig of the enclosing `lora_jax.apply(model.apply, config)` call, for a `Dense` built without `lora=`.
+APPLY_CONFIG: contextvars.ContextVar[LoraConfig | None] = contextvars.ContextVar("lora_jax_apply_config", default=None)
 
 
 @jax.custom_vjp
@@ -90,6 +95,7 @@ def adapter_delta(module: nn.Module, x: jax.Array, lora: LoraConfig | None, n_in
     node = {name: module.get_variable("params", name) for name in (LORA_A, LORA_B, LORA_SCALE, LORA_MAGNITUDE)
             if module.has_variable("params", name)}
     key = ".".join(module.path)
+    lora = lora if lora is not None else APPLY_CONFIG.get()
     scale = adapter_scale(node, lora, key)
     if lora is None and module.has_rng("dropout"):  # training: the dropout rate must be known
         raise ValueError(f"params at {key!r} hold LoRA leaves but the model has no LoraConfig for their dropout; "

@@ -206,3 +206,19 @@ def test_convolutions_are_not_linear_layers():
     with pytest.raises(ValueError, match="matches the embedding 'embed': LoRA on embeddings"):
         lora_jax.inject(nn.unbox(Encoder().init(jax.random.key(0), jnp.ones((1, 3), jnp.int32))["params"]),
                         LoraConfig(target_modules=["embed", "up"]), jax.random.key(1))
+
+
+def test_lora_jax_dense_without_its_own_config_takes_the_apply_config_dropout():
+    class Net(nn.Module):  # lora_jax.Dense as a drop-in for nn.Dense, run through lora_jax.apply
+        @nn.compact
+        def __call__(self, x):
+            return lora_jax.Dense(4, name="q_proj")(x)
+
+    x = jnp.ones((2, 3))
+    cfg = LoraConfig(r=2, target_modules=["q_proj"], lora_dropout=0.5)
+    params = lora_jax.inject(Net().init(jax.random.key(0), x)["params"], cfg, jax.random.key(1))
+    params["q_proj"]["lora_b"] = jnp.ones_like(params["q_proj"]["lora_b"])
+    f = lora_jax.apply(Net().apply, cfg)
+    a, b = (f({"params": params}, x, rngs={"dropout": jax.random.key(s)}) for s in (2, 3))
+    assert float(jnp.abs(a - b).max()) > 0  # training: dropout on the adapter input
+    np.testing.assert_allclose(f({"params": params}, x), Net().apply({"params": lora_jax.merge(params)}, x), atol=1e-6)  # eval
