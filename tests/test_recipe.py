@@ -103,6 +103,18 @@ def test_settings_that_would_be_ignored_are_refused(overrides, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("text,message", [
+    ("lora: 8", "recipe section 'lora' in"), ("sample_prompts: hello", "sample_prompts in"),
+    ("lora: {rank_pattern: [1, 2]}", "lora.rank_pattern in"),  # was a TypeError traceback from OmegaConf's merge
+    ("lora: {target_modules: 5}", "lora.target_modules must be a module name list"),  # was "'int' object is not iterable"
+])
+def test_wrong_shapes_in_yaml_are_one_line(tmp_path, text, message):
+    (tmp_path / "r.yaml").write_text(text)
+    with pytest.raises(ValueError) as e:
+        load_recipe(tmp_path / "r.yaml")
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
 def test_missing_recipe_and_bad_yaml(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         load_recipe(tmp_path / "nope.yaml")
