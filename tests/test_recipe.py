@@ -96,6 +96,7 @@ def test_optional_text_field_can_be_unset_from_the_command_line():
     (["data.metric=exact_match", "max_new_tokens=0"], "max_new_tokens=0 generates none"),
     (["sample_prompts=[hi]", "max_new_tokens=0"], "sample_prompts are answered only with max_new_tokens > 0"),
     (["data.metric=exact_match", "data.metric_examples=0"], "measures nothing"),
+    (["optim.schedule=constant", "optim.min_lr_ratio=0.1"], "optim.schedule=constant has none"),
 ])
 def test_settings_that_would_be_ignored_are_refused(overrides, message):
     with pytest.raises(ValueError) as e:

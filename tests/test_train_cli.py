@@ -51,6 +51,7 @@ def run_cli(argv, capsys):
     (["lora.alpah=3"], "did you mean 'lora.alpha'"),
     (["data.metric=sql_exec", "data.metric_db=/nonexistent.sql"], "data.metric_db '/nonexistent.sql' not found"),
     (["data.eval_path=null", "data.eval_fraction=0", "data.metric=exact_match"], "data.metric=exact_match is measured on eval examples, and there are none"),
+    (["data.eval_path=null", "data.eval_fraction=0", "eval_steps=5"], "eval_steps=5 measures the eval loss, and there are no eval examples"),
     (["model.attention=cudnn"], "attention='cudnn' cannot serve this call"),  # was found at the first eval, output_dir made
 ])
 def test_bad_input_one_line_nothing_written(tiny, tmp_path, capsys, extra, fragment):

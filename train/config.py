@@ -211,6 +211,8 @@ class OptimSection:
         _check(0 <= self.warmup_ratio < 1, f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         _check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.min_lr_ratio == 0 or self.schedule != "constant",
+               f"optim.min_lr_ratio={self.min_lr_ratio} is the end of a decay; optim.schedule=constant has none (set cosine or linear)")
         _check(self.loraplus_lr_ratio > 0, f"optim.loraplus_lr_ratio must be > 0 (1 = off), got {self.loraplus_lr_ratio}")
 
 

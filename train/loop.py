@@ -126,6 +126,9 @@ def _run(recipe: Recipe, *, resume: bool, overwrite: bool, eval_only: bool = Fal
     if dc.metric != "none" and not eval_rows:
         raise UserError(f"data.metric={dc.metric} is measured on eval examples, and there are none; "
                         "set data.eval_path, data.eval_split or data.eval_fraction, or data.metric=none")
+    if recipe.eval_steps and not eval_rows and not eval_only:
+        raise UserError(f"eval_steps={recipe.eval_steps} measures the eval loss, and there are no eval examples; "
+                        "set data.eval_path, data.eval_split or data.eval_fraction, or eval_steps=0")
     if dc.metric == "sql_exec" and not os.path.isfile(dc.metric_db):
         raise MissingFileError(f"data.metric_db {dc.metric_db!r} not found; give the SQL script that builds the metric's database")
     if dc.metric == "sql_exec":  # a broken script or reference query fails now, not after training
