@@ -136,6 +136,8 @@ def test_load_rows_errors(tmp_path):
         D.load_rows(str(tmp_path / "empty.csv"), columns=["prompt", "response"])
     with pytest.raises(ValueError, match="has only the split 'train'"):
         D.load_rows(f, split="test")
+    with pytest.raises(ValueError, match="data.name='plain' names a configuration of a Hub dataset"):
+        D.load_rows(f, name="plain")  # was ignored silently
     csv = tmp_path / "d.csv"
     csv.write_text("prompt,response\nhi,yo\n")
     assert D.load_rows(str(csv), columns=["prompt"]) == [{"prompt": "hi", "response": "yo"}]

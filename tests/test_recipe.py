@@ -96,10 +96,23 @@ def test_optional_text_field_can_be_unset_from_the_command_line():
     (["data.metric=exact_match", "max_new_tokens=0"], "max_new_tokens=0 generates none"),
     (["sample_prompts=[hi]", "max_new_tokens=0"], "sample_prompts are answered only with max_new_tokens > 0"),
     (["data.metric=exact_match", "data.metric_examples=0"], "measures nothing"),
+    (["optim.schedule=constant", "optim.min_lr_ratio=0.1"], "optim.schedule=constant has none"),
 ])
 def test_settings_that_would_be_ignored_are_refused(overrides, message):
     with pytest.raises(ValueError) as e:
         load_recipe(None, overrides)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("lora: 8", "recipe section 'lora' in"), ("sample_prompts: hello", "sample_prompts in"),
+    ("lora: {rank_pattern: [1, 2]}", "lora.rank_pattern in"),  # was a TypeError traceback from OmegaConf's merge
+    ("lora: {target_modules: 5}", "lora.target_modules must be a module name list"),  # was "'int' object is not iterable"
+])
+def test_wrong_shapes_in_yaml_are_one_line(tmp_path, text, message):
+    (tmp_path / "r.yaml").write_text(text)
+    with pytest.raises(ValueError) as e:
+        load_recipe(tmp_path / "r.yaml")
     assert message in str(e.value) and "\n" not in str(e.value)
 
 

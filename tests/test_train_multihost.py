@@ -35,7 +35,7 @@ def free_port() -> int:
 
 def command(model, data, out):
     return [sys.executable, "-m", "train", "train", os.path.join(ROOT, "recipes", "seeds_format.yaml"),
-            f"model.path={model}", f"data.path={data}", "data.eval_fraction=0", "data.max_length=64",
+            f"model.path={model}", f"data.path={data}", "data.eval_fraction=0", "eval_steps=0", "data.max_length=64",
             "data.max_eval_examples=0", "data.metric=none", "lora.r=4", "lora.target_modules=all-linear",
             "lora.dropout=0.1", "optim.lr=3e-2", "batch_size=8", f"max_steps={STEPS}", "save_steps=2",
             "save_total_limit=10", "logging_steps=1", "max_new_tokens=0", f"output_dir={out}"]

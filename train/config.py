@@ -117,6 +117,10 @@ class LoraSection:
     use_dora: bool = _f(False, "DoRA: a trained magnitude per output unit (PEFT's use_dora)")
 
     def __post_init__(self):
+        for k in ("target_modules", "exclude_modules"):
+            v = getattr(self, k)
+            _check(v is None or isinstance(v, str) or (isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v)),
+                   f"lora.{k} must be a module name list, one regex string or 'all-linear'; got {v!r}")
         self.to_lora_config()  # LoraConfig validates every field with its own one-line errors
 
     def to_lora_config(self) -> LoraConfig:
@@ -207,6 +211,8 @@ class OptimSection:
         _check(0 <= self.warmup_ratio < 1, f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         _check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.min_lr_ratio == 0 or self.schedule != "constant",
+               f"optim.min_lr_ratio={self.min_lr_ratio} is the end of a decay; optim.schedule=constant has none (set cosine or linear)")
         _check(self.loraplus_lr_ratio > 0, f"optim.loraplus_lr_ratio must be > 0 (1 = off), got {self.loraplus_lr_ratio}")
 
 
@@ -387,28 +393,34 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def check_keys(tree: dict, where: str) -> None:
-    """Raise a one-line UserError naming the first unknown key and the closest known one."""
+    """Raise a one-line UserError naming the first unknown key and the closest known one, or the
+    first list / mapping field given something else (`sample_prompts: hello`, `lora.rank_pattern: [1, 2]`)."""
     known = schema_keys()
-    for key in _flatten(tree):
+    sections = {k.split(".")[0] for k in known if "." in k}
+    for key, value in _flatten(tree).items():
+        if key in sections:
+            raise UserError(f"recipe section {key!r} in {where} must be a mapping of its fields, got {value!r}")
         if key not in known:
             raise UserError(f"unknown recipe key {key!r} in {where}{_closest(key, known)}")
+        kind = typing.get_origin(_field_type(key))
+        if value is not None and kind in (list, dict) and not isinstance(value, kind):
+            what = "a list, e.g. [a, b]" if kind is list else "a mapping, e.g. {q_proj: 4}"
+            raise UserError(f"{key} in {where} must be {what}; got {value!r}")
+
+
+def _field_type(key: str):
+    owner = Recipe
+    for part in key.split(".")[:-1]:
+        owner = _hints(owner)[part]
+    return _hints(owner)[key.rsplit(".", 1)[-1]]
 
 
 def _is_text_field(key: str) -> bool:
-    f = schema_keys().get(key)
-    if f is None:
-        return False
-    owner = Recipe
-    for part in key.split(".")[:-1]:
-        owner = _hints(owner)[part]
-    return _hints(owner)[f.name] in (str, Optional[str])
+    return key in schema_keys() and _field_type(key) in (str, Optional[str])
 
 
 def _is_optional(key: str) -> bool:
-    owner = Recipe
-    for part in key.split(".")[:-1]:
-        owner = _hints(owner)[part]
-    return _hints(owner)[key.rsplit(".", 1)[-1]] == Optional[str]
+    return _field_type(key) == Optional[str]
 
 
 def _unquote(raw: str) -> str:

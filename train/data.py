@@ -58,6 +58,8 @@ def load_rows(path: str, split: str = "train", name: str | None = None, columns:
             raise MissingFileError(f"dataset file {path!r} not found; check data.path")
         if split != "train":
             raise UserError(f"a single file like {path!r} has only the split 'train', not {split!r}; use data.eval_path or data.eval_fraction for eval data")
+        if name:
+            raise UserError(f"data.name={name!r} names a configuration of a Hub dataset; a single file like {path!r} has none: drop data.name")
         if os.path.getsize(path) == 0:
             raise UserError(f"dataset {path!r} is empty")
     elif not os.path.isdir(path) and (path.startswith((".", "/", "~")) or os.sep in path and not hub.looks_like_hub_name(path)):

@@ -36,6 +36,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 
 import lora_jax
 
@@ -125,6 +126,9 @@ def _run(recipe: Recipe, *, resume: bool, overwrite: bool, eval_only: bool = Fal
     if dc.metric != "none" and not eval_rows:
         raise UserError(f"data.metric={dc.metric} is measured on eval examples, and there are none; "
                         "set data.eval_path, data.eval_split or data.eval_fraction, or data.metric=none")
+    if recipe.eval_steps and not eval_rows and not eval_only:
+        raise UserError(f"eval_steps={recipe.eval_steps} measures the eval loss, and there are no eval examples; "
+                        "set data.eval_path, data.eval_split or data.eval_fraction, or eval_steps=0")
     if dc.metric == "sql_exec" and not os.path.isfile(dc.metric_db):
         raise MissingFileError(f"data.metric_db {dc.metric_db!r} not found; give the SQL script that builds the metric's database")
     if dc.metric == "sql_exec":  # a broken script or reference query fails now, not after training
@@ -203,6 +207,10 @@ def _run(recipe: Recipe, *, resume: bool, overwrite: bool, eval_only: bool = Fal
     init_lora = state["lora"]  # kept for a 'before' that a resume must regenerate
     train_step = training.make_train_step(model, tx, mesh, specs, schedule=schedule, dropout=lora_cfg.dropout > 0)
     eval_step = training.make_eval_step(model, mesh, specs)
+    # trace the step once, abstractly: a setting it cannot serve (model.attention on this platform, ...) fails
+    # here, before anything is written, not at the first eval or step
+    probe = {k: jax.ShapeDtypeStruct((recipe.grad_accum, micro, dc.max_length), np.int32) for k in D.FIELDS}
+    train_step.lower(state, frozen, probe)  # traces and lowers (jax caches both for the first real step)
     eval_batches = D.eval_batches(eval_packed, micro) if eval_packed is not None else []
 
     def eval_loss(lora_tree) -> float | None:
@@ -391,8 +399,6 @@ def _run(recipe: Recipe, *, resume: bool, overwrite: bool, eval_only: bool = Fal
     _save_adapter(host_lora, lora_cfg, model, model_path, os.path.join(out, "adapter"))
     if recipe.export_merged:
         from lora_jax import interop
-
-        import numpy as np
 
         interop.save_merged(lora_jax.combine(host_lora, host_frozen), lora_cfg, os.path.join(out, "merged"), hf_config=hf_config,
                             dtype=np.dtype(model.param_dtype).name, tokenizer=tokenizer, overwrite=True)
