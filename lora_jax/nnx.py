@@ -374,7 +374,9 @@ def save_peft_adapter(model: nnx.Module, config: LoraConfig, out_dir: str, *, ba
 
     Tensors `base_model.model.{key}.lora_A.weight` [r, in] / `lora_B.weight` [out, r]; the config
     pins exact-name rank/alpha patterns wherever the adapter's own rank/scale differ from what
-    `config` would give PEFT. Atomic; an existing non-empty out_dir needs overwrite=True.
+    `config` would give PEFT; task_type is "CAUSAL_LM" when `model_type` names a transformers
+    architecture, else null (PEFT's custom-model form). Atomic; an existing non-empty out_dir needs
+    overwrite=True.
     """
     from lora_jax.interop._files import atomic_dir, save_safetensors
     from lora_jax.interop.adapter import CONFIG_FILE, PREFIX, WEIGHTS_FILE, _alpha_of, _pin
@@ -401,6 +403,8 @@ def save_peft_adapter(model: nnx.Module, config: LoraConfig, out_dir: str, *, ba
         targets = tuple(sorted({k.rsplit(".", 1)[-1] for k in found}))
     written = dataclasses.replace(config, target_modules=targets, rank_pattern=ranks, alpha_pattern=alphas)
     d = peft_config_dict(written, base_model_name_or_path=base_model_name_or_path)
+    if model_type is None:  # a model of the user's own: no task_type, as PEFT saves a custom model (loads on any twin)
+        d["task_type"] = None
     with atomic_dir(out_dir, overwrite) as tmp:
         save_safetensors(tensors, os.path.join(tmp, WEIGHTS_FILE))
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:

@@ -163,6 +163,10 @@ def test_auto_logs_its_choice_once(caplog, monkeypatch):
     assert lines[0].startswith("attention=auto uses reference for (cpu, float32, head_dim 16")
     assert "cudnn: needs an NVIDIA GPU (platform is cpu)" in lines[0]
     assert "splash: needs a sequence length divisible by 128" in lines[0]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lora_jax.attention"):  # an explicit choice is not explained
+        model.clone(attention="reference").apply({"params": params}, ids, jnp.ones((2, 8), jnp.int32))
+    assert not caplog.records
 
 
 @pytest.mark.slow

@@ -42,3 +42,10 @@ def test_gpt2_incremental_decoding(scan, tiny_checkpoint, padded_batch):
 
 def test_gpt2_remat_save_projections_gradients_equal_no_remat(tiny_checkpoint, padded_batch):
     assert_remat_grads_equal("gpt2", "save_projections", tiny_checkpoint, padded_batch)
+
+
+def test_gpt2_refuses_more_tokens_than_learned_positions(tiny_checkpoint):
+    model, params, _ = _loaded(tiny_checkpoint("gpt2")[0], False)
+    n = model.cfg.max_position_embeddings
+    with pytest.raises(ValueError, match=f"GPT-2 has {n} learned positions, got a sequence of {n + 1} tokens"):
+        model.apply({"params": params}, jnp.zeros((1, n + 1), jnp.int32))

@@ -154,6 +154,7 @@ def attend(
                 raise UserError(f"attention={impl!r} cannot serve this call ({call.summary()}): {e}") from None
             passed[impl] = f"jax refused it: {e}"
             continue
-        attn_dispatch.log_once(requested, call, impl, passed)
+        if requested == "auto":  # an explicit choice needs no explaining (nor param_shapes' 1-token trace)
+            attn_dispatch.log_once(requested, call, impl, passed)
         return out.reshape(b, t, h * d).astype(q.dtype), kv
     raise AssertionError("unreachable: 'reference' serves every call")  # pragma: no cover

@@ -104,6 +104,9 @@ class GPT2Model(nn.Module):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, positions=None, cache=None):
         c = self.cfg
+        if cache is None and input_ids.shape[-1] > c.max_position_embeddings:  # a gather would clamp: a silent wrong answer
+            raise ValueError(f"GPT-2 has {c.max_position_embeddings} learned positions, got a sequence of {input_ids.shape[-1]} "
+                             "tokens; shorten it (HF's GPT-2 refuses it too)")
         positions, mask, _, new_cache = attention.prepare(c, input_ids, attention_mask, positions, cache,
                                                           self.attention)
         wte = nn.Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name="wte")
