@@ -9,7 +9,7 @@ import torch
 
 import lora_jax
 from lora_jax.interop import load_peft_adapter, save_peft_adapter
-from test_peft_export import IDS, assert_close, hf_base, ours, peft_logits
+from parity import IDS, assert_close, hf_base, ours, peft_logits
 
 LCFG = lora_jax.LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj", "down_proj"), use_dora=True)
 

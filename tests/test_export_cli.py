@@ -12,8 +12,7 @@ import transformers
 import lora_jax
 from train.cli import main as lora_jax_main
 from lora_jax.interop import save_peft_adapter
-from test_merged_export import load_hf
-from test_peft_export import assert_close, hf_logits, our_logits, ours, peft_logits
+from parity import assert_close, hf_logits, load_hf, our_logits, ours, peft_logits
 
 
 @pytest.fixture(scope="module")

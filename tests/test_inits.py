@@ -10,7 +10,7 @@ import torch
 import lora_jax
 from lora_jax.interop import save_peft_adapter
 from lora_jax.variants.inits import convert_to_lora, svd_lowrank
-from test_peft_export import IDS, assert_close, hf_base, peft_logits, randomize_lora
+from parity import IDS, assert_close, hf_base, peft_logits, randomize_lora
 
 TARGETS = ("q_proj", "v_proj", "down_proj")
 STACKED = {"layers.q": lora_jax.KernelLayout(stack=1, n_in=1)}

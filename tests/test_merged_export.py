@@ -17,17 +17,12 @@ import lora_jax
 from lora_jax.interop import save_merged
 from lora_jax.tree import filter_tree
 from lora_jax.models import from_pretrained
-from test_peft_export import assert_close, hf_logits, our_logits, ours
+from parity import assert_close, hf_logits, load_hf, our_logits, ours
 
 TARGETS = {"gpt2": ("c_attn", "c_proj", "c_fc"), "llama": ("q_proj", "v_proj", "down_proj", "lm_head"),
            "qwen2": ("q_proj", "k_proj", "o_proj", "up_proj")}
 
 
-def load_hf(out, dtype=torch.float32):
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, dtype=dtype,
-                                                                    attn_implementation="eager")
-    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")), info
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

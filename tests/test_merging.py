@@ -12,7 +12,7 @@ import torch
 import lora_jax
 from lora_jax.adapters import add_weighted_adapter
 from lora_jax.interop import save_peft_adapter
-from test_peft_export import hf_base, randomize_lora
+from parity import hf_base, randomize_lora
 
 CFG1 = lora_jax.LoraConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj"))
 CFG2 = lora_jax.LoraConfig(r=4, alpha=4, target_modules=("q_proj", "down_proj"), use_rslora=True)

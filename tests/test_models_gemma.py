@@ -14,8 +14,7 @@ from conftest import TINY_CONFIGS, VOCAB
 from lora_jax.generation import generate
 from lora_jax.interop import load_peft_adapter, save_peft_adapter
 from lora_jax.models import from_pretrained
-from test_models_llama import torch_logits
-from test_peft_export import hf_base, hf_logits, our_logits, randomize_lora
+from parity import hf_base, hf_logits, our_logits, randomize_lora, torch_logits
 
 _COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, head_dim=8, max_position_embeddings=64, rms_norm_eps=1e-5,

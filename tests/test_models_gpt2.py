@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from lora_jax.models import init_cache
-from test_models_llama import _loaded, assert_parity, assert_remat_grads_equal
+from parity import assert_parity, assert_remat_grads_equal, loaded
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
@@ -15,7 +15,7 @@ def test_gpt2_logits_match_transformers(scan, tiny_checkpoint, padded_batch):
 
 def test_gpt2_param_tree(tiny_checkpoint):
     path, torch_model = tiny_checkpoint("gpt2")
-    _, params, _ = _loaded(path, False)
+    _, params, _ = loaded(path, False)
     t = params["transformer"]
     assert "lm_head" not in params
     assert t["h"]["0"]["attn"]["c_attn"]["kernel"].shape == (64, 192)  # Conv1D weight [in, out], untransposed
@@ -27,7 +27,7 @@ def test_gpt2_param_tree(tiny_checkpoint):
 
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
 def test_gpt2_incremental_decoding(scan, tiny_checkpoint, padded_batch):
-    model, params, apply = _loaded(tiny_checkpoint("gpt2")[0], scan)
+    model, params, apply = loaded(tiny_checkpoint("gpt2")[0], scan)
     ids, mask = map(jnp.asarray, padded_batch)
     full, _ = apply({"params": params}, ids, mask)
     cache = init_cache(model.cfg, batch=2, max_len=8)
@@ -45,7 +45,7 @@ def test_gpt2_remat_save_projections_gradients_equal_no_remat(tiny_checkpoint, p
 
 
 def test_gpt2_refuses_more_tokens_than_learned_positions(tiny_checkpoint):
-    model, params, _ = _loaded(tiny_checkpoint("gpt2")[0], False)
+    model, params, _ = loaded(tiny_checkpoint("gpt2")[0], False)
     n = model.cfg.max_position_embeddings
     with pytest.raises(ValueError, match=f"GPT-2 has {n} learned positions, got a sequence of {n + 1} tokens"):
         model.apply({"params": params}, jnp.zeros((1, n + 1), jnp.int32))

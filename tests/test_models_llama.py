@@ -1,45 +1,22 @@
 """Llama-family models (Llama, Llama 3 rope scaling, Mistral, Qwen2, Qwen3) against transformers,
 plus the KV cache, LoRA unmerged == merged, and SmolLM2-135M's real shapes."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import lora_jax
 from lora_jax.models import ModelConfig, build_model, from_pretrained, init_cache, param_shapes
+from parity import assert_parity, assert_remat_grads_equal, loaded
 
 LLAMA_FAMILY = ["llama", "llama3", "mistral", "qwen2", "qwen2_swa", "qwen3"]
 
 
-@functools.lru_cache(maxsize=None)
-def _loaded(path: str, scan: bool):
-    model, params, hf_config = from_pretrained(path, scan_layers=scan)
-    return model, params, jax.jit(model.apply)
 
 
-def torch_logits(torch_model, ids, mask):
-    positions = np.clip(np.cumsum(mask, -1) - 1, 0, None)
-    with torch.no_grad():
-        out = torch_model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
-                          position_ids=torch.tensor(positions, dtype=torch.long))
-    return out.logits.numpy()
 
 
-def assert_parity(name, scan, tiny_checkpoint, padded_batch):
-    path, torch_model = tiny_checkpoint(name)
-    ids, mask = padded_batch
-    model, params, apply = _loaded(path, scan)
-    logits, cache = apply({"params": params}, jnp.asarray(ids), jnp.asarray(mask))
-    assert cache is None
-    expected = torch_logits(torch_model, ids, mask)
-    real = mask.astype(bool)
-    diff = np.abs(np.asarray(logits)[real] - expected[real]).max()
-    assert diff <= 1e-4, f"{name} scan={scan}: max |Δlogits| = {diff}"
-    assert np.abs(expected[real]).max() > 0.5  # logits are not trivially small
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
@@ -50,24 +27,24 @@ def test_logits_match_transformers(name, scan, tiny_checkpoint, padded_batch):
 
 def test_param_paths_are_hf_module_names(tiny_checkpoint):
     path, torch_model = tiny_checkpoint("qwen3")
-    _, params, _ = _loaded(path, False)
+    _, params, _ = loaded(path, False)
     ours = {".".join(p[:-1]) for p, _ in lora_jax.targeting.iter_leaves(params)}
     theirs = {n.rsplit(".", 1)[0] for n, _ in torch_model.named_parameters()}
     assert ours == theirs
     q = params["model"]["layers"]["0"]["self_attn"]["q_proj"]
     assert q["kernel"].shape == (64, 4 * 24) and q["bias"].shape == (96,)
     assert params["model"]["layers"]["1"]["self_attn"]["k_norm"]["scale"].shape == (24,)
-    _, stacked, _ = _loaded(path, True)
+    _, stacked, _ = loaded(path, True)
     assert stacked["model"]["layers"]["self_attn"]["q_proj"]["kernel"].shape == (2, 64, 96)
 
 
 def test_per_layer_sliding_window_flags(tiny_checkpoint):
-    model = _loaded(tiny_checkpoint("qwen2_swa")[0], False)[0]
+    model = loaded(tiny_checkpoint("qwen2_swa")[0], False)[0]
     assert model.cfg.sliding_window == 3 and model.cfg.sliding_layers == (False, True)
 
 
 def test_tied_head_has_no_lm_head(tiny_checkpoint):
-    _, params, _ = _loaded(tiny_checkpoint("qwen2")[0], False)
+    _, params, _ = loaded(tiny_checkpoint("qwen2")[0], False)
     assert "lm_head" not in params
     assert params["model"]["layers"]["0"]["self_attn"]["k_proj"]["bias"].shape == (32,)
     assert "bias" not in params["model"]["layers"]["0"]["self_attn"]["o_proj"]
@@ -77,7 +54,7 @@ def test_tied_head_has_no_lm_head(tiny_checkpoint):
 @pytest.mark.parametrize("name", ["mistral", "llama3"])
 def test_incremental_decoding_matches_full_forward(name, scan, tiny_checkpoint, padded_batch):
     """Prefill 5 tokens into a cache, decode the last 3 one at a time: same logits as one full pass."""
-    model, params, apply = _loaded(tiny_checkpoint(name)[0], scan)
+    model, params, apply = loaded(tiny_checkpoint(name)[0], scan)
     ids, mask = map(jnp.asarray, padded_batch)
     full, _ = apply({"params": params}, ids, mask)
     cache = init_cache(model.cfg, batch=2, max_len=10)
@@ -95,7 +72,7 @@ def test_incremental_decoding_matches_full_forward(name, scan, tiny_checkpoint, 
 
 
 def test_cache_without_mask_uses_arange_positions(tiny_checkpoint, padded_batch):
-    model, params, apply = _loaded(tiny_checkpoint("llama")[0], False)
+    model, params, apply = loaded(tiny_checkpoint("llama")[0], False)
     ids = jnp.asarray(padded_batch[0][:1])
     full, _ = apply({"params": params}, ids)
     cache = init_cache(model.cfg, 1, 8)
@@ -106,7 +83,7 @@ def test_cache_without_mask_uses_arange_positions(tiny_checkpoint, padded_batch)
 
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scan"])
 def test_lora_unmerged_equals_merged(scan, tiny_checkpoint, padded_batch):
-    model, params, apply = _loaded(tiny_checkpoint("qwen2")[0], scan)
+    model, params, apply = loaded(tiny_checkpoint("qwen2")[0], scan)
     cfg = lora_jax.LoraConfig(r=4, alpha=8, target_modules="all-linear")
     adapted = lora_jax.inject(params, cfg, jax.random.key(1))
     lora, frozen = lora_jax.split(adapted)
@@ -126,7 +103,7 @@ def test_lora_unmerged_equals_merged(scan, tiny_checkpoint, padded_batch):
 def test_remat_and_bf16_run(tiny_checkpoint, padded_batch):
     path = tiny_checkpoint("llama")[0]
     ids, mask = map(jnp.asarray, padded_batch)
-    ref_model, ref_params, ref_apply = _loaded(path, True)
+    ref_model, ref_params, ref_apply = loaded(path, True)
     model, params, _ = from_pretrained(path, scan_layers=True, remat="dots_saveable")
     cfg = lora_jax.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])
     adapted = lora_jax.inject(params, cfg, jax.random.key(0))
@@ -179,22 +156,3 @@ def test_remat_save_projections_gradients_equal_no_remat(name, tiny_checkpoint, 
     assert_remat_grads_equal(name, "save_projections", tiny_checkpoint, padded_batch)
 
 
-def assert_remat_grads_equal(name, remat, tiny_checkpoint, padded_batch):
-    """LoRA and full fine-tuning gradients under `remat` equal those without (scanned blocks)."""
-    path = tiny_checkpoint(name)[0]
-    ids, mask = map(jnp.asarray, padded_batch)
-    ref_model, params, _ = _loaded(path, True)
-    cfg = lora_jax.LoraConfig(r=2, target_modules="all-linear")
-    lora, frozen = lora_jax.split(lora_jax.inject(params, cfg, jax.random.key(0)))
-    lora = jax.tree.map(lambda x: x + 0.1, lora)  # nonzero B: every path carries gradient
-
-    def grads(model, which):
-        def loss(lo, fr):
-            return (model.clone(lora=cfg).apply({"params": lora_jax.combine(lo, fr)}, ids, mask)[0] ** 2).mean()
-        return jax.jit(jax.grad(loss, argnums=which))(lora, frozen)
-
-    model = ref_model.clone(remat=remat)
-    for which in (0, 1):  # 0: the adapters (LoRA), 1: the frozen weights (what full fine-tuning needs)
-        for a, b in zip(jax.tree.leaves(grads(model, which)), jax.tree.leaves(grads(ref_model, which))):
-            # fp32 recomputation fuses differently: agreement to float32 rounding of the largest entry
-            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4 * float(np.abs(b).max()))

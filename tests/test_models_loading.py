@@ -11,7 +11,7 @@ from safetensors.numpy import save_file
 
 from lora_jax.models import ModelConfig, from_pretrained, hf_module_name, stack_layers, to_hf_state_dict, unstack_layers
 from lora_jax.models.loading import read_safetensors
-from test_models_llama import _loaded
+from parity import loaded
 
 
 def test_unsupported_architecture_lists_supported(tmp_path):
@@ -62,7 +62,7 @@ def test_bad_shape_and_missing_tensor(tmp_path, tiny_checkpoint):
 
 def test_sharded_and_pickled_checkpoints(tmp_path, tiny_checkpoint):
     path, torch_model = tiny_checkpoint("qwen3")
-    _, ref, _ = _loaded(path, False)
+    _, ref, _ = loaded(path, False)
     torch_model.save_pretrained(tmp_path / "sharded", safe_serialization=True, max_shard_size="100KB")
     assert os.path.exists(tmp_path / "sharded" / "model.safetensors.index.json")
     _, sharded, _ = from_pretrained(tmp_path / "sharded")
@@ -80,8 +80,8 @@ def test_sharded_and_pickled_checkpoints(tmp_path, tiny_checkpoint):
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_to_hf_state_dict_round_trips(name, tiny_checkpoint):
     path, torch_model = tiny_checkpoint(name)
-    _, params, _ = _loaded(path, True)
-    hf = to_hf_state_dict(params, _loaded(path, True)[0].cfg)
+    _, params, _ = loaded(path, True)
+    hf = to_hf_state_dict(params, loaded(path, True)[0].cfg)
     theirs = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()
               if not (k == "lm_head.weight" and torch_model.config.tie_word_embeddings)}
     assert set(hf) == set(theirs)
@@ -103,8 +103,8 @@ def test_host_loading_gives_the_same_params_as_numpy(scan, tiny_checkpoint):
 
 
 def test_stack_unstack_and_module_names(tiny_checkpoint):
-    _, flat, _ = _loaded(tiny_checkpoint("llama")[0], False)
-    _, stacked, _ = _loaded(tiny_checkpoint("llama")[0], True)
+    _, flat, _ = loaded(tiny_checkpoint("llama")[0], False)
+    _, stacked, _ = loaded(tiny_checkpoint("llama")[0], True)
     restacked = stack_layers(flat)
     np.testing.assert_array_equal(restacked["model"]["layers"]["mlp"]["up_proj"]["kernel"],
                                   stacked["model"]["layers"]["mlp"]["up_proj"]["kernel"])
@@ -140,6 +140,6 @@ def test_gpt2_without_transformer_prefix_and_unused_tensor_warning(tmp_path, tin
     _copy_with(src, tmp_path / "old", renamed)
     with pytest.warns(UserWarning, match=r"1 checkpoint tensors are not used by the model: extra.weight"):
         _, params, _ = from_pretrained(tmp_path / "old")
-    _, ref, _ = _loaded(src, False)
+    _, ref, _ = loaded(src, False)
     np.testing.assert_array_equal(params["transformer"]["h"]["1"]["attn"]["c_attn"]["kernel"],
                                   ref["transformer"]["h"]["1"]["attn"]["c_attn"]["kernel"])

@@ -18,8 +18,7 @@ from lora_jax.interop import load_peft_adapter, save_peft_adapter
 from lora_jax.models import from_pretrained, to_hf_state_dict
 from lora_jax.models import moe
 from lora_jax.models.moe import experts_forward
-from test_models_llama import torch_logits
-from test_peft_export import hf_base, hf_logits, our_logits, peft_logits, randomize_lora
+from parity import hf_base, hf_logits, our_logits, peft_logits, randomize_lora, torch_logits
 
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 

@@ -10,7 +10,7 @@ import torch
 
 import lora_jax
 from lora_jax.adapters import Adapters
-from test_peft_export import IDS, assert_close, hf_base, randomize_lora
+from parity import IDS, assert_close, hf_base, randomize_lora
 
 
 def test_named_adapters_and_peft_multi_adapter_dirs(tiny_checkpoint, tmp_path):

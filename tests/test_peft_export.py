@@ -1,7 +1,7 @@
 """Our adapters -> PEFT: `save_peft_adapter` checked against the real `PeftModel.from_pretrained`.
 
 Every adapter has random nonzero A and B; PEFT must load it with no missing/unexpected keys and
-its logits must match ours to 1e-4 (fp32). Helpers here are shared by the other interop tests.
+its logits must match ours to 1e-4 (fp32). The shared helpers live in tests/parity.py.
 """
 
 import json
@@ -16,60 +16,25 @@ from safetensors import safe_open
 
 import lora_jax
 from lora_jax.interop import load_peft_adapter, save_peft_adapter
-from lora_jax.models import ModelConfig, from_pretrained
+from lora_jax.models import ModelConfig
+from parity import assert_close, hf_base, hf_logits, our_logits, ours, peft_logits, randomize_lora
 
-TOL = 1e-4
-IDS = np.random.default_rng(1).integers(0, 96, size=(2, 8)).astype(np.int32)
 LINEAR = {"gpt2": ("c_attn", "c_proj", "c_fc"),
           "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")}
 
 
-def randomize_lora(params, seed=0, std=0.1):
-    """Every lora_a / lora_b leaf redrawn N(0, std²): nonzero A and B."""
-    rng = np.random.default_rng(seed)
-    lora, frozen = lora_jax.split(params)
-    lora, scales = lora_jax.split_constants(lora)
-    lora = jax.tree_util.tree_map(lambda x: jax.numpy.asarray(rng.normal(0, std, x.shape), x.dtype), lora)
-    return lora_jax.transform.zero_padded_slots(lora_jax.combine(frozen, lora, scales))
 
 
-def ours(path, lcfg, scan_layers=False, seed=0):
-    """(model, base params, params with a random adapter) for a tiny checkpoint."""
-    model, params, hf = from_pretrained(path, scan_layers=scan_layers)
-    return model.clone(lora=lcfg), params, randomize_lora(lora_jax.inject(params, lcfg, jax.random.key(seed)), seed)
 
 
-def our_logits(model, params, ids=IDS):
-    return np.asarray(model.apply({"params": params}, ids)[0])
 
 
-def hf_base(path):
-    import transformers
-
-    return transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
 
 
-def peft_logits(base_path, adapter_dir, ids=IDS):
-    """PEFT's logits for base + adapter; fails on any missing/unexpected-key warning."""
-    from peft import PeftModel
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model = PeftModel.from_pretrained(hf_base(base_path), adapter_dir).eval()
-    bad = [str(w.message) for w in caught if any(s in str(w.message).lower() for s in ("missing", "unexpected"))]
-    assert not bad, bad
-    with torch.no_grad():
-        return model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
 
 
-def hf_logits(model, ids=IDS):
-    with torch.no_grad():
-        return model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
 
 
-def assert_close(a, b, tol=TOL):
-    err = float(np.max(np.abs(a - b)))
-    assert err <= tol, f"max |diff| = {err:.3g} > {tol}"
 
 
 CASES = {

@@ -14,7 +14,7 @@ from safetensors.numpy import load_file, save_file
 
 from lora_jax.interop import load_peft_adapter
 from lora_jax.models import ModelConfig, build_model, from_pretrained
-from test_peft_export import IDS, assert_close, hf_base, hf_logits, our_logits
+from parity import assert_close, hf_base, hf_logits, our_logits
 
 
 def make_peft_adapter(base_path, out, **kwargs):

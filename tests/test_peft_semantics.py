@@ -1,7 +1,6 @@
 """PEFT's semantics, checked against PEFT's own code: matching, patterns, config names, defaults,
 per-layer patterns under scan (export to / import from PeftModel with nonzero adapters)."""
 
-import json
 import os
 
 import flax.linen as nn

@@ -12,7 +12,7 @@ import lora_jax
 from lora_jax.adapters import per_example as pe
 from lora_jax.interop import load_peft_adapter, save_peft_adapter
 from lora_jax.models import ModelConfig, build_model
-from test_peft_export import IDS, assert_close, hf_base, randomize_lora
+from parity import IDS, assert_close, hf_base, randomize_lora
 
 CFG_A = lora_jax.LoraConfig(r=2, alpha=4, target_modules=("q_proj", "v_proj"))
 CFG_B = lora_jax.LoraConfig(r=4, alpha=16, target_modules=("q_proj", "down_proj"), use_rslora=True)
