@@ -11,8 +11,9 @@ The constructor also takes PEFT's own spellings (`lora_alpha=`, `lora_dropout=`,
 `init_lora_weights=`, and PEFT's metadata keys such as `task_type=`), so code moved from PEFT
 runs unchanged; a PEFT feature lora_jax does not implement (`bias="all"`, ...)
 is refused by name (those keyword tables and the dict mapping live in `lora_jax.config_peft`).
-`target_modules=None` (PEFT's default) means PEFT's per-architecture default, resolved when the model is known (`lora_jax.targeting.resolve_targets`); any capitalisation of
-"all-linear" is `ALL_LINEAR`, as in PEFT.
+`target_modules=None` (PEFT's default) means PEFT's per-architecture default, resolved when the
+model is known (`lora_jax.targeting.resolve_targets`); any capitalisation of "all-linear" is
+`ALL_LINEAR`, as in PEFT.
 
 Scale of the update ΔW = A @ B · scale:  alpha / r, or alpha / sqrt(r) with rsLoRA — per module,
 with `rank_pattern` / `alpha_pattern` overriding r / alpha where their regex matches the module key
