@@ -10,9 +10,10 @@ The fields and their meaning follow `peft.LoraConfig` so that a config round-tri
 The constructor also takes PEFT's own spellings (`lora_alpha=`, `lora_dropout=`,
 `init_lora_weights=`, and PEFT's metadata keys such as `task_type=`), so code moved from PEFT
 runs unchanged; a PEFT feature lora_jax does not implement (`bias="all"`, ...)
-is refused by name. `target_modules=None` (PEFT's default) means PEFT's per-architecture default,
-resolved when the model is known (`lora_jax.targeting.resolve_targets`); any capitalisation of
-"all-linear" is `ALL_LINEAR`, as in PEFT.
+is refused by name (those keyword tables and the dict mapping live in `lora_jax.config_peft`).
+`target_modules=None` (PEFT's default) means PEFT's per-architecture default, resolved when the
+model is known (`lora_jax.targeting.resolve_targets`); any capitalisation of "all-linear" is
+`ALL_LINEAR`, as in PEFT.
 
 Scale of the update ΔW = A @ B · scale:  alpha / r, or alpha / sqrt(r) with rsLoRA — per module,
 with `rank_pattern` / `alpha_pattern` overriding r / alpha where their regex matches the module key
@@ -29,6 +30,9 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from lora_jax.config_peft import (_HEAD_TASKS, _PEFT_KWARGS, _TASK_TYPES, _check_task_type,  # noqa: F401  (re-exported)
+                                  check_peft_kwargs, init_from_peft, kwargs_from_peft_dict, peft_dict)
+
 ALL_LINEAR = "all-linear"
 # Inits that leave the base weights alone ("random" is PEFT's init_lora_weights=False: A and B both
 # drawn as torch's nn.Linear default, so the adapter is not a no-op at step 0; "orthogonal" is PEFT's).
@@ -36,24 +40,6 @@ PLAIN_INITS = ("default", "gaussian", "random", "orthogonal")
 _INITS = PLAIN_INITS + ("pissa", "olora")  # and pissa_niter_N (lora_jax.variants.inits)
 _DTYPES = ("float32", "bfloat16", "float16")
 _UNSET = object()
-# PEFT LoraConfig keyword -> its "off" values. Metadata, and the sub-configs of inits lora_jax refuses
-# anyway (they act only with their init_lora_weights), are accepted whatever the value: None here.
-# Every field of PEFT 0.21's LoraConfig is here, so `LoraConfig(**adapter_config_dict)` works.
-_PEFT_KWARGS: dict[str, tuple | None] = {
-    "task_type": None, "inference_mode": None, "base_model_name_or_path": None, "revision": None,
-    "peft_type": None, "fan_in_fan_out": None, "auto_mapping": None, "peft_version": None,
-    "runtime_config": None, "ensure_weight_tying": None, "megatron_core": None, "qalora_group_size": None,
-    "loftq_config": None, "eva_config": None, "corda_config": None, "lora_ga_config": None,
-    "bias": ("none",), "lora_bias": (False,), "modules_to_save": (None, [], ()),
-    "layer_replication": (None,), "trainable_token_indices": (None,),
-    "megatron_config": (None,), "use_qalora": (False,), "alora_invocation_tokens": (None,),
-    "use_bdlora": (None,), "arrow_config": (None,), "kasa_config": (None,), "velora_config": (None,),
-    "monteclora_config": (None,),
-}
-# PEFT's TaskType values. For these PEFT also fully trains the task head (it adds the head to
-# modules_to_save), which lora_jax does not do: refused rather than silently left frozen.
-_TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
-_HEAD_TASKS = {"SEQ_CLS": "['classifier', 'score']", "TOKEN_CLS": "['classifier', 'score']", "QUESTION_ANS": "['qa_outputs']"}
 
 
 def _as_tuple(value: Any, field: str) -> str | tuple[str, ...] | None:
@@ -68,15 +54,6 @@ def _as_tuple(value: Any, field: str) -> str | tuple[str, ...] | None:
     if not all(isinstance(v, str) and v for v in items):
         raise ValueError(f"LoraConfig.{field} must hold non-empty strings, got {value!r}")
     return tuple(sorted(set(items)))  # a set of names, as in PEFT: order carries no meaning
-
-
-def _check_task_type(value: Any) -> None:
-    task = getattr(value, "value", value)  # PEFT's TaskType enum or its string
-    if task is not None and task not in _TASK_TYPES:
-        raise ValueError(f"LoraConfig(task_type={task!r}) is not one of PEFT's task types {_TASK_TYPES}")
-    if task in _HEAD_TASKS:
-        raise ValueError(f"LoraConfig(task_type={task!r}): PEFT then also fully trains the task head (modules_to_save="
-                         f"{_HEAD_TASKS[task]}), which lora_jax does not; train the head yourself and leave task_type unset")
 
 
 def _plain_number(value: Any) -> Any:
@@ -169,20 +146,8 @@ class LoraConfig:
             if ours is not _UNSET and theirs is not _UNSET:
                 raise ValueError(f"LoraConfig got both {name}= and PEFT's spelling of it; pass one")
         if init_lora_weights is not _UNSET:
-            if not isinstance(init_lora_weights, (bool, str)):
-                raise ValueError(f"LoraConfig(init_lora_weights={init_lora_weights!r}) is not supported; lora_jax initialises "
-                                 "as PEFT's True (Kaiming A, zero B), False (random A and B), 'gaussian', 'orthogonal', 'pissa', "
-                                 "'pissa_niter_N' or 'olora'")
-            init = {True: "default", False: "random"}.get(init_lora_weights, init_lora_weights)
-        for key, value in peft_kwargs.items():
-            if key not in _PEFT_KWARGS:
-                raise TypeError(f"LoraConfig got an unexpected keyword argument {key!r}")
-            if key == "task_type":
-                _check_task_type(value)
-            off = _PEFT_KWARGS[key]
-            if off is not None and not any(value is o or (not isinstance(value, bool) and value == o) for o in off):
-                raise ValueError(f"LoraConfig({key}={value!r}): this PEFT feature is not supported by lora_jax; "
-                                 f"leave {key} at {off[0]!r}")
+            init = init_from_peft(init_lora_weights)
+        check_peft_kwargs(peft_kwargs)
         values = dict(r=r, alpha=8.0 if alpha is _UNSET and lora_alpha is _UNSET else alpha if alpha is not _UNSET else lora_alpha,
                       dropout=0.0 if dropout is _UNSET and lora_dropout is _UNSET else dropout if dropout is not _UNSET else lora_dropout,
                       target_modules=target_modules, exclude_modules=exclude_modules, target_parameters=target_parameters,
@@ -315,26 +280,7 @@ class LoraConfig:
         >>> LoraConfig(r=4, alpha=8, target_modules=["q_proj"]).to_peft_dict()["lora_alpha"]
         8.0
         """
-        targets = self.target_modules
-        excludes = self.exclude_modules
-        layers = self.layers_to_transform
-        return {
-            "peft_type": "LORA",
-            "r": self.r,
-            "lora_alpha": float(self.alpha),
-            "lora_dropout": float(self.dropout),
-            "target_modules": targets if targets is None or isinstance(targets, str) else list(targets),
-            "exclude_modules": excludes if excludes is None or isinstance(excludes, str) else list(excludes),
-            "target_parameters": None if not self.target_parameters else list(self.target_parameters),
-            "rank_pattern": dict(self.rank_pattern),
-            "alpha_pattern": dict(self.alpha_pattern),
-            "use_rslora": self.use_rslora,
-            "init_lora_weights": self.init_lora_weights,
-            "use_dora": self.use_dora,
-            "layers_to_transform": layers if layers is None or isinstance(layers, int) else list(layers),
-            "layers_pattern": self.layers_pattern if self.layers_pattern is None or isinstance(self.layers_pattern, str)
-            else list(self.layers_pattern),
-        }
+        return peft_dict(self)
 
     @classmethod
     def from_peft_dict(cls, d: Mapping[str, Any], **overrides) -> "LoraConfig":
@@ -343,22 +289,7 @@ class LoraConfig:
         >>> LoraConfig.from_peft_dict({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}).scale_for("q_proj")
         2.0
         """
-        init = d.get("init_lora_weights", True)
-        kwargs = dict(
-            r=d.get("r", 8),
-            alpha=d.get("lora_alpha", 8),
-            dropout=d.get("lora_dropout", 0.0) or 0.0,
-            target_modules=d.get("target_modules"),
-            target_parameters=d.get("target_parameters") or None,
-            exclude_modules=d.get("exclude_modules"),
-            rank_pattern=d.get("rank_pattern") or {},
-            alpha_pattern=d.get("alpha_pattern") or {},
-            use_rslora=bool(d.get("use_rslora", False)),
-            init=init if init in ("gaussian", "orthogonal") else "random" if init is False else "default",
-            use_dora=bool(d.get("use_dora", False)),
-            layers_to_transform=d.get("layers_to_transform"),
-            layers_pattern=d.get("layers_pattern") or None,
-        )
+        kwargs = kwargs_from_peft_dict(d)
         kwargs.update(overrides)
         return cls(**kwargs)
 
@@ -375,13 +306,9 @@ class LoraConfig:
 
     def save_pretrained(self, save_directory: str) -> None:
         """Write `save_directory/adapter_config.json` (only the config, as PEFT's `save_pretrained`)."""
-        import json
-        import os
+        from lora_jax.interop.peft_config import write_peft_config  # noqa: PLC0415  (interop builds on this module)
 
-        os.makedirs(save_directory, exist_ok=True)
-        with open(os.path.join(save_directory, "adapter_config.json"), "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-            f.write("\n")
+        write_peft_config(self, save_directory)
 
     @classmethod
     def from_pretrained(cls, adapter_dir: str) -> "LoraConfig":
@@ -393,12 +320,6 @@ class LoraConfig:
         >>> LoraConfig.from_pretrained(d).scale_for("q_proj")
         4.0
         """
-        import os
+        from lora_jax.interop.peft_config import read_peft_config  # noqa: PLC0415
 
-        from lora_jax.files import read_json
-        from lora_jax.interop.peft_config import lora_config_from_peft  # noqa: PLC0415
-
-        path = os.path.join(os.fspath(adapter_dir), "adapter_config.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json; pass a local PEFT adapter directory")
-        return lora_config_from_peft(read_json(path), path)
+        return read_peft_config(adapter_dir)

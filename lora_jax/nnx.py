@@ -19,41 +19,29 @@ LoraParam))` see only the adapters. Targeting is the same language as for param 
 so an nnx model whose attributes follow Hugging Face's names exports to PEFT
 (`save_peft_adapter`) and loads PEFT adapters (`load_peft_adapter`). The forward is the same
 unmerged `x @ W + dropout(x) @ A @ B · scale` as the linen path (`lora_jax.layers.lora_delta`);
-an `nnx.Einsum` forms ΔW and runs it through the module's own equation. `merge` / `unmerge` fold
-ΔW in and out of the base kernels in place; `merge_and_unload` returns the plain model.
+an `nnx.Einsum` forms ΔW and runs it through the module's own equation (the wrapper and its
+variable types: `lora_jax.nnx_layer`). `merge` / `unmerge` fold ΔW in and out of the base
+kernels in place; `merge_and_unload` returns the plain model.
 Modules stacked by `nnx.vmap` (kernels with extra leading layer axes, run under `nnx.scan`) get
 stacked adapters A [L, in, r], B [L, r, out] and a scale per layer, which `nnx.scan` slices with
 the kernel; they take one rank for all layers and no dropout (refused otherwise, one line).
+PEFT in/out lives in `lora_jax.interop.nnx_adapter`, re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import os
-from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from lora_jax.config import ALL_LINEAR, PLAIN_INITS, LoraConfig
-from lora_jax.layers import lora_delta
-from lora_jax.targeting import KernelLayout, Layouts, _in_project_tree, einsum_in_axes, plan_targets, resolve_targets
-from lora_jax.transform import delta_weight, init_ab
+from lora_jax.nnx_layer import LoraLinear, LoraParam, LoraScale  # noqa: F401  (re-exported)
+from lora_jax.targeting import KernelLayout, Layouts, _in_project_tree, einsum_in_axes, plan_targets
+from lora_jax.transform import init_ab
 
 _SUPPORTED = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
-
-
-class LoraParam(nnx.LoRAParam):
-    """The trained adapter factors (A and B): an `nnx.Param` (and flax's own `nnx.LoRAParam`, so code
-    written for `nnx.LoRA` trains them too), so filters can pick them alone."""
-
-
-class LoraScale(nnx.Variable):
-    """The adapter's scale (PEFT's alpha/r): part of the adapter, never trained."""
 
 
 def _layout(module: nnx.Module, key: str) -> KernelLayout:
@@ -75,73 +63,6 @@ def _layout(module: nnx.Module, key: str) -> KernelLayout:
         raise ValueError(f"{type(module).__name__} {key!r} has a kernel of shape {shape}, not its own {own} behind leading "
                          "stacked axes (nnx.vmap with out_axes other than 0?); lora_jax stacks adapters on leading axes only")
     return KernelLayout(stack=stack, n_in=n_in, in_axes=in_axes)
-
-
-def _adapter_shardings(kernel: nnx.Variable, layout: KernelLayout) -> tuple[dict, dict, dict]:
-    """Sharding metadata for A [*stack, in, r], B [*stack, r, out] and the scale [*stack], derived from the
-    kernel's `out_sharding` (as `lora_jax.sharding` derives LoRA specs from a kernel's): A takes the
-    input axes' name, B the output axes', each the name of the group's first axis when the others are
-    unsharded (a flattened group is split like its first axis), the rank axis none."""
-    names = kernel.get_metadata("out_sharding", None) if hasattr(kernel, "get_metadata") else None
-    if names is None or len(names) != kernel.ndim:
-        return {}, {}, {}
-    extra = {k: kernel.get_metadata(k) for k in ("sharding_rules", "mesh") if kernel.get_metadata(k, None) is not None}
-    # placed now, as the kernels were, where a mesh is known; else the metadata waits for nnx.get_partition_spec
-    extra["eager_sharding"] = bool(kernel.get_metadata("eager_sharding", False)) and (
-        "mesh" in extra or not jax.sharding.get_abstract_mesh().empty)
-    ins, outs = layout.own_axes(kernel.ndim)
-    stack = tuple(names[: layout.stack])
-
-    def group(axes):
-        first, rest = names[axes[0]], [names[a] for a in axes[1:]]
-        return first if all(n is None for n in rest) else None
-
-    return ({"out_sharding": stack + (group(ins), None), **extra}, {"out_sharding": stack + (None, group(outs)), **extra},
-            {"out_sharding": stack, **extra})
-
-
-class LoraLinear(nnx.Module):
-    """A targeted `nnx.Linear` / `LinearGeneral` / `Einsum` (`base`) plus its LoRA adapter."""
-
-    def __init__(self, base: nnx.Module, a: jax.Array, b: jax.Array, scale: float, dropout: float, rngs: nnx.Rngs | None,
-                 layout: KernelLayout = KernelLayout()):
-        self.base = base
-        self.in_axes = layout.in_axes  # static: the kernel's input axes when they are not its leading ones
-        self.own_ndim = base.kernel.ndim - layout.stack
-        meta = _adapter_shardings(base.kernel, layout)
-        self.lora_a = LoraParam(a, **meta[0])
-        self.lora_b = LoraParam(b, **meta[1])
-        self.lora_scale = LoraScale(jnp.asarray(scale, jnp.float32), **meta[2])
-        self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
-        self.merged = False
-
-    def __getattr__(self, name: str) -> Any:
-        # What the wrapper lacks is its base's: model code reads `self.o_proj.kernel.shape`, `.in_features`, ...
-        base = vars(self).get("base")
-        if base is None or name.startswith("__"):
-            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-        return getattr(base, name)
-
-    def _delta_kernel(self) -> jax.Array:
-        kernel = self.base.kernel[...]
-        layout = None if self.in_axes is None else KernelLayout(
-            stack=kernel.ndim - self.own_ndim, n_in=len(self.in_axes), in_axes=self.in_axes)
-        return delta_weight(self.lora_a[...], self.lora_b[...], self.lora_scale[...], kernel.shape, layout)
-
-    def __call__(self, x: jax.Array, *args, **kwargs) -> jax.Array:
-        y = self.base(x, *args, **kwargs)
-        if self.merged:
-            return y
-        h = self.dropout(x) if self.dropout is not None else x
-        if isinstance(self.base, nnx.Einsum):
-            return y + jnp.einsum(self.base.einsum_str, h.astype(y.dtype), self._delta_kernel().astype(y.dtype))
-        if isinstance(self.base, nnx.LinearGeneral):
-            axes = tuple(sorted(a % h.ndim for a in self.base.axis))
-            h = jnp.moveaxis(h, axes, tuple(range(h.ndim - len(axes), h.ndim)))
-            delta = lora_delta(h.astype(y.dtype), self.lora_a[...], self.lora_b[...], self.lora_scale[...], n_in=len(axes))
-            return y + delta.reshape(y.shape)
-        return y + lora_delta(h.astype(y.dtype), self.lora_a[...], self.lora_b[...], self.lora_scale[...])
-
 
 def _modules(model: nnx.Module) -> list[tuple[tuple, str, nnx.Module]]:
     """(graph path, module key, module) of every Linear/LinearGeneral/Einsum/LoraLinear, wrappers' bases excluded;
@@ -343,108 +264,10 @@ def trainable_parameters_line(model: nnx.Module) -> str:
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {pct:.4f}"
 
 
-# ---- PEFT interop (module keys = HF module names) ------------------------------------------------
+def __getattr__(name: str):
+    # PEFT in/out lives in lora_jax.interop.nnx_adapter (it builds on this module): imported on first use.
+    if name in ("save_peft_adapter", "load_peft_adapter"):
+        from lora_jax.interop import nnx_adapter  # noqa: PLC0415
 
-def _layer_names(key: str, m: LoraLinear) -> list[str]:
-    """PEFT module names of an adapted module: itself, or one per layer of a stacked (nnx.vmap'd) one."""
-    from lora_jax.targeting import _peft_names
-
-    if m.lora_a.ndim == 2:
-        return [key]
-    names = _peft_names(key, m.lora_a.shape[0]) if m.lora_a.ndim == 3 else [key]
-    if len(set(names)) != m.lora_a.shape[0] or m.lora_a.ndim != 3:
-        raise ValueError(f"the stacked nnx module {key!r} has no per-layer HF names (not under model.layers / transformer.h); "
-                         "PEFT export needs HF module names")
-    return names
-
-
-def _per_layer(key: str, m: LoraLinear):
-    """(PEFT name, A [in, r], B [r, out], scale) for each PEFT module an adapted nnx module stands for."""
-    a, b = np.asarray(m.lora_a[...], np.float32), np.asarray(m.lora_b[...], np.float32)
-    scale = np.asarray(m.lora_scale[...], np.float32)
-    names = _layer_names(key, m)
-    if len(names) == 1 and a.ndim == 2:
-        return [(names[0], a, b, float(scale))]
-    return [(n, a[i], b[i], float(scale[i])) for i, n in enumerate(names)]
-
-
-def save_peft_adapter(model: nnx.Module, config: LoraConfig, out_dir: str, *, base_model_name_or_path: str | None = None,
-                      model_type: str | None = None, overwrite: bool = False) -> str:
-    """Write the adapters of an nnx model whose module paths are HF names as a PEFT adapter directory.
-
-    Tensors `base_model.model.{key}.lora_A.weight` [r, in] / `lora_B.weight` [out, r]; the config
-    pins exact-name rank/alpha patterns wherever the adapter's own rank/scale differ from what
-    `config` would give PEFT; task_type is "CAUSAL_LM" when `model_type` names a transformers
-    architecture, else null (PEFT's custom-model form). Atomic; an existing non-empty out_dir needs
-    overwrite=True.
-    """
-    from lora_jax.interop._files import atomic_dir, save_safetensors
-    from lora_jax.interop.adapter import CONFIG_FILE, PREFIX, WEIGHTS_FILE, _alpha_of, _pin
-    from lora_jax.interop.peft_config import peft_config_dict
-    from lora_jax.config import pattern_value
-
-    config = resolve_targets(config, model_type)
-    found = adapters(model)
-    if not found:
-        raise ValueError("the model holds no LoRA adapters; inject or load one first")
-    if any(m.merged for m in found.values()):
-        raise ValueError("the adapters are merged into the kernels; unmerge(model) before saving the adapter")
-    tensors, ranks, alphas = {}, dict(config.rank_pattern), dict(config.alpha_pattern)
-    for key, m in sorted(found.items()):
-        for name, a, b, scale in _per_layer(key, m):
-            r = a.shape[1]
-            alpha = _alpha_of(scale, r, config.alpha_for(name), config.use_rslora)
-            ranks = _pin(ranks, name, r, pattern_value(ranks, name, config.r))
-            alphas = _pin(alphas, name, alpha, pattern_value(alphas, name, config.alpha))
-            tensors[f"{PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a.T)
-            tensors[f"{PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b.T)
-    targets = config.target_modules
-    if targets == ALL_LINEAR:
-        targets = tuple(sorted({k.rsplit(".", 1)[-1] for k in found}))
-    written = dataclasses.replace(config, target_modules=targets, rank_pattern=ranks, alpha_pattern=alphas)
-    d = peft_config_dict(written, base_model_name_or_path=base_model_name_or_path)
-    if model_type is None:  # a model of the user's own: no task_type, as PEFT saves a custom model (loads on any twin)
-        d["task_type"] = None
-    with atomic_dir(out_dir, overwrite) as tmp:
-        save_safetensors(tensors, os.path.join(tmp, WEIGHTS_FILE))
-        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            json.dump(d, f, indent=2)
-            f.write("\n")
-    return os.path.abspath(out_dir)
-
-
-def load_peft_adapter(model: nnx.Module, adapter_dir: str, rngs: nnx.Rngs | jax.Array | None = None) -> tuple[nnx.Module, LoraConfig]:
-    """Inject a PEFT LoRA adapter's weights into an nnx model (module paths = HF names), in place.
-
-    Every tensor must land on an adapted module with the shape the config's rank gives, and every
-    adapted module must get both tensors; anything else is a one-line ValueError.
-    """
-    from lora_jax.interop.adapter import CONFIG_FILE, PREFIX, read_adapter
-    from lora_jax.interop.peft_config import lora_config_from_peft
-
-    config_dict, tensors = read_adapter(adapter_dir)
-    cfg = lora_config_from_peft(config_dict, os.path.join(os.fspath(adapter_dir), CONFIG_FILE))
-    inject(model, cfg, rngs if rngs is not None else nnx.Rngs(0))
-    found = adapters(model)
-    used = set()
-    for key, m in found.items():
-        names = _layer_names(key, m)
-        for leaf, suffix in (("lora_a", "lora_A"), ("lora_b", "lora_B")):
-            var = getattr(m, leaf)
-            need = tuple(var.shape[-2:])[::-1]
-            layers = []
-            for mod in names:
-                name = f"{PREFIX}{mod}.{suffix}.weight"
-                if name not in tensors:
-                    raise ValueError(f"adapter_config.json targets {mod!r} but the adapter has no {name!r}; the files do not match")
-                arr = np.asarray(tensors[name], np.float32)
-                if arr.shape != need:
-                    raise ValueError(f"adapter tensor {name!r} has shape {arr.shape} but this model needs {need}; "
-                                     "the adapter was trained for another model")
-                layers.append(arr.T)
-                used.add(name)
-            var[...] = jnp.asarray(layers[0] if var.ndim == 2 else np.stack(layers), cfg.jnp_dtype)
-    extra = sorted(set(tensors) - used)
-    if extra:
-        raise ValueError(f"adapter tensor {extra[0]!r} matches no adapted nnx module (is it targeted, and do module paths follow HF names?)")
-    return model, cfg
+        return getattr(nnx_adapter, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

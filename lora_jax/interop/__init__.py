@@ -5,8 +5,8 @@
     save_merged(params, lora_config, out_dir, hf_config=hf_config, dtype="bfloat16")  # -> HF checkpoint
 
 (the `lora-jax export` command is the program's: train/export.py). Files: adapter.py (tensor names and
-orientation), peft_config.py (adapter_config.json), merged.py (merged checkpoints, sharding),
-_files.py (atomic output directories).
+orientation; adapter_names.py, the writer adapter_save.py, the reader adapter_load.py), peft_config.py
+(adapter_config.json), merged.py (merged checkpoints, sharding), _files.py (atomic output directories).
 
 >>> from lora_jax.interop import save_peft_adapter, load_peft_adapter, save_merged
 """

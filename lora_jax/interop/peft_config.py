@@ -16,9 +16,12 @@ one-line ValueError naming it, as is any unknown key with a non-empty value.
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any, Mapping
 
 from lora_jax.config import LoraConfig
+from lora_jax.files import read_json
 
 PEFT_FORMAT_VERSION = "0.21.2"  # the PEFT release whose adapter_config.json layout we write
 
@@ -113,3 +116,30 @@ def lora_config_from_peft(d: Mapping[str, Any], source: str = "adapter_config.js
         return LoraConfig.from_peft_dict(d)
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
+
+
+def write_peft_config(lora_config: LoraConfig, save_directory: str) -> None:
+    """Write `save_directory/adapter_config.json` for `lora_config` alone (`LoraConfig.save_pretrained`).
+
+    >>> import tempfile
+    >>> d = tempfile.mkdtemp(); write_peft_config(LoraConfig(r=4, target_modules=["q_proj"]), d); os.listdir(d)
+    ['adapter_config.json']
+    """
+    os.makedirs(save_directory, exist_ok=True)
+    with open(os.path.join(save_directory, "adapter_config.json"), "w") as f:
+        json.dump(lora_config.to_dict(), f, indent=2)
+        f.write("\n")
+
+
+def read_peft_config(adapter_dir: str) -> LoraConfig:
+    """The `LoraConfig` in `adapter_dir/adapter_config.json`, refusing what we cannot reproduce (`LoraConfig.from_pretrained`).
+
+    >>> read_peft_config("/nonexistent")
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: /nonexistent has no adapter_config.json; pass a local PEFT adapter directory
+    """
+    path = os.path.join(os.fspath(adapter_dir), "adapter_config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{adapter_dir} has no adapter_config.json; pass a local PEFT adapter directory")
+    return lora_config_from_peft(read_json(path), path)
