@@ -143,6 +143,11 @@ def test_output_layer_only_when_the_output_is_its_post_processing():
     lp = lora_jax.inject(nn.unbox(boxed), LoraConfig(target_modules="all-linear"), jax.random.key(1),
                          layouts=lora_jax.kernel_layouts(Encoder(), ids))
     assert "lora_a" in lp["up"] and "lora_a" in lp["down"]  # PEFT adapts every Linear of a headless model
+    layouts = lora_jax.kernel_layouts(SoftCapped(), jnp.ones((1, 4)))
+    params = SoftCapped().init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+    assert "lora_a" not in lora_jax.inject(params, LoraConfig(target_modules="all-linear"), jax.random.key(1), layouts=layouts)["score"]
+    layouts.output_module = None  # PEFT on a plain torch module: no output embedding to leave out (README)
+    assert "lora_a" in lora_jax.inject(params, LoraConfig(target_modules="all-linear"), jax.random.key(1), layouts=layouts)["score"]
 
 
 class ScanLayer(nn.Module):
