@@ -106,6 +106,9 @@ def test_merge_errors_and_seeded_dare(two_adapters):
     with pytest.raises(ValueError, match=r"at 'v' the adapters have ranks \[2, 4\]"):
         add_weighted_adapter([(t_pat, c_pat), (t4, c4)], [1, 1], "linear")
     assert add_weighted_adapter([(t_pat, c_pat), (t4, c4)], [1, 1], "cat")[0]["v"]["lora_a"].shape == (4, 8)
+    c_ex = lora_jax.LoraConfig(r=4, target_modules=["q", "v"], exclude_modules=["v"])  # PEFT: the first's exclusion wins
+    with pytest.raises(ValueError, match="differ in exclude_modules"):
+        add_weighted_adapter([(t4, c4), (lora_jax.split(lora_jax.inject(toy, c_ex, jax.random.key(1)))[0], c_ex)], [1, 1], "cat")
     x = add_weighted_adapter(pair, [1, 1], "dare_ties", density=0.5, rng=jax.random.key(3))[0]
     y = add_weighted_adapter(pair, [1, 1], "dare_ties", density=0.5, rng=jax.random.key(3))[0]
     z = add_weighted_adapter(pair, [1, 1], "dare_ties", density=0.5, rng=jax.random.key(4))[0]

@@ -116,6 +116,11 @@ def _modules(tree: Any) -> dict[tuple, dict]:
 
 
 def _new_config(configs: Sequence[LoraConfig], rank: int) -> LoraConfig:
+    for field in ("layers_to_transform", "layers_pattern", "exclude_modules"):
+        values = [getattr(c, field) for c in configs]
+        if any(v != values[0] for v in values[1:]):
+            raise ValueError(f"add_weighted_adapter: the adapters differ in {field} ({values}); PEFT gives the merged "
+                             f"adapter the first one's, which would drop or add modules of the others; give them the same")
     kinds = {isinstance(c.target_modules, str) for c in configs}
     if len(kinds) > 1:
         raise ValueError("add_weighted_adapter: the adapters mix string and list target_modules, which PEFT refuses; "
