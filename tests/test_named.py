@@ -51,6 +51,12 @@ def test_named_adapters_and_peft_multi_adapter_dirs(tiny_checkpoint, tmp_path):
     assert gone.names == ("chat",) and gone.active == "chat" and gone.delete("chat").active is None
     with pytest.raises(ValueError, match="no adapter named 'x'"):
         ad.set_active("x")
+    with pytest.raises(ValueError, match="takes one adapter name.*'cat'"):  # PEFT's set_adapter(["a", "b"])
+        ad.set_active(["default", "chat"])
+    both = ad.add_weighted(["default", "chat"], [1.0, 1.0], "both", "cat").set_active("both")  # = both active in PEFT
+    with torch.no_grad():
+        pm.base_model.set_adapter(["default", "chat"])
+        assert_close(logits(both), pm(t).logits.numpy())
     with pytest.raises(ValueError, match="exists"):
         ad.add("chat", t2, c2)
     # one jit for every adapter of the same shapes: Adapters is a pytree with static names/active

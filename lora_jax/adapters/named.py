@@ -142,6 +142,9 @@ class Adapters:
 
     def set_active(self, name: str) -> "Adapters":
         """Make `name` the adapter `params` carries (PEFT's set_adapter)."""
+        if not isinstance(name, str):
+            raise ValueError(f"set_active takes one adapter name, got {name!r}; for PEFT's several active adapters at once "
+                             "(their deltas summed) add one adapter: add_weighted(names, [1.0] * len(names), new_name, 'cat')")
         self._need(name)
         return dataclasses.replace(self, active=name)
 
