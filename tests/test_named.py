@@ -1,6 +1,7 @@
 """Named adapters: add / set_active / disable / delete, and PEFT's multi-adapter directory layout both
 ways (ours read by PeftModel.from_pretrained + load_adapter(adapter_name=), PEFT's read by ours)."""
 
+import dataclasses
 import os
 
 import jax
@@ -99,6 +100,10 @@ def test_merge_and_unload_names_and_delete_order_match_peft(tiny_checkpoint, tmp
                  np.asarray(model.apply({"params": base}, IDS)[0]), 0)
     with pytest.raises(ValueError, match="'v_proj' is not a kernel of the base|which is not a kernel of the base"):
         Adapters.from_params(base).add("x", {"v_proj": t1["model"]["layers"]["0"]["self_attn"]["v_proj"]}, c1)
+    pissa = dataclasses.replace(c1, init="pissa")
+    t_p = lora_jax.split(lora_jax.inject(base, pissa, jax.random.key(2)))[0]
+    with pytest.raises(ValueError, match="'p' \\(init='pissa'\\) rewrote the base kernels.*convert_to_lora"):
+        Adapters.from_params(base).add("a", t1, c1).add("p", t_p, pissa)
     wrong = jax.tree.map(lambda x: x[..., :-1, :] if x.ndim == 2 and x.shape[-1] == 2 else x, t1)  # A one input short
     with pytest.raises(ValueError, match="do not fit the base kernel"):
         Adapters.from_params(base).add("x", wrong, c1)

@@ -45,6 +45,7 @@ from lora_jax.config import LoraConfig
 from lora_jax.interop._files import atomic_dir
 from lora_jax.interop.adapter import CONFIG_FILE, load_peft_adapter, save_peft_adapter
 from lora_jax.transform import combine, has_lora, merge, split
+from lora_jax.variants.inits import rewrites_base
 from lora_jax.tree import KERNEL, LORA_A, LORA_B, LORA_MAGNITUDE, LORA_SCALE, copy_tree, get, has_path, is_param_leaf, iter_leaves
 
 DEFAULT = "default"
@@ -122,6 +123,11 @@ class Adapters:
         if rest or not has_lora(lora):
             raise ValueError(f"adapter {name!r}: pass its LoRA tree only (lora_jax.split(params)[0])")
         self._check_fits(name, lora)
+        rewriting = [n for n, c in {**self.configs, name: config}.items() if rewrites_base(c.init)]
+        if rewriting and self.adapters:
+            raise ValueError(f"adapter {rewriting[0]!r} (init={({**self.configs, name: config})[rewriting[0]].init!r}) "
+                             "rewrote the base kernels, so it cannot share a base with other adapters (PEFT warns the "
+                             "same); convert it first: lora_jax.variants.convert_to_lora (a plain LoRA on the original base)")
         active = name if (activate or self.active is None and not self.adapters) else self.active
         return Adapters(self.base, {**self.adapters, name: lora}, {**self.configs, name: config}, active)
 
