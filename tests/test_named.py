@@ -107,3 +107,5 @@ def test_merge_and_unload_names_and_delete_order_match_peft(tiny_checkpoint, tmp
     wrong = jax.tree.map(lambda x: x[..., :-1, :] if x.ndim == 2 and x.shape[-1] == 2 else x, t1)  # A one input short
     with pytest.raises(ValueError, match="do not fit the base kernel"):
         Adapters.from_params(base).add("x", wrong, c1)
+    with pytest.raises(ValueError, match="do not fit the base kernel"):
+        Adapters.from_params(base).add("x", t1, c1).replace_adapter("x", wrong)

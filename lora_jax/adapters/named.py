@@ -174,7 +174,9 @@ class Adapters:
     def replace_adapter(self, name: str, lora: Any) -> "Adapters":
         """Adapter `name` with new values (e.g. after training), same config."""
         self._need(name)
-        return dataclasses.replace(self, adapters={**self.adapters, name: split(lora)[0]})
+        lora = split(lora)[0]
+        self._check_fits(name, lora)
+        return dataclasses.replace(self, adapters={**self.adapters, name: lora})
 
     # -- using ---------------------------------------------------------------------------------
     @property
