@@ -189,7 +189,10 @@ class LoraConfig:
             raise ValueError("LoraConfig.target_modules is empty; name modules (e.g. ['q_proj', 'v_proj']) or use 'all-linear'")
         self._check_layers()
         if self.init not in _INITS and not re.fullmatch(r"pissa_niter_[1-9]\d*", str(self.init)):
-            raise ValueError(f"LoraConfig.init must be one of {_INITS} or pissa_niter_N (N >= 1), got {self.init!r}")
+            hint = {True: " (PEFT's init_lora_weights=True is 'default')", False: " (PEFT's init_lora_weights=False is 'random')",
+                    "loftq": " (LoftQ: lora_jax.variants.loftq_init(params, config, rng) with the default init)"}
+            raise ValueError(f"LoraConfig.init must be one of {_INITS} or pissa_niter_N (N >= 1), got {self.init!r}"
+                             + (hint.get(self.init, "") if isinstance(self.init, (str, bool)) else ""))
         if not isinstance(self.use_dora, bool):
             raise ValueError(f"LoraConfig.use_dora must be True or False, got {self.use_dora!r}")
         if self.dtype not in _DTYPES:

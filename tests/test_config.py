@@ -39,6 +39,7 @@ def test_rank_and_alpha_patterns_match_like_peft():
         (dict(rank_pattern={"q": 0}), "must be a positive number"),
         (dict(alpha_pattern={"(": 2}), "not a valid regex"),
         (dict(init="xavier"), "init must be one of"),
+        (dict(init="loftq"), "loftq_init\\(params, config, rng\\)"), (dict(init=False), "init_lora_weights=False is .random."),
         (dict(dtype="int8"), "dtype must be one of"),
     ],
 )

@@ -71,6 +71,10 @@ def test_pissa_niter_converges_to_pissa_and_errors():
         lora_jax.LoraConfig(init="pissa_niter_x")
     with pytest.raises(ValueError, match="converts PiSSA/OLoRA adapters"):
         convert_to_lora(full, lora_jax.split(full)[0], lora_jax.LoraConfig(target_modules=["q"]))
+    for init in ("pissa", "olora"):  # r > min(in, out): PEFT makes a rank-3 adapter under an r=4 config; refused
+        with pytest.raises(ValueError, match="rank 4 exceeds min\\(in, out\\) = 3"):
+            lora_jax.inject({"q": {"kernel": np.ones((6, 3), np.float32)}}, lora_jax.LoraConfig(r=4, target_modules=["q"], init=init),
+                            jax.random.key(0))
     with pytest.raises(ValueError, match="needs a float kernel"):
         lora_jax.inject(lora_jax.quantize({"layers": {"q": {"kernel": jax.numpy.ones((2, 64, 64))}}}),
                         lora_jax.LoraConfig(r=3, target_modules=["q"], init="olora"), jax.random.key(1), layouts=STACKED)

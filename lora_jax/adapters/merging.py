@@ -10,9 +10,12 @@ a stack), in PyTorch's orientation (A [r, in], B [out, r]) exactly as `LoraModel
                       B's with sqrt|w_i s_i| (all ranks equal)
     svd               ΔW = Σ w_i·ΔW_i, truncated SVD: B = U_k S_k, A = Vh_k (rank svd_rank or max r_i),
                       optionally clamped to the svd_clamp quantile of |entries|
+    ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd
+                      as svd, with ΔW = that merge (ties, ...) of the w_i·ΔW_i instead of their sum
     ties / magnitude_prune keep the top `density` fraction of |entries| of each tensor; ties/dare_ties then
                       keep, per entry, the values agreeing with the majority sign ("total" or "frequency")
                       and average them; dare_* drop entries at random (keep prob. density) and rescale 1/density
+                      (so density=0, which PEFT turns into NaN, is refused)
 
 The new adapter's config is PEFT's: r = alpha = the new rank, no rank/alpha patterns, target modules
 the union, use_rslora from the first adapter — so its scale is 1 (sqrt(r) with rsLoRA, as PEFT).
@@ -43,7 +46,8 @@ import numpy as np
 from lora_jax.config import LoraConfig
 from lora_jax.tree import LORA_A, LORA_B, LORA_MAGNITUDE, LORA_SCALE, get, iter_leaves, put
 
-COMBINATIONS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
+COMBINATIONS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune",
+                "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
 _GTA = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 
 
@@ -112,6 +116,11 @@ def _modules(tree: Any) -> dict[tuple, dict]:
 
 
 def _new_config(configs: Sequence[LoraConfig], rank: int) -> LoraConfig:
+    for field in ("layers_to_transform", "layers_pattern", "exclude_modules"):
+        values = [getattr(c, field) for c in configs]
+        if any(v != values[0] for v in values[1:]):
+            raise ValueError(f"add_weighted_adapter: the adapters differ in {field} ({values}); PEFT gives the merged "
+                             f"adapter the first one's, which would drop or add modules of the others; give them the same")
     kinds = {isinstance(c.target_modules, str) for c in configs}
     if len(kinds) > 1:
         raise ValueError("add_weighted_adapter: the adapters mix string and list target_modules, which PEFT refuses; "
@@ -137,8 +146,8 @@ def add_weighted_adapter(adapters: Sequence[tuple[Any, LoraConfig]], weights: Se
         arguments; singular vectors are unique up to sign, and LAPACK's sign choice depends on the mode).
       density: fraction kept by ties / dare_* / magnitude_prune, in [0, 1].
       majority_sign_method: "total" or "frequency" (ties, dare_ties).
-      rng: jax key for DARE's masks; masks: {(module path, layer index or None, "lora_a"/"lora_b"):
-        [mask per adapter, PyTorch orientation]} to use exact masks instead.
+      rng: jax key for DARE's masks; masks: {(module path, layer index or None, "lora_a"/"lora_b"; "delta"
+        for the *_svd kinds): [mask per adapter, PyTorch orientation]} to use exact masks instead.
     """
     if combination_type not in COMBINATIONS:
         raise ValueError(f"combination_type must be one of {COMBINATIONS}, got {combination_type!r}")
@@ -147,9 +156,12 @@ def add_weighted_adapter(adapters: Sequence[tuple[Any, LoraConfig]], weights: Se
     if majority_sign_method not in ("total", "frequency"):
         raise ValueError(f"majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}")
     kind = "linear" if len(adapters) == 1 else combination_type
-    needs_density = kind in ("ties", "dare_linear", "dare_ties", "magnitude_prune")
+    needs_density = kind.removesuffix("_svd") in ("ties", "dare_linear", "dare_ties", "magnitude_prune")
     if needs_density and (density is None or not 0 <= density <= 1):
         raise ValueError(f"combination_type={kind!r} needs density in [0, 1], got {density!r}")
+    if kind.startswith("dare") and density == 0:
+        raise ValueError(f"combination_type={kind!r} with density=0 drops every entry and divides by 0 (NaN in PEFT); "
+                         "use a density in (0, 1]")
     if kind.startswith("dare") and rng is None and masks is None:
         raise ValueError(f"combination_type={kind!r} drops entries at random; pass rng=jax.random.key(seed) (or masks=)")
     configs = [c for _, c in adapters]
@@ -157,6 +169,8 @@ def add_weighted_adapter(adapters: Sequence[tuple[Any, LoraConfig]], weights: Se
     if kind in _GTA and len(set(ranks)) != 1:
         raise ValueError(f"combination_type={kind!r} needs adapters of one rank, got {ranks}; use 'cat' or 'svd'")
     new_rank = ranks[0] if kind in _GTA else sum(ranks) if kind == "cat" else (svd_rank or max(ranks))
+    if svd_rank is not None and kind.endswith("svd") and not (isinstance(svd_rank, int) and svd_rank > 0):
+        raise ValueError(f"svd_rank must be a positive int, got {svd_rank!r}")
     new_cfg = _new_config(configs, new_rank)
     new_scale = new_cfg.scale_for("", new_rank)
     trees = [_modules(t) for t, _ in adapters]
@@ -183,6 +197,10 @@ def add_weighted_adapter(adapters: Sequence[tuple[Any, LoraConfig]], weights: Se
             Bs = [np.asarray(n[LORA_B], np.float32)[idx].T for _, n in present]  # [out, r]
             ss = [float(np.asarray(n[LORA_SCALE], np.float32)[idx]) for _, n in present]
             ws = [float(weights[i]) for i, _ in present]
+            if kind in _GTA and len({a.shape for a in As}) > 1:
+                raise ValueError(f"combination_type={kind!r}: at {'.'.join(mod)!r} the adapters have ranks "
+                                 f"{[a.shape[0] for a in As]} (a rank_pattern), which cannot be combined entry by entry; "
+                                 "use 'cat' or 'svd'")
             if new_b is None:
                 new_b = np.zeros(stack + (new_rank, Bs[0].shape[0]), np.float32)
             a, b = _merge_one(kind, As, Bs, ss, ws, new_rank, density, majority_sign_method, svd_clamp,
@@ -200,9 +218,13 @@ def _merge_one(kind, As, Bs, ss, ws, new_rank, density, sign_method, clamp, mask
     if kind == "cat":
         return (np.concatenate([a * np.float32(w * s) for a, w, s in zip(As, ws, ss)], 0),
                 np.concatenate(Bs, 1))
-    if kind == "svd":
+    if kind.endswith("svd"):
         deltas = [(b @ a) * np.float32(s) for a, b, s in zip(As, Bs, ss)]
-        delta = combine_tensors("linear", deltas, np.asarray(ws, np.float32), None, sign_method)
+        base_kind = "linear" if kind == "svd" else kind.removesuffix("_svd")
+        m = None
+        if base_kind.startswith("dare") and density < 1:
+            m = masks[key + ("delta",)] if masks is not None else [(rng_np.random(d.shape) < density).astype(np.float32) for d in deltas]
+        delta = combine_tensors(base_kind, deltas, np.asarray(ws, np.float32), density, sign_method, m)
         u, sv, vh = np.linalg.svd(delta, full_matrices=full)  # PEFT's svd_full_matrices (the signs LAPACK picks depend on it)
         u, vh = u[:, :new_rank] * sv[:new_rank], vh[:new_rank]
         if clamp is not None:

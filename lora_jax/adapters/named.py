@@ -17,7 +17,8 @@ returns a new `Adapters` (pure, as the rest of lora_jax); the base arrays are sh
 
 PEFT equivalents: add_adapter/load_adapter(adapter_name=) -> `add`/`load`; set_adapter -> `set_active`;
 disable_adapter (context) -> `disable`; delete_adapter -> `delete` (the active one deleted: the first
-remaining becomes active, as PEFT); add_weighted_adapter -> `add_weighted` (lora_jax.adapters.merging);
+remaining name in sorted order becomes active, as PEFT); merge_and_unload(adapter_names=) -> `merge_and_unload`;
+unload -> `base`; add_weighted_adapter -> `add_weighted` (lora_jax.adapters.merging);
 `adapter_names=` mixed batches -> `bank` (lora_jax.adapters.per_example).
 On disk `save_all(dir)` writes PEFT's multi-adapter layout (`PeftModel.save_pretrained` with several
 adapters): the adapter named "default" in `dir/`, every other one in `dir/<name>/`, so PEFT reads it
@@ -38,13 +39,38 @@ import os
 from typing import Any, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 
 from lora_jax.config import LoraConfig
 from lora_jax.interop._files import atomic_dir
 from lora_jax.interop.adapter import CONFIG_FILE, load_peft_adapter, save_peft_adapter
-from lora_jax.transform import combine, has_lora, split
+from lora_jax.transform import combine, has_lora, merge, split
+from lora_jax.variants.inits import rewrites_base
+from lora_jax.tree import KERNEL, LORA_A, LORA_B, LORA_MAGNITUDE, LORA_SCALE, copy_tree, get, has_path, is_param_leaf, iter_leaves
 
 DEFAULT = "default"
+
+
+def _dora_on_base_norm(lora: Any, base: Any, current: Any) -> Any:
+    """`lora` with each DoRA magnitude m rescaled to m·||W' + ΔW|| / ||W + ΔW||, so that merging it into the
+    `current` kernels W' gives m / ||W + ΔW|| · (W' + ΔW), the norm taken on the `base` kernels W (PEFT)."""
+    from lora_jax.quant.quantize import dequantize_params
+    from lora_jax.variants.dora import weight_norm
+
+    out = None
+    for path, _ in iter_leaves(lora):
+        if path[-1] != LORA_MAGNITUDE:
+            continue
+        out = copy_tree(lora) if out is None else out
+        mod = path[:-1]
+        node = get(out, mod)
+        a, b, s = node[LORA_A], node[LORA_B], node[LORA_SCALE]
+        w, w_now = (dequantize_params({"k": get(t, mod + (KERNEL,))})["k"] for t in (base, current))
+        two_d = a.shape[:-1] + b.shape[-1:]
+        ratio = weight_norm(w_now.reshape(two_d), a, b, s) / weight_norm(w.reshape(two_d), a, b, s)
+        node[LORA_MAGNITUDE] = node[LORA_MAGNITUDE].astype(jnp.float32) * ratio  # fp32, as merge computes
+    return lora if out is None else out
+
 
 
 @jax.tree_util.register_pytree_node_class
@@ -96,11 +122,35 @@ class Adapters:
         lora, rest = split(lora)
         if rest or not has_lora(lora):
             raise ValueError(f"adapter {name!r}: pass its LoRA tree only (lora_jax.split(params)[0])")
+        self._check_fits(name, lora)
+        rewriting = [n for n, c in {**self.configs, name: config}.items() if rewrites_base(c.init)]
+        if rewriting and self.adapters:
+            raise ValueError(f"adapter {rewriting[0]!r} (init={({**self.configs, name: config})[rewriting[0]].init!r}) "
+                             "rewrote the base kernels, so it cannot share a base with other adapters (PEFT warns the "
+                             "same); convert it first: lora_jax.variants.convert_to_lora (a plain LoRA on the original base)")
         active = name if (activate or self.active is None and not self.adapters) else self.active
         return Adapters(self.base, {**self.adapters, name: lora}, {**self.configs, name: config}, active)
 
+    def _check_fits(self, name: str, lora: Any) -> None:
+        """Refuse an adapter on a module the base lacks (its LoRA would be silently ignored), or of another size."""
+        for path, _ in iter_leaves(lora):
+            if path[-1] != LORA_A:
+                continue
+            mod = path[:-1]
+            key = ".".join(mod)
+            if not has_path(self.base, mod + (KERNEL,)):
+                raise ValueError(f"adapter {name!r} has LoRA at {key!r}, which is not a kernel of the base; "
+                                 "it was made for another model (inject it into this base)")
+            kernel, a, b = get(self.base, mod + (KERNEL,)), get(lora, path), get(lora, mod + (LORA_B,))
+            if not is_param_leaf(kernel) and a.size // a.shape[-1] * b.shape[-1] != kernel.size:
+                raise ValueError(f"adapter {name!r} at {key!r}: A {tuple(a.shape)} and B {tuple(b.shape)} do not fit "
+                                 f"the base kernel {tuple(kernel.shape)}; it was made for another model")
+
     def set_active(self, name: str) -> "Adapters":
         """Make `name` the adapter `params` carries (PEFT's set_adapter)."""
+        if not isinstance(name, str):
+            raise ValueError(f"set_active takes one adapter name, got {name!r}; for PEFT's several active adapters at once "
+                             "(their deltas summed) add one adapter: add_weighted(names, [1.0] * len(names), new_name, 'cat')")
         self._need(name)
         return dataclasses.replace(self, active=name)
 
@@ -109,17 +159,24 @@ class Adapters:
         return dataclasses.replace(self, active=None)
 
     def delete(self, name: str) -> "Adapters":
-        """Remove `name`; if it was active, the first remaining adapter becomes active (as PEFT)."""
+        """Remove `name`; if it was active, the first remaining name in sorted order becomes active.
+
+        That is PEFT's rule (`BaseTunerLayer.delete_adapter` picks `sorted(remaining)[0]`), not the
+        order the adapters were added in. (PEFT sorts the names held by its first LoRA layer; with
+        adapters on different modules its pick can depend on that layer, ours never does.)
+        """
         self._need(name)
         rest = {n: t for n, t in self.adapters.items() if n != name}
         configs = {n: c for n, c in self.configs.items() if n != name}
-        active = self.active if self.active != name else next(iter(rest), None)
+        active = self.active if self.active != name else min(rest, default=None)
         return Adapters(self.base, rest, configs, active)
 
     def replace_adapter(self, name: str, lora: Any) -> "Adapters":
         """Adapter `name` with new values (e.g. after training), same config."""
         self._need(name)
-        return dataclasses.replace(self, adapters={**self.adapters, name: split(lora)[0]})
+        lora = split(lora)[0]
+        self._check_fits(name, lora)
+        return dataclasses.replace(self, adapters={**self.adapters, name: lora})
 
     # -- using ---------------------------------------------------------------------------------
     @property
@@ -131,6 +188,22 @@ class Adapters:
     def config(self) -> LoraConfig | None:
         """The active adapter's LoraConfig (None when disabled)."""
         return None if self.active is None else self.configs[self.active]
+
+    def merge_and_unload(self, names: Sequence[str] | None = None, **merge_kwargs) -> Any:
+        """The base with adapters `names` folded into its kernels, one after another in that order
+        (PEFT's merge_and_unload(adapter_names=)); by default the active one (the base when disabled).
+
+        A DoRA adapter merged after others scales the kernel they left, W' + ΔW, by m / ||W + ΔW||: its
+        norm is the one its forward sees, on the base W (PEFT 0.21 unmerges the earlier ones to take it).
+        `merge_kwargs` go to `lora_jax.merge` (layouts=).
+        """
+        names = list(names) if names is not None else [self.active] if self.active is not None else []
+        out = self.base
+        for n in names:
+            self._need(n)
+            lora = self.adapters[n] if out is self.base else _dora_on_base_norm(self.adapters[n], self.base, out)
+            out = merge(combine(out, lora), self.configs[n], **merge_kwargs)
+        return out
 
     def add_weighted(self, names: Sequence[str], weights: Sequence[float], new_name: str,
                      combination_type: str = "svd", **kwargs) -> "Adapters":

@@ -131,6 +131,10 @@ def variant_init(target: Any, kernel: Any, leaves: dict, config: LoraConfig, rng
         if is_param_leaf(kernel):
             raise ValueError(f"init={config.init!r} rewrites the base weights and needs a float kernel, but {key!r} is "
                              "quantized; inject into the float model, then quantize the residual (as PEFT advises)")
+        if a.shape[-1] > min(d_in, d_out):
+            raise ValueError(f"init={config.init!r} at {key!r}: rank {a.shape[-1]} exceeds min(in, out) = {min(d_in, d_out)} "
+                             "of its kernel, so the SVD/QR has too few vectors (PEFT silently makes a smaller adapter "
+                             "than its config says); lower r or give this module a rank_pattern entry")
         a, b, res = init_stacked(_matricized(kernel, target.layout), stack, d_in, d_out, a.shape[-1], scale, config.init, rng)
         leaves[LORA_A], leaves[LORA_B] = a.astype(config.jnp_dtype), b.astype(config.jnp_dtype)
         kernel = target.layout.to_kernel(res.reshape(stack + (d_in, d_out)), kernel.shape).astype(kernel.dtype)
