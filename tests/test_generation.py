@@ -72,6 +72,32 @@ def test_batched_left_padded_with_eos_matches_transformers(tiny):
     assert got.shape == (3, ids.shape[1] + 1)
 
 
+def test_checkpoint_generation_config_eos_and_pad_are_the_defaults(tiny, tmp_path):
+    """transformers' generate stops at generation_config.json's EOS ids (not config.json's) and pads
+    finished rows with its pad id or else the first EOS; so do our defaults."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from lora_jax.models import from_pretrained
+
+    hf, model, params, _ = tiny
+    ids, mask = left_pad(PROMPTS)
+    free = generate(model, params, ids, mask, max_new_tokens=N, eos_token_id=None)
+    eos = [int(free[0, ids.shape[1] + 1]), int(free[2, ids.shape[1] + 3])]
+    hf.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, eos_token_id=95, pad_token_id=None)))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "do_sample": False}))
+    hf2 = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    model2, params2, _ = from_pretrained(str(tmp_path))
+    assert model2.cfg.eos_token_id == tuple(eos) and model2.cfg.pad_token_id is None
+    expected = hf_generate(hf2, ids, mask, N)
+    got = generate(model2, params2, ids, mask, max_new_tokens=N)
+    np.testing.assert_array_equal(got, expected)
+    assert (got[0, ids.shape[1] + 2:] == eos[0]).all()  # row 0 stopped: padded with the first EOS id
+
+
 def test_repetition_penalty_matches_transformers(tiny):
     hf, model, params, _ = tiny
     ids, mask = left_pad(PROMPTS)
@@ -171,6 +197,19 @@ def test_argument_errors(tiny):
         generate(model, params, [[5, 6]], max_new_tokens=2, repetition_penalty=0)
     with pytest.raises(ValueError, match="top_p"):
         generate(model, params, [[5, 6]], max_new_tokens=2, temperature=1, top_p=1.5)
+    for kw in (dict(top_k=50), dict(top_p=0.9)):  # greedy would ignore them: refused instead
+        with pytest.raises(ValueError, match="only apply when sampling"):
+            generate(model, params, [[5, 6]], max_new_tokens=2, **kw)
+
+
+def test_chat_stops_at_the_tokenizer_and_checkpoint_eos():
+    from types import SimpleNamespace as NS
+
+    from lora_jax.generation.chat import _stop_ids
+
+    assert _stop_ids(NS(eos_token_id=2), NS(cfg=NS(eos_token_id=(5, 2)))) == [2, 5]
+    assert _stop_ids(NS(eos_token_id=None), NS(cfg=NS(eos_token_id=7))) == [7]
+    assert _stop_ids(NS(eos_token_id=None), object()) is None
 
 
 # -- SmolLM2-135M-Instruct from its GGUF vs transformers loading the same file -------------------

@@ -125,7 +125,7 @@ def generate(
     *,
     max_new_tokens: int,
     eos_token_id: int | Sequence[int] | None | str = "model",
-    pad_token_id: int | None = 0,
+    pad_token_id: int | None | str = "model",
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -141,10 +141,14 @@ def generate(
       input_ids / attention_mask: [B, P] (or [P]); prompts left-padded, mask 1 on real tokens.
       max_new_tokens: tokens to add per row (the loop stops early once every row hit EOS).
       eos_token_id: an id or a list of ids that end a row; "model" (the default) = the
-        checkpoint's own EOS (`model.cfg.eos_token_id`, as transformers' generate defaults to the
-        model's); None = never stop early.
-      pad_token_id: written after a row's EOS (None: the first EOS id, as transformers does).
-      temperature: 0 = greedy; > 0 samples after temperature, top_k, top_p (transformers' order).
+        checkpoint's own EOS (`model.cfg.eos_token_id`: generation_config.json's when the checkpoint
+        has one, else config.json's — the ids transformers' generate defaults to); None = never stop early.
+      pad_token_id: written after a row's EOS; "model" (the default) = the checkpoint's pad id
+        (`model.cfg.pad_token_id`) or, when it has none, the first EOS id — transformers' rule;
+        None = the first EOS id.
+      temperature: 0 = greedy (the default, whatever generation_config.json says about sampling);
+        > 0 samples after temperature, top_k, top_p (transformers' order). top_k / top_p without
+        a temperature > 0 are refused (transformers would ignore them when not sampling).
       repetition_penalty: transformers' (> 1 discourages repeats; applied before the above,
         greedy included); None or 1.0 = off.
       seed: sampling seed (same seed, same tokens).
@@ -172,7 +176,11 @@ def generate(
         eos_token_id = getattr(cfg, "eos_token_id", None)
     sampling = SamplingParams.make(temperature, top_k, top_p, repetition_penalty)
     eos = _eos_array(eos_token_id)
-    pad = pad_token_id if pad_token_id is not None else max(int(eos[0]), 0)
+    if isinstance(pad_token_id, str):
+        if pad_token_id != "model":
+            raise ValueError(f"pad_token_id must be an id, None or 'model', got {pad_token_id!r}")
+        pad_token_id = getattr(cfg, "pad_token_id", None)
+    pad = pad_token_id if pad_token_id is not None else max(int(eos[0]), 0) if eos.size else 0
     fn = compiled_generate(model, int(max_new_tokens), sampling.mode)
     out, steps = fn(params, ids, mask, eos, jnp.asarray(pad, jnp.int32),
                     sampling.values(), jax.random.key(seed))

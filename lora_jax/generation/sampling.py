@@ -11,7 +11,8 @@ The order and the rules are those of `transformers.generate`:
                               <= 1 - top_p, always keep the most likely token
     multinomial sampling      from softmax(scores)  (here: `jax.random.categorical`)
 
-`temperature == 0` means greedy (argmax, first index on ties — as torch's argmax). `top_k` None or
+`temperature == 0` means greedy (argmax, first index on ties — as torch's argmax); top_k / top_p
+with it are refused, not ignored. `top_k` None or
 0, `top_p` None or 1.0 and `repetition_penalty` None or 1.0 disable those steps, as in transformers. The warpers are written with
 the thresholds as traced values (`SamplingParams.values`), so changing temperature / k / p does
 not recompile; only which warpers are active is static (`SamplingParams.mode`). Top-p keeps every
@@ -52,6 +53,9 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
         if repetition_penalty is not None and not float(repetition_penalty) > 0.0:
             raise ValueError(f"repetition_penalty must be > 0 (1.0 = none), got {repetition_penalty!r}")
+        if float(temperature) == 0.0 and (top_k or (top_p is not None and float(top_p) != 1.0)):
+            raise ValueError(f"top_k={top_k!r} / top_p={top_p!r} only apply when sampling; pass a temperature > 0 "
+                             "(e.g. temperature=1.0) or drop them for greedy decoding")
         rep = None if repetition_penalty is None or float(repetition_penalty) == 1.0 else float(repetition_penalty)
         return cls(float(temperature), top_k or None, None if top_p is None or float(top_p) == 1.0 else float(top_p), rep)
 
