@@ -70,6 +70,11 @@ def test_batched_left_padded_with_eos_matches_transformers(tiny):
     got = generate(model, params, ids, mask, max_new_tokens=N, eos_token_id=firsts, pad_token_id=1)
     np.testing.assert_array_equal(got, hf_generate(hf, ids, mask, N, pad_token_id=1, eos_token_id=firsts))
     assert got.shape == (3, ids.shape[1] + 1)
+    # min_new_tokens: EOS is masked until that many tokens were generated (transformers' processor)
+    got = generate(model, params, ids, mask, max_new_tokens=N, min_new_tokens=3, eos_token_id=firsts, pad_token_id=1)
+    expected = hf_generate(hf, ids, mask, N, pad_token_id=1, eos_token_id=firsts, min_new_tokens=3)
+    np.testing.assert_array_equal(got, expected)
+    assert got.shape[1] > ids.shape[1] + 3
 
 
 def test_checkpoint_generation_config_eos_and_pad_are_the_defaults(tiny, tmp_path):
@@ -191,6 +196,10 @@ def test_argument_errors(tiny):
         generate(model, params, [[5, 6, 0]], [[1, 1, 0]], max_new_tokens=2)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, params, [[5, 6]], max_new_tokens=0)
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        generate(model, params, [[5, 6]], max_new_tokens=2, min_new_tokens=-1)
+    with pytest.raises(ValueError, match="pad them on the left"):
+        generate(model, params, [[5, 6, 7], [8]], max_new_tokens=2)
     with pytest.raises(ValueError, match="temperature"):
         generate(model, params, [[5, 6]], max_new_tokens=2, temperature=-1)
     with pytest.raises(ValueError, match="repetition_penalty"):

@@ -44,15 +44,18 @@ def _init_cache(model, batch: int, max_len: int):
     return init_cache(model.cfg, batch, max_len, getattr(model, "dtype", None) or jnp.float32)
 
 
-def _generate_impl(model, max_new_tokens: int, mode, params, input_ids, attention_mask, eos, pad, values, key):
+def _generate_impl(model, max_new_tokens: int, mode, params, input_ids, attention_mask, eos, pad, min_new, values, key):
     b, p = input_ids.shape
     cache = _init_cache(model, b, p + max_new_tokens)
     logits, cache = model.apply({"params": params}, input_ids, attention_mask=attention_mask, cache=cache)
-    is_eos = lambda tok: jnp.any(tok[:, None] == eos[None, :], axis=-1)  # noqa: E731
+    is_eos = lambda tok: jnp.any(tok[..., None] == eos, axis=-1)  # noqa: E731
+    eos_vocab = is_eos(jnp.arange(logits.shape[-1]))  # [V]
+    # transformers' MinNewTokensLengthLogitsProcessor: no EOS before min_new tokens were generated
+    last = lambda logits, step: jnp.where((step < min_new) & eos_vocab, -jnp.inf, logits[:, -1])  # noqa: E731
     # tokens in the sequence so far, for the repetition penalty (transformers skips the left padding)
     seen = jnp.zeros((b, logits.shape[-1] if mode[3] else 0), bool)
     seen = mark_seen(seen, input_ids, attention_mask) if mode[3] else seen
-    tok = select_next(logits[:, -1], jax.random.fold_in(key, 0), mode, values, seen)
+    tok = select_next(last(logits, 0), jax.random.fold_in(key, 0), mode, values, seen)
     out = jnp.full((b, max_new_tokens), pad, jnp.int32).at[:, 0].set(tok)
     ones = jnp.ones((b, 1), jnp.int32)
 
@@ -64,7 +67,7 @@ def _generate_impl(model, max_new_tokens: int, mode, params, input_ids, attentio
         step, tok, done, seen, cache, out = state
         logits, cache = model.apply({"params": params}, tok[:, None], attention_mask=ones, cache=cache)
         seen = mark_seen(seen, tok) if mode[3] else seen
-        nxt = select_next(logits[:, -1], jax.random.fold_in(key, step), mode, values, seen)
+        nxt = select_next(last(logits, step), jax.random.fold_in(key, step), mode, values, seen)
         nxt = jnp.where(done, pad, nxt)
         out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, step))
         return step + 1, nxt, done | is_eos(nxt), seen, cache, out
@@ -95,7 +98,11 @@ def compiled_generate(model, max_new_tokens: int, mode: tuple[bool, ...]):
 
 
 def _as_ids(input_ids, attention_mask):
-    ids = np.asarray(input_ids)
+    try:
+        ids = np.asarray(input_ids)
+    except ValueError:  # ragged rows
+        raise ValueError("input_ids rows have different lengths; pad them on the left to one length "
+                         "(tokenizer(..., padding=True) with padding_side='left') and pass the attention_mask") from None
     if ids.ndim == 1:
         ids = ids[None]
     if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
@@ -124,6 +131,7 @@ def generate(
     attention_mask=None,
     *,
     max_new_tokens: int,
+    min_new_tokens: int = 0,
     eos_token_id: int | Sequence[int] | None | str = "model",
     pad_token_id: int | None | str = "model",
     temperature: float = 0.0,
@@ -140,6 +148,8 @@ def generate(
       params: its 'params' collection (base, with LoRA leaves, or merged).
       input_ids / attention_mask: [B, P] (or [P]); prompts left-padded, mask 1 on real tokens.
       max_new_tokens: tokens to add per row (the loop stops early once every row hit EOS).
+      min_new_tokens: EOS ids are not generated before this many new tokens (transformers'
+        MinNewTokensLengthLogitsProcessor); traced, so changing it does not recompile.
       eos_token_id: an id or a list of ids that end a row; "model" (the default) = the
         checkpoint's own EOS (`model.cfg.eos_token_id`: generation_config.json's when the checkpoint
         has one, else config.json's — the ids transformers' generate defaults to); None = never stop early.
@@ -162,6 +172,8 @@ def generate(
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, (int, np.integer)) or min_new_tokens < 0:
+        raise ValueError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
     ids, mask = _as_ids(input_ids, attention_mask)
     cfg = getattr(model, "cfg", None)
     n_pos = getattr(cfg, "max_position_embeddings", None)
@@ -182,7 +194,7 @@ def generate(
         pad_token_id = getattr(cfg, "pad_token_id", None)
     pad = pad_token_id if pad_token_id is not None else max(int(eos[0]), 0) if eos.size else 0
     fn = compiled_generate(model, int(max_new_tokens), sampling.mode)
-    out, steps = fn(params, ids, mask, eos, jnp.asarray(pad, jnp.int32),
+    out, steps = fn(params, ids, mask, eos, jnp.asarray(pad, jnp.int32), jnp.asarray(min_new_tokens, jnp.int32),
                     sampling.values(), jax.random.key(seed))
     new = np.asarray(out)[:, : int(steps)]
     return np.concatenate([ids, new], axis=1)
