@@ -166,6 +166,9 @@ def test_sampling_is_seeded_and_degenerates_to_greedy(tiny):
     greedy = generate(model, params, ids, mask, max_new_tokens=N)
     np.testing.assert_array_equal(generate(model, params, ids, mask, max_new_tokens=N, temperature=1.0, top_k=1), greedy)
     np.testing.assert_array_equal(generate(model, params, ids, mask, max_new_tokens=N, temperature=0.8, top_p=1e-6), greedy)
+    # sampling without top_k filters the top 50 as transformers' generate does (top_k=0: off)
+    assert sampling.SamplingParams.make(temperature=1.5).mode == (True, True, False, False)
+    assert sampling.SamplingParams.make(temperature=1.5, top_k=0).mode == (True, False, False, False)
     # temperature / k / p are traced: one compilation per sampling mode and shape
     fn = compiled_generate(model, N, (True, True, False, False))
     before = fn._cache_size()

@@ -159,6 +159,7 @@ def generate(
       temperature: 0 = greedy (the default, whatever generation_config.json says about sampling);
         > 0 samples after temperature, top_k, top_p (transformers' order). top_k / top_p without
         a temperature > 0 are refused (transformers would ignore them when not sampling).
+      top_k: None = transformers' default 50 when sampling; 0 = no top-k filter.
       repetition_penalty: transformers' (> 1 discourages repeats; applied before the above,
         greedy included); None or 1.0 = off.
       seed: sampling seed (same seed, same tokens).
