@@ -201,6 +201,10 @@ def test_argument_errors(tiny):
         generate(model, params, [[5, 6]], max_new_tokens=0)
     with pytest.raises(ValueError, match="min_new_tokens"):
         generate(model, params, [[5, 6]], max_new_tokens=2, min_new_tokens=-1)
+    with pytest.raises(ValueError, match="token id 96 outside the model's vocabulary"):  # was NaN logits, token 0
+        generate(model, params, [[5, 96]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="token id -100 outside"):
+        generate(model, params, [[-100, 5]], [[0, 1]], max_new_tokens=2)
     with pytest.raises(ValueError, match="pad them on the left"):
         generate(model, params, [[5, 6, 7], [8]], max_new_tokens=2)
     with pytest.raises(ValueError, match="temperature"):

@@ -177,6 +177,11 @@ def generate(
         raise ValueError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
     ids, mask = _as_ids(input_ids, attention_mask)
     cfg = getattr(model, "cfg", None)
+    vocab = getattr(cfg, "vocab_size", None)
+    if vocab is not None and (ids.min() < 0 or ids.max() >= vocab):
+        bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+        raise ValueError(f"input_ids holds token id {bad} outside the model's vocabulary (0..{vocab - 1}), padding "
+                         "included; use the model's own tokenizer and an in-vocabulary pad id")
     n_pos = getattr(cfg, "max_position_embeddings", None)
     if n_pos is not None and ids.shape[1] > n_pos:
         raise ValueError(f"the prompt has {ids.shape[1]} tokens but the model has {n_pos} positions; shorten the prompt")
