@@ -166,6 +166,14 @@ def test_sampling_is_seeded_and_degenerates_to_greedy(tiny):
     greedy = generate(model, params, ids, mask, max_new_tokens=N)
     np.testing.assert_array_equal(generate(model, params, ids, mask, max_new_tokens=N, temperature=1.0, top_k=1), greedy)
     np.testing.assert_array_equal(generate(model, params, ids, mask, max_new_tokens=N, temperature=0.8, top_p=1e-6), greedy)
+    # transformers' do_sample switch: True samples at temperature 1.0, False is greedy
+    np.testing.assert_array_equal(generate(model, params, ids, mask, max_new_tokens=N, do_sample=True, seed=3),
+                                  generate(model, params, ids, mask, max_new_tokens=N, temperature=1.0, seed=3))
+    np.testing.assert_array_equal(generate(model, params, ids, mask, max_new_tokens=N, do_sample=False), greedy)
+    with pytest.raises(ValueError, match="only applies when sampling"):
+        generate(model, params, ids, mask, max_new_tokens=N, do_sample=False, temperature=0.7)
+    with pytest.raises(ValueError, match="do_sample=True needs a temperature > 0"):
+        generate(model, params, ids, mask, max_new_tokens=N, do_sample=True, temperature=0)
     # sampling without top_k filters the top 50 as transformers' generate does (top_k=0: off)
     assert sampling.SamplingParams.make(temperature=1.5).mode == (True, True, False, False)
     assert sampling.SamplingParams.make(temperature=1.5, top_k=0).mode == (True, False, False, False)

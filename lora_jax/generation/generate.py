@@ -124,6 +124,19 @@ def _eos_array(eos_token_id: int | Sequence[int] | None) -> np.ndarray:
     return np.asarray(ids, np.int32)
 
 
+def _temperature(do_sample: bool | None, temperature: float | None) -> float:
+    """The temperature SamplingParams takes (0 = greedy) from transformers-style do_sample + temperature."""
+    if do_sample is None:
+        return 0.0 if temperature is None else temperature
+    if do_sample:
+        if temperature is not None and float(temperature) == 0.0:
+            raise ValueError("do_sample=True needs a temperature > 0 (or none: 1.0); temperature=0 is greedy decoding")
+        return 1.0 if temperature is None else temperature
+    if temperature is not None and float(temperature) != 0.0:
+        raise ValueError(f"temperature={temperature!r} only applies when sampling; drop it or do_sample=False")
+    return 0.0
+
+
 def generate(
     model,
     params,
@@ -134,7 +147,8 @@ def generate(
     min_new_tokens: int = 0,
     eos_token_id: int | Sequence[int] | None | str = "model",
     pad_token_id: int | None | str = "model",
-    temperature: float = 0.0,
+    do_sample: bool | None = None,
+    temperature: float | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
     repetition_penalty: float | None = None,
@@ -156,7 +170,9 @@ def generate(
       pad_token_id: written after a row's EOS; "model" (the default) = the checkpoint's pad id
         (`model.cfg.pad_token_id`) or, when it has none, the first EOS id — transformers' rule;
         None = the first EOS id.
-      temperature: 0 = greedy (the default, whatever generation_config.json says about sampling);
+      do_sample: transformers' switch: None (default) = sample iff temperature > 0; True = sample
+        (temperature defaults to 1.0); False = greedy (a temperature > 0 with it is refused).
+      temperature: None or 0 = greedy (the default, whatever generation_config.json says about sampling);
         > 0 samples after temperature, top_k, top_p (transformers' order). top_k / top_p without
         a temperature > 0 are refused (transformers would ignore them when not sampling).
       top_k: None = transformers' default 50 when sampling; 0 = no top-k filter.
@@ -192,7 +208,7 @@ def generate(
         if eos_token_id != "model":
             raise ValueError(f"eos_token_id must be an id, a list of ids, None or 'model', got {eos_token_id!r}")
         eos_token_id = getattr(cfg, "eos_token_id", None)
-    sampling = SamplingParams.make(temperature, top_k, top_p, repetition_penalty)
+    sampling = SamplingParams.make(_temperature(do_sample, temperature), top_k, top_p, repetition_penalty)
     eos = _eos_array(eos_token_id)
     if isinstance(pad_token_id, str):
         if pad_token_id != "model":
