@@ -191,8 +191,9 @@ def generation_ids(cfg: ModelConfig, path: str) -> ModelConfig:
 
     from lora_jax.files import read_json
 
+    raw = read_json(file)  # malformed JSON: its own one-line error
     try:
-        gen = transformers.GenerationConfig.from_dict(read_json(file))
+        gen = transformers.GenerationConfig.from_dict(raw)
     except (TypeError, ValueError) as e:
         raise CorruptFileError(f"{file} is not a valid generation config ({' '.join(str(e).split())[:160]}); "
                                "fix or delete it") from None
