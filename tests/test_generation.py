@@ -101,6 +101,9 @@ def test_checkpoint_generation_config_eos_and_pad_are_the_defaults(tiny, tmp_pat
     got = generate(model2, params2, ids, mask, max_new_tokens=N)
     np.testing.assert_array_equal(got, expected)
     assert (got[0, ids.shape[1] + 2:] == eos[0]).all()  # row 0 stopped: padded with the first EOS id
+    (tmp_path / "generation_config.json").write_text("{bad")
+    with pytest.raises(ValueError, match=r"generation_config.json is not valid JSON \(line 1"):
+        from_pretrained(str(tmp_path))
 
 
 def test_repetition_penalty_matches_transformers(tiny):
