@@ -70,6 +70,40 @@ def test_batched_left_padded_with_eos_matches_transformers(tiny):
     got = generate(model, params, ids, mask, max_new_tokens=N, eos_token_id=firsts, pad_token_id=1)
     np.testing.assert_array_equal(got, hf_generate(hf, ids, mask, N, pad_token_id=1, eos_token_id=firsts))
     assert got.shape == (3, ids.shape[1] + 1)
+    # min_new_tokens: EOS is masked until that many tokens were generated (transformers' processor)
+    got = generate(model, params, ids, mask, max_new_tokens=N, min_new_tokens=3, eos_token_id=firsts, pad_token_id=1)
+    expected = hf_generate(hf, ids, mask, N, pad_token_id=1, eos_token_id=firsts, min_new_tokens=3)
+    np.testing.assert_array_equal(got, expected)
+    assert got.shape[1] > ids.shape[1] + 3
+
+
+def test_checkpoint_generation_config_eos_and_pad_are_the_defaults(tiny, tmp_path):
+    """transformers' generate stops at generation_config.json's EOS ids (not config.json's) and pads
+    finished rows with its pad id or else the first EOS; so do our defaults."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from lora_jax.models import from_pretrained
+
+    hf, model, params, _ = tiny
+    ids, mask = left_pad(PROMPTS)
+    free = generate(model, params, ids, mask, max_new_tokens=N, eos_token_id=None)
+    eos = [int(free[0, ids.shape[1] + 1]), int(free[2, ids.shape[1] + 3])]
+    hf.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(cfg, eos_token_id=95, pad_token_id=None)))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": eos, "do_sample": False}))
+    hf2 = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    model2, params2, _ = from_pretrained(str(tmp_path))
+    assert model2.cfg.eos_token_id == tuple(eos) and model2.cfg.pad_token_id is None
+    expected = hf_generate(hf2, ids, mask, N)
+    got = generate(model2, params2, ids, mask, max_new_tokens=N)
+    np.testing.assert_array_equal(got, expected)
+    assert (got[0, ids.shape[1] + 2:] == eos[0]).all()  # row 0 stopped: padded with the first EOS id
+    (tmp_path / "generation_config.json").write_text("{bad")
+    with pytest.raises(ValueError, match=r"generation_config.json is not valid JSON \(line 1"):
+        from_pretrained(str(tmp_path))
 
 
 def test_repetition_penalty_matches_transformers(tiny):
@@ -135,6 +169,17 @@ def test_sampling_is_seeded_and_degenerates_to_greedy(tiny):
     greedy = generate(model, params, ids, mask, max_new_tokens=N)
     np.testing.assert_array_equal(generate(model, params, ids, mask, max_new_tokens=N, temperature=1.0, top_k=1), greedy)
     np.testing.assert_array_equal(generate(model, params, ids, mask, max_new_tokens=N, temperature=0.8, top_p=1e-6), greedy)
+    # transformers' do_sample switch: True samples at temperature 1.0, False is greedy
+    np.testing.assert_array_equal(generate(model, params, ids, mask, max_new_tokens=N, do_sample=True, seed=3),
+                                  generate(model, params, ids, mask, max_new_tokens=N, temperature=1.0, seed=3))
+    np.testing.assert_array_equal(generate(model, params, ids, mask, max_new_tokens=N, do_sample=False), greedy)
+    with pytest.raises(ValueError, match="only applies when sampling"):
+        generate(model, params, ids, mask, max_new_tokens=N, do_sample=False, temperature=0.7)
+    with pytest.raises(ValueError, match="do_sample=True needs a temperature > 0"):
+        generate(model, params, ids, mask, max_new_tokens=N, do_sample=True, temperature=0)
+    # sampling without top_k filters the top 50 as transformers' generate does (top_k=0: off)
+    assert sampling.SamplingParams.make(temperature=1.5).mode == (True, True, False, False)
+    assert sampling.SamplingParams.make(temperature=1.5, top_k=0).mode == (True, False, False, False)
     # temperature / k / p are traced: one compilation per sampling mode and shape
     fn = compiled_generate(model, N, (True, True, False, False))
     before = fn._cache_size()
@@ -165,12 +210,33 @@ def test_argument_errors(tiny):
         generate(model, params, [[5, 6, 0]], [[1, 1, 0]], max_new_tokens=2)
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(model, params, [[5, 6]], max_new_tokens=0)
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        generate(model, params, [[5, 6]], max_new_tokens=2, min_new_tokens=-1)
+    with pytest.raises(ValueError, match="token id 96 outside the model's vocabulary"):  # was NaN logits, token 0
+        generate(model, params, [[5, 96]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="token id -100 outside"):
+        generate(model, params, [[-100, 5]], [[0, 1]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="pad them on the left"):
+        generate(model, params, [[5, 6, 7], [8]], max_new_tokens=2)
     with pytest.raises(ValueError, match="temperature"):
         generate(model, params, [[5, 6]], max_new_tokens=2, temperature=-1)
     with pytest.raises(ValueError, match="repetition_penalty"):
         generate(model, params, [[5, 6]], max_new_tokens=2, repetition_penalty=0)
     with pytest.raises(ValueError, match="top_p"):
         generate(model, params, [[5, 6]], max_new_tokens=2, temperature=1, top_p=1.5)
+    for kw in (dict(top_k=50), dict(top_p=0.9)):  # greedy would ignore them: refused instead
+        with pytest.raises(ValueError, match="only apply when sampling"):
+            generate(model, params, [[5, 6]], max_new_tokens=2, **kw)
+
+
+def test_chat_stops_at_the_tokenizer_and_checkpoint_eos():
+    from types import SimpleNamespace as NS
+
+    from lora_jax.generation.chat import _stop_ids
+
+    assert _stop_ids(NS(eos_token_id=2), NS(cfg=NS(eos_token_id=(5, 2)))) == [2, 5]
+    assert _stop_ids(NS(eos_token_id=None), NS(cfg=NS(eos_token_id=7))) == [7]
+    assert _stop_ids(NS(eos_token_id=None), object()) is None
 
 
 # -- SmolLM2-135M-Instruct from its GGUF vs transformers loading the same file -------------------

@@ -44,15 +44,18 @@ def _init_cache(model, batch: int, max_len: int):
     return init_cache(model.cfg, batch, max_len, getattr(model, "dtype", None) or jnp.float32)
 
 
-def _generate_impl(model, max_new_tokens: int, mode, params, input_ids, attention_mask, eos, pad, values, key):
+def _generate_impl(model, max_new_tokens: int, mode, params, input_ids, attention_mask, eos, pad, min_new, values, key):
     b, p = input_ids.shape
     cache = _init_cache(model, b, p + max_new_tokens)
     logits, cache = model.apply({"params": params}, input_ids, attention_mask=attention_mask, cache=cache)
-    is_eos = lambda tok: jnp.any(tok[:, None] == eos[None, :], axis=-1)  # noqa: E731
+    is_eos = lambda tok: jnp.any(tok[..., None] == eos, axis=-1)  # noqa: E731
+    eos_vocab = is_eos(jnp.arange(logits.shape[-1]))  # [V]
+    # transformers' MinNewTokensLengthLogitsProcessor: no EOS before min_new tokens were generated
+    last = lambda logits, step: jnp.where((step < min_new) & eos_vocab, -jnp.inf, logits[:, -1])  # noqa: E731
     # tokens in the sequence so far, for the repetition penalty (transformers skips the left padding)
     seen = jnp.zeros((b, logits.shape[-1] if mode[3] else 0), bool)
     seen = mark_seen(seen, input_ids, attention_mask) if mode[3] else seen
-    tok = select_next(logits[:, -1], jax.random.fold_in(key, 0), mode, values, seen)
+    tok = select_next(last(logits, 0), jax.random.fold_in(key, 0), mode, values, seen)
     out = jnp.full((b, max_new_tokens), pad, jnp.int32).at[:, 0].set(tok)
     ones = jnp.ones((b, 1), jnp.int32)
 
@@ -64,7 +67,7 @@ def _generate_impl(model, max_new_tokens: int, mode, params, input_ids, attentio
         step, tok, done, seen, cache, out = state
         logits, cache = model.apply({"params": params}, tok[:, None], attention_mask=ones, cache=cache)
         seen = mark_seen(seen, tok) if mode[3] else seen
-        nxt = select_next(logits[:, -1], jax.random.fold_in(key, step), mode, values, seen)
+        nxt = select_next(last(logits, step), jax.random.fold_in(key, step), mode, values, seen)
         nxt = jnp.where(done, pad, nxt)
         out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, step))
         return step + 1, nxt, done | is_eos(nxt), seen, cache, out
@@ -95,7 +98,11 @@ def compiled_generate(model, max_new_tokens: int, mode: tuple[bool, ...]):
 
 
 def _as_ids(input_ids, attention_mask):
-    ids = np.asarray(input_ids)
+    try:
+        ids = np.asarray(input_ids)
+    except ValueError:  # ragged rows
+        raise ValueError("input_ids rows have different lengths; pad them on the left to one length "
+                         "(tokenizer(..., padding=True) with padding_side='left') and pass the attention_mask") from None
     if ids.ndim == 1:
         ids = ids[None]
     if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
@@ -117,6 +124,19 @@ def _eos_array(eos_token_id: int | Sequence[int] | None) -> np.ndarray:
     return np.asarray(ids, np.int32)
 
 
+def _temperature(do_sample: bool | None, temperature: float | None) -> float:
+    """The temperature SamplingParams takes (0 = greedy) from transformers-style do_sample + temperature."""
+    if do_sample is None:
+        return 0.0 if temperature is None else temperature
+    if do_sample:
+        if temperature is not None and float(temperature) == 0.0:
+            raise ValueError("do_sample=True needs a temperature > 0 (or none: 1.0); temperature=0 is greedy decoding")
+        return 1.0 if temperature is None else temperature
+    if temperature is not None and float(temperature) != 0.0:
+        raise ValueError(f"temperature={temperature!r} only applies when sampling; drop it or do_sample=False")
+    return 0.0
+
+
 def generate(
     model,
     params,
@@ -124,9 +144,11 @@ def generate(
     attention_mask=None,
     *,
     max_new_tokens: int,
+    min_new_tokens: int = 0,
     eos_token_id: int | Sequence[int] | None | str = "model",
-    pad_token_id: int | None = 0,
-    temperature: float = 0.0,
+    pad_token_id: int | None | str = "model",
+    do_sample: bool | None = None,
+    temperature: float | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
     repetition_penalty: float | None = None,
@@ -140,11 +162,20 @@ def generate(
       params: its 'params' collection (base, with LoRA leaves, or merged).
       input_ids / attention_mask: [B, P] (or [P]); prompts left-padded, mask 1 on real tokens.
       max_new_tokens: tokens to add per row (the loop stops early once every row hit EOS).
+      min_new_tokens: EOS ids are not generated before this many new tokens (transformers'
+        MinNewTokensLengthLogitsProcessor); traced, so changing it does not recompile.
       eos_token_id: an id or a list of ids that end a row; "model" (the default) = the
-        checkpoint's own EOS (`model.cfg.eos_token_id`, as transformers' generate defaults to the
-        model's); None = never stop early.
-      pad_token_id: written after a row's EOS (None: the first EOS id, as transformers does).
-      temperature: 0 = greedy; > 0 samples after temperature, top_k, top_p (transformers' order).
+        checkpoint's own EOS (`model.cfg.eos_token_id`: generation_config.json's when the checkpoint
+        has one, else config.json's — the ids transformers' generate defaults to); None = never stop early.
+      pad_token_id: written after a row's EOS; "model" (the default) = the checkpoint's pad id
+        (`model.cfg.pad_token_id`) or, when it has none, the first EOS id — transformers' rule;
+        None = the first EOS id.
+      do_sample: transformers' switch: None (default) = sample iff temperature > 0; True = sample
+        (temperature defaults to 1.0); False = greedy (a temperature > 0 with it is refused).
+      temperature: None or 0 = greedy (the default, whatever generation_config.json says about sampling);
+        > 0 samples after temperature, top_k, top_p (transformers' order). top_k / top_p without
+        a temperature > 0 are refused (transformers would ignore them when not sampling).
+      top_k: None = transformers' default 50 when sampling; 0 = no top-k filter.
       repetition_penalty: transformers' (> 1 discourages repeats; applied before the above,
         greedy included); None or 1.0 = off.
       seed: sampling seed (same seed, same tokens).
@@ -158,8 +189,15 @@ def generate(
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, (int, np.integer)) or min_new_tokens < 0:
+        raise ValueError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
     ids, mask = _as_ids(input_ids, attention_mask)
     cfg = getattr(model, "cfg", None)
+    vocab = getattr(cfg, "vocab_size", None)
+    if vocab is not None and (ids.min() < 0 or ids.max() >= vocab):
+        bad = int(ids.min()) if ids.min() < 0 else int(ids.max())
+        raise ValueError(f"input_ids holds token id {bad} outside the model's vocabulary (0..{vocab - 1}), padding "
+                         "included; use the model's own tokenizer and an in-vocabulary pad id")
     n_pos = getattr(cfg, "max_position_embeddings", None)
     if n_pos is not None and ids.shape[1] > n_pos:
         raise ValueError(f"the prompt has {ids.shape[1]} tokens but the model has {n_pos} positions; shorten the prompt")
@@ -170,11 +208,15 @@ def generate(
         if eos_token_id != "model":
             raise ValueError(f"eos_token_id must be an id, a list of ids, None or 'model', got {eos_token_id!r}")
         eos_token_id = getattr(cfg, "eos_token_id", None)
-    sampling = SamplingParams.make(temperature, top_k, top_p, repetition_penalty)
+    sampling = SamplingParams.make(_temperature(do_sample, temperature), top_k, top_p, repetition_penalty)
     eos = _eos_array(eos_token_id)
-    pad = pad_token_id if pad_token_id is not None else max(int(eos[0]), 0)
+    if isinstance(pad_token_id, str):
+        if pad_token_id != "model":
+            raise ValueError(f"pad_token_id must be an id, None or 'model', got {pad_token_id!r}")
+        pad_token_id = getattr(cfg, "pad_token_id", None)
+    pad = pad_token_id if pad_token_id is not None else max(int(eos[0]), 0) if eos.size else 0
     fn = compiled_generate(model, int(max_new_tokens), sampling.mode)
-    out, steps = fn(params, ids, mask, eos, jnp.asarray(pad, jnp.int32),
+    out, steps = fn(params, ids, mask, eos, jnp.asarray(pad, jnp.int32), jnp.asarray(min_new_tokens, jnp.int32),
                     sampling.values(), jax.random.key(seed))
     new = np.asarray(out)[:, : int(steps)]
     return np.concatenate([ids, new], axis=1)

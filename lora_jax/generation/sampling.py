@@ -11,11 +11,14 @@ The order and the rules are those of `transformers.generate`:
                               <= 1 - top_p, always keep the most likely token
     multinomial sampling      from softmax(scores)  (here: `jax.random.categorical`)
 
-`temperature == 0` means greedy (argmax, first index on ties — as torch's argmax). `top_k` None or
-0, `top_p` None or 1.0 and `repetition_penalty` None or 1.0 disable those steps, as in transformers. The warpers are written with
-the thresholds as traced values (`SamplingParams.values`), so changing temperature / k / p does
-not recompile; only which warpers are active is static (`SamplingParams.mode`). Top-p keeps every
-token tied with the smallest kept score (transformers breaks such exact ties by sort order).
+`temperature == 0` means greedy (argmax, first index on ties — as torch's argmax); top_k / top_p
+with it are refused, not ignored. When sampling, `top_k` None means transformers' default 50 and
+0 turns top-k off; `top_p` None or 1.0 and `repetition_penalty` None or 1.0 disable those steps,
+as in transformers. (The sampling values of a checkpoint's generation_config.json are not read:
+pass them.) The warpers are written with the thresholds as traced values (`SamplingParams.values`),
+so changing temperature / k / p does not recompile; only which warpers are active is static
+(`SamplingParams.mode`). Top-p keeps every token tied with the smallest kept score (transformers
+breaks such exact ties by sort order).
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ import jax
 import jax.numpy as jnp
 
 
+DEFAULT_TOP_K = 50  # transformers' GenerationConfig default when sampling (top_k=0 turns it off)
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """Validated sampling settings.
@@ -34,6 +40,8 @@ class SamplingParams:
     (True, True, False, False)
     >>> SamplingParams.make(repetition_penalty=1.1).mode      # greedy with a repetition penalty
     (False, False, False, True)
+    >>> SamplingParams.make(temperature=0.7).top_k, SamplingParams.make(temperature=0.7, top_k=0).top_k
+    (50, None)
     """
 
     temperature: float = 0.0
@@ -52,7 +60,12 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1] or None, got {top_p!r}")
         if repetition_penalty is not None and not float(repetition_penalty) > 0.0:
             raise ValueError(f"repetition_penalty must be > 0 (1.0 = none), got {repetition_penalty!r}")
+        if float(temperature) == 0.0 and (top_k or (top_p is not None and float(top_p) != 1.0)):
+            raise ValueError(f"top_k={top_k!r} / top_p={top_p!r} only apply when sampling; pass a temperature > 0 "
+                             "(e.g. temperature=1.0) or drop them for greedy decoding")
         rep = None if repetition_penalty is None or float(repetition_penalty) == 1.0 else float(repetition_penalty)
+        if top_k is None and float(temperature) > 0.0:
+            top_k = DEFAULT_TOP_K  # transformers' generate samples with top_k=50 unless told otherwise
         return cls(float(temperature), top_k or None, None if top_p is None or float(top_p) == 1.0 else float(top_p), rep)
 
     @property

@@ -74,6 +74,7 @@ class ModelConfig:
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True
     eos_token_id: int | tuple[int, ...] | None = None  # the checkpoint's EOS: lora_jax.generate's default
+    pad_token_id: int | None = None  # the checkpoint's pad id: what lora_jax.generate writes after a row's EOS
 
     def __post_init__(self):
         if self.model_type not in supported_model_types():
@@ -128,7 +129,20 @@ class ModelConfig:
         if model_type not in supported_model_types():
             raise ValueError(unsupported_message(model_type, getattr(hf_config, "architectures", None)))
         cfg = for_model_type(model_type).config_from_hf(hf_config)
-        return dataclasses.replace(cfg, eos_token_id=_eos(getattr(hf_config, "eos_token_id", None)))
+        return with_special_ids(cfg, hf_config)
+
+
+def with_special_ids(cfg: ModelConfig, source: Any) -> ModelConfig:
+    """`cfg` with the eos/pad ids of `source` (a transformers config or GenerationConfig).
+
+    >>> import transformers
+    >>> cfg = ModelConfig("llama", 32, 16, 32, 2, 4, 2, 4)
+    >>> with_special_ids(cfg, transformers.GenerationConfig(eos_token_id=[3, 7])).eos_token_id
+    (3, 7)
+    """
+    pad = getattr(source, "pad_token_id", None)
+    return dataclasses.replace(cfg, eos_token_id=_eos(getattr(source, "eos_token_id", None)),
+                               pad_token_id=None if pad is None else int(pad))
 
 
 def decoder_fields(hf_config: Any, *, tie_default: bool, max_positions_default: int) -> dict:

@@ -3,6 +3,8 @@
 What is read, in order:
 
     <dir>/config.json                      transformers.AutoConfig (trust_remote_code is never set)
+    <dir>/generation_config.json           if present, its eos/pad ids replace config.json's in the
+                                           ModelConfig (as transformers' generate uses them)
     <dir>/model.safetensors                or the shards listed in model.safetensors.index.json
     <dir>/pytorch_model.bin(.index.json)   only if torch is importable, via torch.load(weights_only=True)
     <file>.gguf                            lora_jax.models.gguf.read_gguf -> (hf_config, HF-named tensors)
@@ -21,7 +23,7 @@ import numpy as np
 from lora_jax.config import LoraConfig
 from lora_jax.errors import CorruptFileError, UserError
 from lora_jax.models.build import build_model
-from lora_jax.models.config import ModelConfig
+from lora_jax.models.config import ModelConfig, with_special_ids
 from lora_jax.models.naming import from_hf_state_dict
 
 SAFETENSORS = "model.safetensors"
@@ -176,6 +178,28 @@ def check_checkpoint(path: str) -> None:
         check_safetensors(f)
 
 
+def generation_ids(cfg: ModelConfig, path: str) -> ModelConfig:
+    """`cfg` with the eos/pad ids of `path`/generation_config.json when there is one.
+
+    transformers' `generate` reads the checkpoint's GenerationConfig, which comes from that file
+    when present (Llama 3 lists several EOS ids there) and from config.json otherwise.
+    """
+    file = os.path.join(path, "generation_config.json")
+    if not os.path.isfile(file):
+        return cfg
+    import transformers
+
+    from lora_jax.files import read_json
+
+    raw = read_json(file)  # malformed JSON: its own one-line error
+    try:
+        gen = transformers.GenerationConfig.from_dict(raw)
+    except (TypeError, ValueError) as e:
+        raise CorruptFileError(f"{file} is not a valid generation config ({' '.join(str(e).split())[:160]}); "
+                               "fix or delete it") from None
+    return with_special_ids(cfg, gen)
+
+
 def from_pretrained(
     path: str,
     dtype: Any = "float32",
@@ -219,7 +243,7 @@ def from_pretrained(
 
     path = resolve_model_path(path)  # 'default' = the embedded SmolLM2-135M-Instruct GGUF
     hf_config, tensors = read_checkpoint(path, lazy=True)
-    cfg = ModelConfig.from_hf(hf_config)
+    cfg = generation_ids(ModelConfig.from_hf(hf_config), path)
     model = build_model(cfg, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers, remat=remat, lora=lora,
                         attention=attention)
     tensors, convert = quantizing_reader(tensors, hf_config, quantize)
