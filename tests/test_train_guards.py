@@ -280,3 +280,20 @@ def test_positions_beyond_learned_ones_are_refused_rope_ones_allowed():
         check_positions(gpt2, 64, 10, 55)
     with pytest.raises(UserError, match="has 65 tokens, more than the model's 64 positions"):
         check_positions(llama, 64, 65, 1)
+
+
+def test_answers_stop_at_the_checkpoints_own_eos_too(tiny_checkpoint):
+    """A checkpoint whose generation_config lists an EOS the tokenizer does not know (Llama 3's
+    <|eot_id|>): the program's answers end there, as transformers' generate does."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from lora_jax.models import from_pretrained
+    from train.runtime import generate_answers
+
+    model, params, _ = from_pretrained(tiny_checkpoint("llama")[0])
+    tok = SimpleNamespace(pad_token_id=0, eos_token_id=None, decode=lambda ids, skip_special_tokens: " ".join(map(str, ids)))
+    free = generate_answers(model.clone(cfg=dataclasses.replace(model.cfg, eos_token_id=None)), params, tok, [[5, 6, 7]], 4)
+    first, second = map(int, free[0].split()[:2])
+    stopped = generate_answers(model.clone(cfg=dataclasses.replace(model.cfg, eos_token_id=(second,))), params, tok, [[5, 6, 7]], 4)
+    assert stopped == [str(first)] if first != second else stopped == [""]

@@ -132,11 +132,14 @@ def left_pad(seqs: list[list[int]], pad_id: int, width: int | None = None) -> tu
 def generate_answers(model, params, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int,
                      batch_size: int = 16, stop: list[int] | None = None) -> list[str]:
     """Greedy answers (decoded, special tokens dropped) to already-encoded prompts, in batches;
-    an answer ends at the first of `stop` (default: the tokenizer's EOS)."""
+    an answer ends at the first of `stop` (default: the tokenizer's EOS) or of the checkpoint's own
+    EOS ids (generation_config.json's, as transformers' generate stops)."""
     from lora_jax.generation import generate
 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    stop = list(stop) if stop else [tokenizer.eos_token_id]
+    eos = getattr(model.cfg, "eos_token_id", None)
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    stop = list(dict.fromkeys([i for i in (list(stop) if stop else [tokenizer.eos_token_id]) + eos if i is not None]))
     width = max(len(p) for p in prompt_ids)  # one prompt width (and batch size): one compilation
     out = []
     for s in range(0, len(prompt_ids), batch_size):
