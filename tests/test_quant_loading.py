@@ -104,3 +104,21 @@ def test_merged_export_and_peft_adapter_of_a_qlora_base(checkpoints, tmp_path):
     _, fp_params, _ = lora_jax.from_pretrained(fp, scan_layers=True)
     on_fp = model.apply({"params": lora_jax.combine(lora, fp_params)}, jnp.asarray(ids))[0]
     np.testing.assert_allclose(peft_model(torch.tensor(ids)).logits.detach().numpy(), np.asarray(on_fp), atol=1e-4)
+
+
+def test_merged_export_of_a_bitsandbytes_base_is_a_plain_full_precision_checkpoint(checkpoints, tmp_path):
+    """The bnb checkpoint's quantization_config is not copied: transformers loads the merge as float weights."""
+    _, bnb_dir, _ = checkpoints
+    model, params, hf_config = lora_jax.from_pretrained(bnb_dir, scan_layers=True, lora=LORA)
+    lora, frozen = lora_jax.split(lora_jax.inject(params, LORA, jax.random.key(0)))
+    trained, scales = lora_jax.split_constants(lora)
+    trained = jax.tree.map(lambda a: a + 0.02 * jax.random.normal(jax.random.key(3), a.shape), trained)
+    params = lora_jax.combine(trained, scales, frozen)
+    with pytest.warns(UserWarning, match="nf4-quantized base"):
+        merged = lora_jax.save_merged(params, LORA, str(tmp_path / "merged"), hf_config=hf_config)
+    with open(os.path.join(merged, "config.json")) as f:
+        assert "quantization_config" not in json.load(f)
+    hf_merged = transformers.AutoModelForCausalLM.from_pretrained(merged)
+    ids = np.arange(10)[None] % 96
+    ours = model.apply({"params": params}, jnp.asarray(ids))[0]
+    np.testing.assert_allclose(hf_merged(torch.tensor(ids)).logits.detach().numpy(), np.asarray(ours), atol=1e-4)
