@@ -93,3 +93,19 @@ def test_small_leaves_keep_float32_moments():
     state = tx.init({"big": jnp.zeros((64, 128)), "small": jnp.zeros(16)})[0]
     assert state.mu["big"].dtype == jnp.uint8 and state.mu_scale["big"].shape == (4,)  # 8192 / 2048
     assert state.mu["small"].dtype == jnp.float32 and state.mu_scale["small"].shape == (0,)
+
+
+def test_bad_or_traced_block_sizes_are_one_line_errors_and_inject_hyperparams_works_with_static_args():
+    from lora_jax.errors import UserError
+
+    with pytest.raises(UserError, match="block_size must be an int >= 1, got 0"):
+        adamw_8bit(1e-3, block_size=0)
+    p, g = {"w": jnp.ones(300, jnp.bfloat16)}, {"w": jnp.full(300, 0.1, jnp.bfloat16)}
+    step = lambda tx: jax.jit(tx.update)(g, tx.init(p), p)  # noqa: E731
+    with pytest.raises(UserError, match=r"static_args=\('block_size', 'min_8bit_size'\)"):
+        step(optax.inject_hyperparams(adamw_8bit)(learning_rate=1e-2, min_8bit_size=1, block_size=256))
+    injected = optax.inject_hyperparams(adamw_8bit, static_args=("block_size", "min_8bit_size"))
+    u, _ = step(injected(learning_rate=1e-2, min_8bit_size=1, block_size=256))
+    ref, _ = step(adamw_8bit(1e-2, min_8bit_size=1, block_size=256))
+    assert u["w"].dtype == jnp.bfloat16  # hyperparameters as arrays round a little differently: bf16 tolerance
+    np.testing.assert_allclose(np.asarray(u["w"], np.float32), np.asarray(ref["w"], np.float32), rtol=1e-2)
