@@ -81,6 +81,16 @@ def test_bitsandbytes_checkpoint_loads_as_stored_and_dequantizes_bit_for_bit(che
     np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-3, rtol=1e-3)
     with pytest.raises(ValueError, match="already NF4"):
         lora_jax.from_pretrained(bnb_dir, quantize="int8")
+    # explicit settings other than the stored ones are refused, not silently replaced by the checkpoint's
+    from lora_jax.errors import UserError
+    from lora_jax.quant import QuantConfig
+
+    for other in (QuantConfig("nf4", double_quant=False), QuantConfig("nf4", block_size=128)):
+        with pytest.raises(UserError, match="block_size=64, double_quant=True, which loads as stored"):
+            lora_jax.from_pretrained(bnb_dir, quantize=other)
+    same = lora_jax.from_pretrained(bnb_dir, quantize=QuantConfig("nf4", 64, True))[1]["model"]["layers"]["0"]
+    assert np.array_equal(np.asarray(same["mlp"]["up_proj"]["kernel"].codes),
+                          np.asarray(params["model"]["layers"]["0"]["mlp"]["up_proj"]["kernel"].codes))
 
 
 def test_merged_export_and_peft_adapter_of_a_qlora_base(checkpoints, tmp_path):
