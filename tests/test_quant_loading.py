@@ -132,3 +132,14 @@ def test_merged_export_of_a_bitsandbytes_base_is_a_plain_full_precision_checkpoi
     ids = np.arange(10)[None] % 96
     ours = model.apply({"params": params}, jnp.asarray(ids))[0]
     np.testing.assert_allclose(hf_merged(torch.tensor(ids)).logits.detach().numpy(), np.asarray(ours), atol=1e-4)
+
+
+def test_a_bitsandbytes_weight_with_blocks_across_rows_is_refused_with_the_block_size_that_fits():
+    import bitsandbytes.functional as F
+
+    from lora_jax.quant import bnb
+
+    packed, state = F.quantize_4bit(torch.randn(8, 32), blocksize=64, compress_statistics=True, quant_type="nf4")
+    tensors = {"m.weight": packed.numpy(), **{f"m.weight.{k}": v.numpy() for k, v in state.as_dict(packed=True).items()}}
+    with pytest.raises(ValueError, match=r"straddle rows.*QuantConfig\('nf4', 32\).*model.quant_block_size=32\)$"):
+        bnb.read_weight(tensors, "m.weight")

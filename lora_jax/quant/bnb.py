@@ -79,8 +79,11 @@ def read_weight(tensors: Mapping[str, Any], weight: str) -> QuantizedKernel:
     out, n_in = (int(d) for d in state["shape"])
     bs = int(state["blocksize"])
     if n_in % bs or n_in % 2:
+        fit = max((b for b in (16, 32, 64, 128) if n_in % b == 0), default=16)
         raise ValueError(f"{weight} [{out}, {n_in}] has blocks of {bs} that straddle rows; only input sizes that are "
-                         "multiples of the block size are supported")
+                         f"multiples of the block size are supported: quantize the full-precision model instead with a "
+                         f"block size that divides them (quantize=QuantConfig('nf4', {fit}); recipe: model.quantize=nf4 "
+                         f"model.quant_block_size={fit})")
     quant_map = np.asarray(tensors[f"{weight}.quant_map"], np.float32)
     if not np.array_equal(quant_map, NF4):
         raise ValueError(f"{weight}.quant_map is not the NF4 code book; this checkpoint is not standard bitsandbytes NF4")
