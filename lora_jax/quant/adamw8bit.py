@@ -45,7 +45,7 @@ class ScaleByAdam8bitState(NamedTuple):
     count: jax.Array
     mu: Any  # uint8 codes shaped like each parameter (float32 moments for small leaves)
     nu: Any
-    mu_scale: Any  # float32 [n_blocks] per leaf ([0] for small leaves)
+    mu_scale: Any  # float32 [n_blocks] per leaf (an unused scalar for small leaves: checkpointers refuse size 0)
     nu_scale: Any
 
 
@@ -113,7 +113,7 @@ def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, bl
     def init_fn(params):
         def zeros(p):
             if _is_small(p, min_8bit_size):
-                return jnp.zeros(p.shape, jnp.float32), jnp.zeros((0,), jnp.float32)
+                return jnp.zeros(p.shape, jnp.float32), jnp.zeros((), jnp.float32)
             return jnp.zeros(p.shape, jnp.uint8), jnp.zeros((-(-int(np.prod(p.shape)) // block_size),), jnp.float32)
 
         pairs = jax.tree.map(zeros, params)
@@ -129,7 +129,7 @@ def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, bl
 
         def one(g, mq, vq, ms, vs):
             g = g.astype(jnp.float32)
-            small = ms.shape[0] == 0
+            small = mq.dtype != jnp.uint8  # float32 moments kept as they are
             m = mq if small else dequantize_blockwise(mq, ms, True, block_size)
             v = vq if small else dequantize_blockwise(vq, vs, False, block_size)
             m = b1 * m + (1.0 - b1) * g
