@@ -58,6 +58,8 @@ def _refuse_unsupported(hf_config: Any, tensors: Mapping[str, Any]) -> None:
 
 
 def _refuse_other_settings(config: QuantConfig, state: dict, double_quant: bool) -> None:
+    if state.get("quant_type") != "nf4":
+        return  # FP4: bnb.read_weight refuses it by name
     stored = (int(state.get("blocksize", 0)), double_quant)
     if (config.block_size, config.double_quant) != stored:
         raise UserError(f"the checkpoint is already bitsandbytes NF4 with block_size={stored[0]}, double_quant={stored[1]}, "
