@@ -150,3 +150,20 @@ def test_a_bitsandbytes_weight_with_blocks_across_rows_is_refused_with_the_block
     tensors = {"m.weight": packed.numpy(), **{f"m.weight.{k}": v.numpy() for k, v in state.as_dict(packed=True).items()}}
     with pytest.raises(ValueError, match=r"straddle rows.*QuantConfig\('nf4', 32\).*model.quant_block_size=32\)$"):
         bnb.read_weight(tensors, "m.weight")
+
+
+@pytest.mark.parametrize("storage", ["bfloat16", "float32", "uint8"])
+def test_bitsandbytes_quant_storage_dtypes_read_bit_for_bit(storage):
+    """bnb_4bit_quant_storage packs the same bytes into wider elements: they are read as bytes."""
+    import bitsandbytes.functional as F
+    import ml_dtypes
+
+    from lora_jax.quant import bnb
+
+    w = torch.randn(8, 128, generator=torch.Generator().manual_seed(0))
+    packed, state = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4",
+                                    quant_storage=getattr(torch, storage))
+    as_np = {"bfloat16": lambda t: t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)}.get(storage, lambda t: t.numpy())
+    tensors = {"m.weight": as_np(packed), **{f"m.weight.{k}": v.numpy() for k, v in state.as_dict(packed=True).items()}}
+    got = np.asarray(dequantize_t(bnb.read_weight(tensors, "m.weight"), jnp.float32))
+    np.testing.assert_array_equal(got, F.dequantize_4bit(packed, state).float().numpy())
