@@ -81,10 +81,20 @@ def test_bitsandbytes_checkpoint_loads_as_stored_and_dequantizes_bit_for_bit(che
     np.testing.assert_allclose(np.asarray(ours), ref, atol=1e-3, rtol=1e-3)
     with pytest.raises(ValueError, match="already NF4"):
         lora_jax.from_pretrained(bnb_dir, quantize="int8")
+    # explicit settings other than the stored ones are refused, not silently replaced by the checkpoint's
+    from lora_jax.errors import UserError
+    from lora_jax.quant import QuantConfig
+
+    for other in (QuantConfig("nf4", double_quant=False), QuantConfig("nf4", block_size=128)):
+        with pytest.raises(UserError, match="block_size=64, double_quant=True, which loads as stored"):
+            lora_jax.from_pretrained(bnb_dir, quantize=other)
+    same = lora_jax.from_pretrained(bnb_dir, quantize=QuantConfig("nf4", 64, True))[1]["model"]["layers"]["0"]
+    assert np.array_equal(np.asarray(same["mlp"]["up_proj"]["kernel"].codes),
+                          np.asarray(params["model"]["layers"]["0"]["mlp"]["up_proj"]["kernel"].codes))
 
 
 def test_merged_export_and_peft_adapter_of_a_qlora_base(checkpoints, tmp_path):
-    fp, _, _ = checkpoints
+    fp, _, qmodel = checkpoints
     peft = pytest.importorskip("peft")
     model, frozen, hf_config = lora_jax.from_pretrained(fp, scan_layers=True, quantize="nf4", lora=LORA)
     lora, frozen = lora_jax.split(lora_jax.inject(frozen, LORA, jax.random.key(0)))
@@ -104,3 +114,56 @@ def test_merged_export_and_peft_adapter_of_a_qlora_base(checkpoints, tmp_path):
     _, fp_params, _ = lora_jax.from_pretrained(fp, scan_layers=True)
     on_fp = model.apply({"params": lora_jax.combine(lora, fp_params)}, jnp.asarray(ids))[0]
     np.testing.assert_allclose(peft_model(torch.tensor(ids)).logits.detach().numpy(), np.asarray(on_fp), atol=1e-4)
+    # and onto bitsandbytes' own 4-bit base (PEFT's bnb.Linear4bit layers): the QLoRA model's logits
+    on_bnb = peft.PeftModel.from_pretrained(qmodel, str(tmp_path / "adapter")).eval()
+    try:
+        got = on_bnb(torch.tensor(ids)).logits.detach().numpy()
+    finally:
+        on_bnb.unload()  # the module-scoped bnb model is shared
+    np.testing.assert_allclose(got, np.asarray(ours), atol=1e-3)  # measured 1.8e-4; vs the fp base 3.8e-3
+
+
+def test_merged_export_of_a_bitsandbytes_base_is_a_plain_full_precision_checkpoint(checkpoints, tmp_path):
+    """The bnb checkpoint's quantization_config is not copied: transformers loads the merge as float weights."""
+    _, bnb_dir, _ = checkpoints
+    model, params, hf_config = lora_jax.from_pretrained(bnb_dir, scan_layers=True, lora=LORA)
+    lora, frozen = lora_jax.split(lora_jax.inject(params, LORA, jax.random.key(0)))
+    trained, scales = lora_jax.split_constants(lora)
+    trained = jax.tree.map(lambda a: a + 0.02 * jax.random.normal(jax.random.key(3), a.shape), trained)
+    params = lora_jax.combine(trained, scales, frozen)
+    with pytest.warns(UserWarning, match="nf4-quantized base"):
+        merged = lora_jax.save_merged(params, LORA, str(tmp_path / "merged"), hf_config=hf_config)
+    with open(os.path.join(merged, "config.json")) as f:
+        assert "quantization_config" not in json.load(f)
+    hf_merged = transformers.AutoModelForCausalLM.from_pretrained(merged)
+    ids = np.arange(10)[None] % 96
+    ours = model.apply({"params": params}, jnp.asarray(ids))[0]
+    np.testing.assert_allclose(hf_merged(torch.tensor(ids)).logits.detach().numpy(), np.asarray(ours), atol=1e-4)
+
+
+def test_a_bitsandbytes_weight_with_blocks_across_rows_is_refused_with_the_block_size_that_fits():
+    import bitsandbytes.functional as F
+
+    from lora_jax.quant import bnb
+
+    packed, state = F.quantize_4bit(torch.randn(8, 32), blocksize=64, compress_statistics=True, quant_type="nf4")
+    tensors = {"m.weight": packed.numpy(), **{f"m.weight.{k}": v.numpy() for k, v in state.as_dict(packed=True).items()}}
+    with pytest.raises(ValueError, match=r"straddle rows.*QuantConfig\('nf4', 32\).*model.quant_block_size=32\)$"):
+        bnb.read_weight(tensors, "m.weight")
+
+
+@pytest.mark.parametrize("storage", ["bfloat16", "float32", "uint8"])
+def test_bitsandbytes_quant_storage_dtypes_read_bit_for_bit(storage):
+    """bnb_4bit_quant_storage packs the same bytes into wider elements: they are read as bytes."""
+    import bitsandbytes.functional as F
+    import ml_dtypes
+
+    from lora_jax.quant import bnb
+
+    w = torch.randn(8, 128, generator=torch.Generator().manual_seed(0))
+    packed, state = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4",
+                                    quant_storage=getattr(torch, storage))
+    as_np = {"bfloat16": lambda t: t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)}.get(storage, lambda t: t.numpy())
+    tensors = {"m.weight": as_np(packed), **{f"m.weight.{k}": v.numpy() for k, v in state.as_dict(packed=True).items()}}
+    got = np.asarray(dequantize_t(bnb.read_weight(tensors, "m.weight"), jnp.float32))
+    np.testing.assert_array_equal(got, F.dequantize_4bit(packed, state).float().numpy())

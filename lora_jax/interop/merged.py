@@ -126,6 +126,8 @@ def save_merged(params: Any, lora_config: LoraConfig | None, out_dir: str, *, hf
     tensors = {k: np.asarray(v, np.float32).astype(target) for k, v in to_hf_state_dict(params, cfg).items()}
     config = copy.deepcopy(hf_config)
     config.dtype = DTYPES[dtype]
+    if getattr(config, "quantization_config", None) is not None:  # a bnb-4bit base: the merged weights are full precision
+        del config.quantization_config
     with atomic_dir(out_dir, overwrite) as tmp:
         write_sharded(tensors, tmp, max_shard_size)
         config.save_pretrained(tmp)

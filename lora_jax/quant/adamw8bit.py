@@ -26,6 +26,7 @@ takes 1.3% fewer bytes. bitsandbytes' AdamW8bit uses 256: `block_size=256` repro
 
 from __future__ import annotations
 
+import operator
 from typing import Any, NamedTuple
 
 import jax
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lora_jax.errors import UserError
 from lora_jax.quant.codebooks import bounds, dynamic_map
 
 BLOCK = 2048  # measured: see the module docstring
@@ -43,7 +45,7 @@ class ScaleByAdam8bitState(NamedTuple):
     count: jax.Array
     mu: Any  # uint8 codes shaped like each parameter (float32 moments for small leaves)
     nu: Any
-    mu_scale: Any  # float32 [n_blocks] per leaf ([0] for small leaves)
+    mu_scale: Any  # float32 [n_blocks] per leaf (an unused scalar for small leaves: checkpointers refuse size 0)
     nu_scale: Any
 
 
@@ -79,6 +81,24 @@ def dequantize_blockwise(q: jax.Array, absmax: jax.Array, signed: bool, block: i
     return values.reshape(-1)[:n].reshape(q.shape)
 
 
+def _static_int(name: str, value: Any, least: int) -> int:
+    """`value` as a Python int >= least, or a one-line error (a traced value: optax.inject_hyperparams).
+
+    >>> _static_int("block_size", 0, 1)
+    Traceback (most recent call last):
+    ...
+    lora_jax.errors.UserError: adamw_8bit: block_size must be an int >= 1, got 0
+    """
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise UserError(f"adamw_8bit: {name} must be a Python int fixed before tracing, got {value!r}; with "
+                        "optax.inject_hyperparams pass static_args=('block_size', 'min_8bit_size')") from None
+    if value < least:
+        raise UserError(f"adamw_8bit: {name} must be an int >= {least}, got {value}")
+    return value
+
+
 def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, block_size: int = BLOCK,
                        min_8bit_size: int = MIN_8BIT_SIZE) -> optax.GradientTransformation:
     """`optax.scale_by_adam` with both moments in blockwise dynamic 8-bit (module docstring).
@@ -88,11 +108,12 @@ def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, bl
     >>> st.mu["w"].dtype, st.mu_scale["w"].shape
     (dtype('uint8'), (2,))
     """
+    block_size, min_8bit_size = _static_int("block_size", block_size, 1), _static_int("min_8bit_size", min_8bit_size, 0)
 
     def init_fn(params):
         def zeros(p):
             if _is_small(p, min_8bit_size):
-                return jnp.zeros(p.shape, jnp.float32), jnp.zeros((0,), jnp.float32)
+                return jnp.zeros(p.shape, jnp.float32), jnp.zeros((), jnp.float32)
             return jnp.zeros(p.shape, jnp.uint8), jnp.zeros((-(-int(np.prod(p.shape)) // block_size),), jnp.float32)
 
         pairs = jax.tree.map(zeros, params)
@@ -108,7 +129,7 @@ def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, bl
 
         def one(g, mq, vq, ms, vs):
             g = g.astype(jnp.float32)
-            small = ms.shape[0] == 0
+            small = mq.dtype != jnp.uint8  # float32 moments kept as they are
             m = mq if small else dequantize_blockwise(mq, ms, True, block_size)
             v = vq if small else dequantize_blockwise(vq, vs, False, block_size)
             m = b1 * m + (1.0 - b1) * g

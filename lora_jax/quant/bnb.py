@@ -50,6 +50,20 @@ def aux_names(weight: str) -> list[str]:
     return [f"{weight}.{f}" for f in FIELDS] + [f"{weight}{QUANT_STATE}{t}" for t in ("nf4", "fp4")]
 
 
+def read_state(tensors: Mapping[str, Any], weight: str) -> dict:
+    """The JSON quant state stored beside a bitsandbytes 4-bit weight (quant_type, blocksize, shape, ...).
+
+    >>> read_state({"m.weight": np.zeros((2, 1), np.uint8)}, "m.weight")
+    Traceback (most recent call last):
+    ...
+    ValueError: m.weight has no bitsandbytes quant state (m.weight.quant_state.bitsandbytes__nf4)
+    """
+    state_key = next((f"{weight}{QUANT_STATE}{t}" for t in ("nf4", "fp4") if f"{weight}{QUANT_STATE}{t}" in tensors), None)
+    if state_key is None:
+        raise ValueError(f"{weight} has no bitsandbytes quant state ({weight}{QUANT_STATE}nf4)")
+    return json.loads(bytes(np.asarray(tensors[state_key], np.uint8).reshape(-1)).decode("utf-8"))
+
+
 def read_weight(tensors: Mapping[str, Any], weight: str) -> QuantizedKernel:
     """The `QuantizedKernel` (kernel orientation [in, out]) of one bitsandbytes 4-bit weight.
 
@@ -58,18 +72,18 @@ def read_weight(tensors: Mapping[str, Any], weight: str) -> QuantizedKernel:
     ...
     ValueError: m.weight has no bitsandbytes quant state (m.weight.quant_state.bitsandbytes__nf4)
     """
-    state_key = next((f"{weight}{QUANT_STATE}{t}" for t in ("nf4", "fp4") if f"{weight}{QUANT_STATE}{t}" in tensors), None)
-    if state_key is None:
-        raise ValueError(f"{weight} has no bitsandbytes quant state ({weight}{QUANT_STATE}nf4)")
-    state = json.loads(bytes(np.asarray(tensors[state_key], np.uint8).reshape(-1)).decode("utf-8"))
+    state = read_state(tensors, weight)
     if state.get("quant_type") != "nf4":
         raise ValueError(f"{weight} is bitsandbytes {state.get('quant_type')!r}; only NF4 checkpoints are supported "
                          "(load the full-precision model with quantize='nf4' instead)")
     out, n_in = (int(d) for d in state["shape"])
     bs = int(state["blocksize"])
     if n_in % bs or n_in % 2:
+        fit = max((b for b in (16, 32, 64, 128) if n_in % b == 0), default=16)
         raise ValueError(f"{weight} [{out}, {n_in}] has blocks of {bs} that straddle rows; only input sizes that are "
-                         "multiples of the block size are supported")
+                         f"multiples of the block size are supported: quantize the full-precision model instead with a "
+                         f"block size that divides them (quantize=QuantConfig('nf4', {fit}); recipe: model.quantize=nf4 "
+                         f"model.quant_block_size={fit})")
     quant_map = np.asarray(tensors[f"{weight}.quant_map"], np.float32)
     if not np.array_equal(quant_map, NF4):
         raise ValueError(f"{weight}.quant_map is not the NF4 code book; this checkpoint is not standard bitsandbytes NF4")

@@ -8,7 +8,7 @@
   signed map holds double quantization's absmax codes and AdamW-8bit's first moment, the unsigned
   one AdamW-8bit's second moment. bitsandbytes builds it with torch's float32 `linspace`, whose
   last bit depends on the CPU's vector width; we compute the same formula in float64 and round
-  once, X. A pre-quantized checkpoint
+  once (within 2 ulps of bitsandbytes' table: tests/test_quant.py). A pre-quantized checkpoint
   carries its own table (`nested_quant_map`), which is kept as is, so its dequantization is exact.
 * `bounds(code)`: the midpoints between neighbouring levels; a value's code is the number of
   midpoints strictly below it (`torch.bucketize(x, bounds)`, bitsandbytes' reference kernels):

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from lora_jax.errors import UserError
 from lora_jax.models.lazy_tensors import LazyTensors
 from lora_jax.quant import bnb
 from lora_jax.quant.quantize import QuantConfig, quantize_kernel
@@ -56,6 +57,17 @@ def _refuse_unsupported(hf_config: Any, tensors: Mapping[str, Any]) -> None:
                          "load the full-precision model (optionally with quantize='nf4')")
 
 
+def _refuse_other_settings(config: QuantConfig, state: dict, double_quant: bool) -> None:
+    if state.get("quant_type") != "nf4":
+        return  # FP4: bnb.read_weight refuses it by name
+    stored = (int(state.get("blocksize", 0)), double_quant)
+    if (config.block_size, config.double_quant) != stored:
+        raise UserError(f"the checkpoint is already bitsandbytes NF4 with block_size={stored[0]}, double_quant={stored[1]}, "
+                        f"which loads as stored (no re-quantization); quantize asks for block_size={config.block_size}, "
+                        f"double_quant={config.double_quant}: pass the stored settings (recipe: model.quant_block_size, "
+                        "model.double_quant) or quantize=None")
+
+
 def quantizing_reader(tensors: Mapping[str, Any], hf_config: Any, quantize: Any) -> tuple[Mapping[str, Any], Callable | None]:
     """(tensors for the converter, convert callback or None); see the module docstring.
 
@@ -70,6 +82,9 @@ def quantizing_reader(tensors: Mapping[str, Any], hf_config: Any, quantize: Any)
         if config is not None and config.scheme != "nf4":
             raise ValueError(f"the checkpoint is already NF4 (bitsandbytes); quantize={config.scheme!r} would round it "
                              "again: load it with quantize=None or 'nf4'")
+        if isinstance(quantize, QuantConfig):  # explicit settings must be the stored ones: it is not re-quantized
+            first = prequantized[0]
+            _refuse_other_settings(quantize, bnb.read_state(tensors, first), f"{first}.nested_absmax" in tensors)
         hidden = {a for w in prequantized for a in bnb.aux_names(w)}
         stored = tensors
         loaders = {k: (lambda k=k: stored[k]) for k in stored if k not in hidden}

@@ -121,7 +121,8 @@ def quantize_kernel(kernel: Any, config: QuantConfig, name: str = "kernel") -> Q
     if n_in % config.block_size:
         ok = [b for b in BLOCK_SIZES if n_in % b == 0]
         raise ValueError(f"cannot quantize {name!r} {kernel.shape}: its input size {n_in} is not a multiple of "
-                         f"block_size={config.block_size}; use a block size in {ok} or skip the module (skip_modules)")
+                         f"block_size={config.block_size}; use a block size in {ok} (recipe: model.quant_block_size) "
+                         "or skip the module (skip_modules)")
     stack = kernel.shape[:-2]
     per_layer = [_quantize_one(kernel[i].T, config) for i in np.ndindex(*stack)] if stack else [_quantize_one(kernel.T, config)]
     fields = {k: (np.stack([f[k] for f in per_layer]).reshape(*stack, *per_layer[0][k].shape) if stack else per_layer[0][k])
