@@ -12,6 +12,17 @@ import pytest
 
 VOCAB = 96
 
+# The files that take a minute or more run first: the 2 xdist workers take one file at a time
+# (--dist loadfile), so a heavy file left for the end keeps one worker busy while the other idles.
+HEAVY_FIRST = ("test_train_cli.py", "test_quant.py", "test_sharding.py", "test_attention.py", "test_bench_gpu.py",
+               "test_train_multihost.py", "test_train_resume.py", "test_generation.py", "test_families_sharding.py",
+               "test_quant_loading.py", "test_dora.py", "test_gguf.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(HEAVY_FIRST)))  # stable: test order within a file kept
+
 
 def _tiny_configs():
     import transformers as tf
