@@ -152,6 +152,9 @@ def adamw_8bit(learning_rate: Any, b1: float = 0.9, b2: float = 0.999, eps: floa
                block_size: int = BLOCK, min_8bit_size: int = MIN_8BIT_SIZE) -> optax.GradientTransformation:
     """AdamW (`optax.adamw`'s chain) with 8-bit moments: scale_by_adam_8bit -> decay -> -lr.
 
+    Defaults are optax.adamw's (weight_decay 1e-4); bitsandbytes' AdamW8bit defaults to 1e-2 and
+    blocks of 256: pass `weight_decay=1e-2, block_size=256` to reproduce a bitsandbytes run.
+
     >>> import lora_jax
     >>> tx = lora_jax.quant.adamw_8bit(1e-2, min_8bit_size=1)
     >>> p = {"w": jnp.ones(512)}
