@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from lora_jax.quant import adamw_8bit, state_bytes
+from results_file import write_results  # benchmarks/ is the script's folder: sys.path[0]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "results", "adamw8bit.md")
@@ -109,10 +110,7 @@ def main() -> None:
                          f"{np.median(mean_gap[name]):.1%}, {max(mean_gap[name]):.1%} | "
                          f"{np.median(gaps[name].max(axis=1)):.1%}, {gaps[name].max():.1%} | {wins} | {runs[0][1] / ref[0][1]:.3f} |")
     lines += ["", bitsandbytes_check()]
-    os.makedirs(os.path.dirname(OUT), exist_ok=True)
-    with open(OUT + ".tmp", "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    os.replace(OUT + ".tmp", OUT)
+    write_results(OUT, "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -44,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import time
+from results_file import write_results  # benchmarks/ is the script's folder: sys.path[0]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "gpu.md")
@@ -260,9 +261,7 @@ def main(argv=None) -> None:
         results[name] = {side: run_child(side, name, args) for side in SIDES}
         text = report(results, args)
         if out:
-            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-            with open(out, "w") as f:
-                f.write(f"# GPU train step ({' '.join(sys.argv[1:]) or 'defaults'})\n\n{text}\n")
+            write_results(out, f"# GPU train step ({' '.join(sys.argv[1:]) or 'defaults'})\n\n{text}")
     print(text)
 
 

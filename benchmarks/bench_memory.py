@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+from results_file import write_results  # benchmarks/ is the script's folder: sys.path[0]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "memory.md")
@@ -172,9 +173,7 @@ def main():
     ]
     text = "# Memory\n\n" + "\n".join(lines) + "\n"
     print(text)
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
-        f.write(text)
+    write_results(RESULTS, text)
 
 
 if __name__ == "__main__":

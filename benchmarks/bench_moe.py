@@ -35,6 +35,7 @@ import lora_jax
 from lora_jax import sharding as shd
 from lora_jax.models import ModelConfig, build_model
 from lora_jax.training import init_train_state, make_train_step
+from results_file import write_results  # benchmarks/ is the script's folder: sys.path[0]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "moe.md")
@@ -103,9 +104,7 @@ def main():
     lines.append("| GPU | both | - | not yet measured on a GPU | - |")
     text = "\n".join(lines) + "\n"
     print(text)
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
-        f.write(text)
+    write_results(RESULTS, text)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import os
 import subprocess
 import sys
 
+from results_file import write_results  # benchmarks/ is the script's folder: sys.path[0]
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "results", "qlora.md")
 FORMATS = {"fp32": ("float32", None), "bf16": ("bfloat16", None), "int8": ("bfloat16", "int8"), "nf4": ("bfloat16", "nf4")}
@@ -148,10 +150,7 @@ def main() -> None:
     lines.append(f"\nQLoRA / LoRA: median step time {times[q]['step_s'] / times[b]['step_s']:.2f}x, peak RSS "
                  f"{rss[q]['peak_rss_mb'] / rss[b]['peak_rss_mb']:.2f}x, XLA temp {rss[q]['temp_mb'] / rss[b]['temp_mb']:.2f}x, "
                  f"XLA args {rss[q]['args_mb'] / rss[b]['args_mb']:.2f}x")
-    os.makedirs(os.path.dirname(OUT), exist_ok=True)
-    with open(OUT + ".tmp", "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    os.replace(OUT + ".tmp", OUT)
+    write_results(OUT, "\n".join(lines))
     print("\n".join(lines))
 
 

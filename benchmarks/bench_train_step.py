@@ -47,6 +47,7 @@ import sys
 import time
 
 from train_step_report import cpu_s, summary, table
+from results_file import write_results  # benchmarks/ is the script's folder: sys.path[0]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results", "train_step.md")
@@ -317,9 +318,7 @@ def main(argv=None):
     text += summary(out, remats, pt) + details
     text = "\n".join(text)
     print(text)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write("# Train step benchmark\n\n" + text + "\n")
+    write_results(args.out, "# Train step benchmark\n\n" + text)
     return out
 
 

@@ -207,21 +207,22 @@ def merge(model: nnx.Module) -> nnx.Module:
     >>> merge(net).q_proj.merged, unmerge(net).q_proj.merged
     (True, False)
     """
-    for m in adapters(model).values():
-        if not m.merged:
-            k = m.base.kernel
-            k[...] = (k[...].astype(jnp.float32) + m._delta_kernel()).astype(k.dtype)
-            m.merged = True
-    return model
+    return _fold(model, merged=True)
 
 
 def unmerge(model: nnx.Module) -> nnx.Module:
     """Take merged adapters back out of their kernels (W -= ΔW) in place."""
+    return _fold(model, merged=False)
+
+
+def _fold(model: nnx.Module, merged: bool) -> nnx.Module:
+    """Add (merged=True) or subtract every adapter's ΔW where it is not already in that state."""
     for m in adapters(model).values():
-        if m.merged:
+        if m.merged != merged:
             k = m.base.kernel
-            k[...] = (k[...].astype(jnp.float32) - m._delta_kernel()).astype(k.dtype)
-            m.merged = False
+            delta = m._delta_kernel()
+            k[...] = (k[...].astype(jnp.float32) + (delta if merged else -delta)).astype(k.dtype)
+            m.merged = merged
     return model
 
 
